@@ -1,0 +1,229 @@
+"""Full-parameter finetuning of Gemma 3 with the GaLore optimizer (galore-torch, 8-bit states), trained by trl's SFTTrainer.
+
+    python finetuning/train_galore.py --dataset_name my_data.jsonl --output_dir outputs/galore
+    python finetuning/train_galore.py --smoke        # the whole pipeline on the CPU in under a minute
+
+GaLore trains every weight, but keeps Adam's state for the attention and MLP
+matrices in a low-rank projection of their gradients, so a 1B model's full
+finetune fits a 16 GB T4. Every TrainingArguments flag works; --help lists them all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import common
+
+try:  # before torch/transformers/trl load, so a wrong version is one clear message
+    common.check_versions()
+except common.SetupError as version_error:
+    sys.exit(f"ERROR: {version_error}")
+
+import torch  # noqa: E402
+from bitsandbytes.optim.optimizer import Optimizer2State  # noqa: E402
+from galore_torch import GaLoreAdamW8bit  # noqa: E402
+from transformers import AutoModelForCausalLM, TrainingArguments  # noqa: E402
+from trl import SFTTrainer  # noqa: E402
+
+logger = logging.getLogger("finetuning.galore")
+
+PROJECTION_TYPES = ("std", "reverse_std", "right", "left", "full")
+
+
+@dataclass
+class GaloreArguments:
+    galore_rank: int = field(default=128, metadata={"help": "Rank of the gradient projection (optimizer memory grows with it)."})
+    galore_update_proj_gap: int = field(default=200, metadata={"help": "Steps between recomputing each projection (an SVD)."})
+    galore_scale: float = field(default=1.0, metadata={"help": "Multiplier on the projected-back update."})
+    galore_proj_type: str = field(default="std", metadata={"help": f"Projection side: one of {', '.join(PROJECTION_TYPES)}."})
+    galore_target_modules: str = field(
+        default="self_attn,mlp",
+        metadata={"help": "Comma-separated name parts: the linear layers under them get GaLore; the rest plain AdamW."},
+    )
+
+    def __post_init__(self):
+        if self.galore_rank < 1:
+            raise common.UserInputError(f"--galore_rank must be 1 or more, got {self.galore_rank}.")
+        if self.galore_update_proj_gap < 1:
+            raise common.UserInputError(f"--galore_update_proj_gap must be 1 or more, got {self.galore_update_proj_gap}.")
+        if not self.galore_scale > 0:
+            raise common.UserInputError(f"--galore_scale must be positive, got {self.galore_scale}.")
+        if self.galore_proj_type not in PROJECTION_TYPES:
+            raise common.UserInputError(
+                f"--galore_proj_type {self.galore_proj_type!r} is not one of {', '.join(PROJECTION_TYPES)}."
+            )
+
+
+class GaLoreAdamW8bitFixed(GaLoreAdamW8bit):
+    """galore-torch's GaLoreAdamW8bit with its bitsandbytes settings bound by keyword.
+
+    galore-torch 1.0 passes `percentile_clipping=100, block_wise=True` to
+    bitsandbytes' Optimizer2State by position. bitsandbytes 0.50 dropped those two
+    parameters, so the values land in `max_unorm=100, skip_zeros=True` and the
+    projected weights barely move. Binding by keyword gives what galore-torch
+    meant: no clipping, blockwise 8-bit states (bitsandbytes' default now).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, is_paged=False):
+        Optimizer2State.__init__(
+            self, "adam", params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=8, is_paged=is_paged
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if torch.cuda.is_available():
+            return super().step(closure)
+        # galore-torch calls torch.cuda.synchronize() after every update; bitsandbytes
+        # itself runs on the CPU, so only that call stands between the optimizer and
+        # a CPU run (--smoke and the tests). Nothing is in flight to wait for there.
+        synchronize = torch.cuda.synchronize
+        torch.cuda.synchronize = lambda *args, **kwargs: None
+        try:
+            return super().step(closure)
+        finally:
+            torch.cuda.synchronize = synchronize
+
+
+TRAINING_DEFAULTS = dict(
+    output_dir="outputs/galore",
+    learning_rate=1e-5,
+    lr_scheduler_type="cosine",
+    warmup_ratio=0.03,
+    # Batch 2 x 1,024 tokens ran out of memory on a 16 GB T4 (TROUBLESHOOTING.md); 1 x 8 is the same effective batch.
+    per_device_train_batch_size=1,
+    gradient_accumulation_steps=8,
+    num_train_epochs=1,
+    gradient_checkpointing=True,
+    gradient_checkpointing_kwargs={"use_reentrant": False},
+    logging_steps=10,
+    save_strategy="steps",
+    save_steps=200,
+    save_total_limit=2,
+    eval_strategy="no",
+    report_to="none",
+)
+
+
+def main(argv: Sequence[str]) -> SFTTrainer:
+    model_args, data_args, galore_args, training_args = common.parse_arguments(
+        (common.ModelArguments, common.DataArguments, GaloreArguments, TrainingArguments), argv, TRAINING_DEFAULTS
+    )
+    common.check_training_arguments(training_args)
+    if model_args.smoke:
+        training_args = common.apply_smoke_settings(training_args, data_args)
+        galore_args.galore_rank = min(galore_args.galore_rank, 8)  # the tiny model's layers are 64 wide
+    else:
+        common.require_cuda("GaLore with 8-bit optimizer states (bitsandbytes)")
+        torch.cuda.empty_cache()  # a notebook's earlier run may still hold cached blocks
+    precision = common.choose_precision(training_args, on_cpu=model_args.smoke)
+    training_args = dataclasses.replace(training_args, bf16=precision.bf16, fp16=precision.fp16)
+    logger.info("Environment: %s", common.environment_summary())
+
+    # Load
+    records = common.load_records(data_args)
+    model_path = model_args.model_name_or_path
+    if model_args.smoke:
+        model_path = str(common.smoke_model(Path(training_args.output_dir).resolve(), records))
+    tokenizer = common.load_tokenizer(model_path)
+    model = load_model(model_path, precision, model_args.attn_implementation)
+    optimizer = build_optimizer(model, galore_args, training_args)
+
+    # Format and train
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=records,
+        tokenizer=tokenizer,
+        formatting_func=common.formatting_func,
+        max_seq_length=data_args.max_seq_length,
+        packing=False,
+        optimizers=(optimizer, None),  # the scheduler is built by the Trainer from --lr_scheduler_type
+    )
+    galore_weights = sum(p.numel() for p in optimizer.param_groups[0]["params"])
+    common.log_settings(
+        "GaLore",
+        training_args,
+        precision,
+        model,
+        {
+            "optimizer": "GaLoreAdamW8bit (galore-torch, bitsandbytes 8-bit states)",
+            "GaLore": f"rank={galore_args.galore_rank}, update_proj_gap={galore_args.galore_update_proj_gap}, "
+            f"scale={galore_args.galore_scale}, proj_type={galore_args.galore_proj_type}, "
+            f"{galore_weights:,} weights projected ({galore_args.galore_target_modules})",
+            "weights": f"{precision.torch_dtype}".split(".")[-1]
+            + (" master weights with fp16 autocast" if precision.fp16 else ""),
+            "records": len(records),
+            "max_seq_length": data_args.max_seq_length,
+        },
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    # Save: the whole model (safetensors) and the tokenizer.
+    trainer.save_model(training_args.output_dir)
+    tokenizer.save_pretrained(training_args.output_dir)
+    logger.info("Saved the model and tokenizer to %s", training_args.output_dir)
+    if model_args.smoke:
+        reloaded = AutoModelForCausalLM.from_pretrained(training_args.output_dir, dtype=torch.float32)
+        sample = common.generate_sample(reloaded, tokenizer, records[0])
+        logger.info("Smoke run passed: the saved model loads and generates: %r", sample)
+    return trainer
+
+
+def load_model(model_path: str, precision: common.Precision, attn_implementation: str):
+    # fp16 training keeps fp32 master weights (the loss scaler cannot unscale fp16
+    # gradients); with bf16 the weights themselves are bf16, as GaLore's paper trains.
+    dtype = torch.bfloat16 if precision.bf16 else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, attn_implementation=attn_implementation
+        )
+    except OSError as e:
+        raise common.model_load_error(model_path, e) from e
+    model.config.use_cache = False
+    return model.to("cpu" if precision.name == "fp32" else "cuda")
+
+
+def build_optimizer(model, galore_args: GaloreArguments, training_args) -> GaLoreAdamW8bitFixed:
+    """GaLore for the 2-D weights of the target linear layers; plain 8-bit AdamW for embeddings and norms."""
+    targets = [t.strip() for t in galore_args.galore_target_modules.split(",") if t.strip()]
+    projected, regular = [], []
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(t in module_name for t in targets):
+            weight = module.weight
+            if galore_args.galore_rank >= min(weight.shape):
+                raise common.UserInputError(
+                    f"--galore_rank {galore_args.galore_rank} is not below the smaller side of {module_name} "
+                    f"{tuple(weight.shape)}: GaLore would save nothing. Use a rank below {min(weight.shape)}."
+                )
+            projected.append(weight)
+    if not projected:
+        raise common.UserInputError(
+            f"--galore_target_modules {galore_args.galore_target_modules!r} matches no linear layer of the model. "
+            "Gemma 3's are under 'self_attn' and 'mlp'."
+        )
+    projected_ids = {id(p) for p in projected}
+    regular = [p for p in model.parameters() if p.requires_grad and id(p) not in projected_ids]
+    return GaLoreAdamW8bitFixed(
+        [
+            {
+                "params": projected,
+                "rank": galore_args.galore_rank,
+                "update_proj_gap": galore_args.galore_update_proj_gap,
+                "scale": galore_args.galore_scale,
+                "proj_type": galore_args.galore_proj_type,
+            },
+            {"params": regular},
+        ],
+        lr=training_args.learning_rate,
+        betas=(training_args.adam_beta1, training_args.adam_beta2),
+        eps=training_args.adam_epsilon,
+        weight_decay=training_args.weight_decay,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(common.run_cli(main))

@@ -1,0 +1,169 @@
+"""QLoRA finetuning of Gemma 3: 4-bit NF4 base weights (bitsandbytes) + LoRA adapters (peft), trained by trl's SFTTrainer.
+
+    python finetuning/train_qlora.py --dataset_name my_data.jsonl --output_dir outputs/qlora
+    python finetuning/train_qlora.py --smoke        # the whole pipeline on the CPU in under a minute
+
+Every TrainingArguments flag works (--per_device_train_batch_size, --learning_rate,
+--max_steps, ...); --help lists them all. A .json or .yaml file given as the first
+argument supplies flags, and flags after it override them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import common
+
+try:  # before torch/transformers/trl load, so a wrong version is one clear message
+    common.check_versions()
+except common.SetupError as version_error:
+    sys.exit(f"ERROR: {version_error}")
+
+import torch  # noqa: E402
+from peft import AutoPeftModelForCausalLM, LoraConfig  # noqa: E402
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainingArguments  # noqa: E402
+from trl import SFTTrainer  # noqa: E402
+
+logger = logging.getLogger("finetuning.qlora")
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank: adapter size. 8-64 is usual."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (update scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input."})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={"help": "'all-linear' (every projection, as QLoRA's paper), or comma-separated module names."},
+    )
+
+    def __post_init__(self):
+        if self.lora_r < 1:
+            raise common.UserInputError(f"--lora_r must be 1 or more, got {self.lora_r}.")
+        if self.lora_alpha <= 0:
+            raise common.UserInputError(f"--lora_alpha must be positive, got {self.lora_alpha}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise common.UserInputError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+
+    def peft_config(self) -> LoraConfig:
+        targets = self.lora_target_modules
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+
+# The settings the troubleshooting log arrived at for a 16 GB T4; every one can be overridden by its flag.
+TRAINING_DEFAULTS = dict(
+    output_dir="outputs/qlora",
+    optim="paged_adamw_8bit",  # 8-bit states, paged to CPU memory on spikes instead of OOM
+    learning_rate=2e-4,
+    lr_scheduler_type="cosine",
+    warmup_ratio=0.03,
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=4,
+    num_train_epochs=1,
+    gradient_checkpointing=True,
+    # Non-reentrant checkpointing works with frozen 4-bit inputs without enable_input_require_grads tricks.
+    gradient_checkpointing_kwargs={"use_reentrant": False},
+    logging_steps=10,
+    save_strategy="steps",
+    save_steps=200,
+    save_total_limit=2,
+    eval_strategy="no",
+    report_to="none",
+    max_grad_norm=0.3,  # QLoRA paper's value: adapters on a 4-bit base are easily knocked off course
+)
+
+
+def main(argv: Sequence[str]) -> SFTTrainer:
+    model_args, data_args, lora_args, training_args = common.parse_arguments(
+        (common.ModelArguments, common.DataArguments, LoraArguments, TrainingArguments), argv, TRAINING_DEFAULTS
+    )
+    common.check_training_arguments(training_args)
+    if model_args.smoke:
+        training_args = common.apply_smoke_settings(training_args, data_args)
+    else:
+        common.require_cuda("QLoRA (bitsandbytes 4-bit layers and paged 8-bit AdamW)")
+    precision = common.choose_precision(training_args, on_cpu=model_args.smoke)
+    training_args = dataclasses.replace(training_args, bf16=precision.bf16, fp16=precision.fp16)
+    logger.info("Environment: %s", common.environment_summary())
+
+    # Load: data first, since a bad record should not cost a model download.
+    records = common.load_records(data_args)
+    model_path = model_args.model_name_or_path
+    if model_args.smoke:
+        model_path = str(common.smoke_model(Path(training_args.output_dir).resolve(), records))
+    tokenizer = common.load_tokenizer(model_path)
+    model = load_quantized_model(model_path, precision, model_args.attn_implementation)
+
+    # Format and train: SFTTrainer formats, tokenizes, wraps the model in LoRA and trains.
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=records,
+        tokenizer=tokenizer,
+        peft_config=lora_args.peft_config(),
+        formatting_func=common.formatting_func,
+        max_seq_length=data_args.max_seq_length,
+        packing=False,
+    )
+    common.log_settings(
+        "QLoRA",
+        training_args,
+        precision,
+        trainer.model,
+        {
+            "base weights": "NF4 4-bit, double quantization, compute in " + str(precision.torch_dtype).split(".")[-1],
+            "LoRA": f"r={lora_args.lora_r}, alpha={lora_args.lora_alpha}, targets={lora_args.lora_target_modules}",
+            "records": len(records),
+            "max_seq_length": data_args.max_seq_length,
+        },
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    # Save: the adapter and the tokenizer; the base model stays where it came from.
+    trainer.save_model(training_args.output_dir)
+    tokenizer.save_pretrained(training_args.output_dir)
+    logger.info("Saved the LoRA adapter and tokenizer to %s", training_args.output_dir)
+    if model_args.smoke:
+        reloaded = AutoPeftModelForCausalLM.from_pretrained(training_args.output_dir, dtype=torch.float32)
+        sample = common.generate_sample(reloaded, tokenizer, records[0])
+        logger.info("Smoke run passed: the saved adapter loads and generates: %r", sample)
+    return trainer
+
+
+def load_quantized_model(model_path: str, precision: common.Precision, attn_implementation: str):
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=precision.torch_dtype,
+        # Gemma ties the 262k-row embedding to the output layer; quantizing it hurts quality most.
+        llm_int8_skip_modules=["lm_head"],
+    )
+    device_map = {"": "cpu"} if precision.name == "fp32" else {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            quantization_config=quantization,
+            dtype=precision.torch_dtype,
+            device_map=device_map,
+            attn_implementation=attn_implementation,
+        )
+    except OSError as e:
+        raise common.model_load_error(model_path, e) from e
+    model.config.use_cache = False  # the KV cache is useless while training and clashes with checkpointing
+    return model
+
+
+if __name__ == "__main__":
+    sys.exit(common.run_cli(main))
