@@ -208,6 +208,16 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str], defaul
         if not config_file.is_file():
             raise UserInputError(f"Config file {config_file} does not exist.")
         argv = _config_file_to_argv(config_file) + argv[1:]
+    parsed = _parse(parser, argv)
+    if any(getattr(values, "smoke", False) for values in parsed):
+        # A smoke run's own defaults (a few CPU steps on a slice of the data);
+        # flags the user gave still win.
+        parser.set_defaults(**SMOKE_DEFAULTS)
+        parsed = _parse(parser, argv)
+    return parsed
+
+
+def _parse(parser, argv: list[str]):
     try:
         return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as e:
@@ -343,9 +353,29 @@ def load_records(data_args: DataArguments) -> "datasets.Dataset":
                 f"hub ({type(e).__name__}: {e}). Give a path to a .json/.jsonl/.csv/.parquet file, or a hub id "
                 "such as yahma/alpaca-cleaned."
             ) from e
+    validate_records(dataset, source or str(DEFAULT_DATASET_FILE))
+    dataset = drop_empty_records(dataset, source or str(DEFAULT_DATASET_FILE))
     if data_args.max_train_samples is not None:
         dataset = dataset.select(range(min(data_args.max_train_samples, len(dataset))))
-    validate_records(dataset, source or str(DEFAULT_DATASET_FILE))
+    return dataset
+
+
+def drop_empty_records(dataset: "datasets.Dataset", source: str) -> "datasets.Dataset":
+    """Real data sets hold a few records with a blank instruction or answer: skip them, say so, and fail if none are left."""
+    keep, skipped = [], []
+    for index, record in enumerate(dataset):
+        blank = not record[INSTRUCTION_FIELD].strip() or not record[OUTPUT_FIELD].strip()
+        (skipped if blank else keep).append(index)
+    if not keep:
+        raise UserInputError(
+            f"Every record of {source} has an empty 'instruction' or 'output': nothing is left to train on."
+        )
+    if skipped:
+        logger.warning(
+            "Skipped %d record(s) of %s with an empty 'instruction' or 'output' (the first: record %d).",
+            len(skipped), source, skipped[0],
+        )
+        dataset = dataset.select(keep)
     return dataset
 
 
@@ -413,8 +443,6 @@ def validate_records(records: Iterable[Mapping[str, Any]], source: str) -> None:
                     "Each record needs 'instruction' and 'output', and may have 'input'."
                 )
             _require_string(value, name, index, source)
-            if not value.strip():
-                raise UserInputError(f"Record {index} of {source}: the {name!r} field is empty.")
         if record.get(INPUT_FIELD) is not None:
             _require_string(record[INPUT_FIELD], INPUT_FIELD, index, source)
     if count == 0:
@@ -576,17 +604,57 @@ GEMMA_CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_gemma(directory: Path, texts: Iterable[str], vocab_size: int = 1024, seed: int = 0) -> Path:
-    """Write a tokenizer trained on `texts` and a randomly initialised 2-layer Gemma 3 to `directory`.
+def build_random_gemma(
+    directory: Path,
+    texts: Iterable[str],
+    vocab_size: int = 1024,
+    config_file: Optional[Path] = None,
+    seed: int = 0,
+) -> Path:
+    """Write a tokenizer trained on `texts` and a randomly initialised Gemma 3 to `directory`.
 
-    The same token ids as Gemma's (<pad>=0, <eos>=1, <bos>=2) and the same chat
-    turns, so the real loading, formatting and training code runs on it unchanged.
+    Without `config_file`, a 2-layer Gemma 3 a few hundred kB in size (the smoke
+    runs and tests); with one (such as the real gemma-3-1b config.json), a model of
+    those shapes, for measuring real cost. The tokenizer has Gemma's special-token
+    ids (<pad>=0, <eos>=1, <bos>=2) and chat turns, so the real loading,
+    formatting and training code runs on it unchanged.
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+    from transformers import AutoConfig, Gemma3ForCausalLM, Gemma3TextConfig
 
     directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(texts, vocab_size)
+    tokenizer.save_pretrained(directory)
+    if config_file is None:
+        config = Gemma3TextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            max_position_embeddings=2048,
+            sliding_window=64,
+        )
+    else:
+        config = AutoConfig.from_pretrained(Path(config_file).parent)
+        if config.vocab_size < len(tokenizer):
+            raise UserInputError(f"The tokenizer ({len(tokenizer)} tokens) does not fit {config_file}'s vocabulary.")
+    config.pad_token_id = tokenizer.pad_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config)
+    model.save_pretrained(directory)
+    return directory
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> "transformers.PreTrainedTokenizerFast":
+    """A byte-level BPE tokenizer trained on the spot, shaped like Gemma's (ids, special tokens, chat template)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.normalizer = normalizers.NFKC()
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -601,64 +669,40 @@ def build_tiny_gemma(directory: Path, texts: Iterable[str], vocab_size: int = 10
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", SPECIAL_TOKENS.index("<bos>"))]
     )
-    fast = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<bos>",
         eos_token="<eos>",
         pad_token="<pad>",
         unk_token="<unk>",
         additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
-        model_max_length=2048,
+        model_max_length=32768,
         chat_template=GEMMA_CHAT_TEMPLATE,
         model_input_names=["input_ids", "attention_mask"],  # as Gemma's; no token_type_ids
     )
-    fast.save_pretrained(directory)
-
-    torch.manual_seed(seed)
-    config = Gemma3TextConfig(
-        vocab_size=len(fast),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=2048,
-        sliding_window=64,
-        pad_token_id=fast.pad_token_id,
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=[fast.eos_token_id, fast.convert_tokens_to_ids("<end_of_turn>")],
-    )
-    model = Gemma3ForCausalLM(config)
-    model.save_pretrained(directory)
-    return directory
 
 
 def smoke_model(output_dir: Path, records: "datasets.Dataset") -> Path:
     """Build the tiny model for a smoke run, with its tokenizer trained on the run's own data."""
     texts = [format_record(record) for record in records]
-    return build_tiny_gemma(Path(output_dir) / "smoke_base_model", texts)
+    return build_random_gemma(Path(output_dir) / "smoke_base_model", texts)
 
 
-SMOKE_TRAINING_DEFAULTS = dict(
+SMOKE_DEFAULTS = dict(
     max_steps=4,
     per_device_train_batch_size=2,
     gradient_accumulation_steps=1,
     logging_steps=1,
-    use_cpu=True,
-    bf16=False,
-    fp16=False,
     save_strategy="no",
-    report_to=[],
+    gradient_checkpointing=False,
+    max_train_samples=64,
+    max_seq_length=256,
 )
 
 
-def apply_smoke_settings(training_args, data_args: DataArguments):
-    """A smoke run is a few CPU steps on a short slice of the data, whatever the GPU flags say."""
-    if data_args.max_train_samples is None:
-        data_args.max_train_samples = 64
-    data_args.max_seq_length = min(data_args.max_seq_length, 256)
-    return dataclasses.replace(training_args, **SMOKE_TRAINING_DEFAULTS, gradient_checkpointing=False)
+def apply_smoke_settings(training_args):
+    """A smoke run trains on the CPU in fp32, whatever GPU flags came with it."""
+    return dataclasses.replace(training_args, use_cpu=True, bf16=False, fp16=False, report_to=[])
 
 
 def environment_summary() -> str:

@@ -114,7 +114,7 @@ def main(argv: Sequence[str]) -> SFTTrainer:
     )
     common.check_training_arguments(training_args)
     if model_args.smoke:
-        training_args = common.apply_smoke_settings(training_args, data_args)
+        training_args = common.apply_smoke_settings(training_args)
         galore_args.galore_rank = min(galore_args.galore_rank, 8)  # the tiny model's layers are 64 wide
     else:
         common.require_cuda("GaLore with 8-bit optimizer states (bitsandbytes)")

@@ -90,7 +90,7 @@ def main(argv: Sequence[str]) -> SFTTrainer:
     )
     common.check_training_arguments(training_args)
     if model_args.smoke:
-        training_args = common.apply_smoke_settings(training_args, data_args)
+        training_args = common.apply_smoke_settings(training_args)
     else:
         common.require_cuda("QLoRA (bitsandbytes 4-bit layers and paged 8-bit AdamW)")
     precision = common.choose_precision(training_args, on_cpu=model_args.smoke)
