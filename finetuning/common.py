@@ -585,7 +585,7 @@ def run_cli(main: Callable[[Sequence[str]], Any], argv: Optional[Sequence[str]] 
     setup_logging()
     try:
         main(sys.argv[1:] if argv is None else argv)
-    except (UserInputError, SetupError) as e:
+    except (UserInputError, SetupError, TrainingFailed) as e:
         logger.error("%s", e)
         return 2
     return 0
@@ -712,3 +712,239 @@ def environment_summary() -> str:
 
 def disable_hub_telemetry() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+# ---------------------------------------------------------------------------
+# Numerics and memory on the GPU: fp16 without overflow, a loss without the full logits
+# ---------------------------------------------------------------------------
+
+
+def keep_residual_stream_in_fp32(model: "torch.nn.Module") -> int:
+    """Make Gemma's RMSNorms return float32 when their weights are float32 (fp16 training). Returns how many changed.
+
+    Gemma 3's residual stream grows past float16's 65,504 (transformers issue
+    36822). Under fp16 autocast the linear layers return float16, and Gemma3RMSNorm
+    casts its output back to its input's dtype, so the post-attention and post-MLP
+    norms hand float16 overflow (inf, then NaN) to the residual add. Returning
+    float32 keeps the residual stream in float32; the matrix products stay float16.
+    """
+    import types
+
+    import torch
+
+    def forward(self, x):
+        output = self._norm(x.float()) * (1.0 + self.weight.float())
+        return output.to(torch.promote_types(x.dtype, self.weight.dtype))
+
+    changed = 0
+    for module in model.modules():
+        if type(module).__name__ == "Gemma3RMSNorm":
+            module.forward = types.MethodType(forward, module)
+            changed += 1
+    return changed
+
+
+def use_chunked_loss(causal_lm: "torch.nn.Module", chunk_tokens: Optional[int] = None) -> bool:
+    """Compute the training loss from the hidden states in chunks, never holding the full logits.
+
+    Gemma's 262,144-token vocabulary makes the logits the largest tensor of a step
+    (1 GiB in fp32 per 1,024 tokens, and cross_entropy keeps several copies). The
+    chunked loss also skips positions whose label is masked (padding). Returns
+    False, leaving the model as it was, where the output layer is not a plain
+    Linear (a quantized one, say).
+    """
+    import torch
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    lm_head = causal_lm.get_output_embeddings()
+    if type(lm_head) is not torch.nn.Linear or lm_head.bias is not None:
+        logger.warning("Output layer is %s, not a plain Linear: using the stock loss.", type(lm_head).__name__)
+        return False
+    stock_forward = causal_lm.forward
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+
+    def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
+        if labels is None or kwargs.get("logits_to_keep") or kwargs.get("return_dict") is False:
+            return stock_forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        outputs = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        loss = chunked_causal_lm_loss(
+            outputs.last_hidden_state, lm_head.weight, labels, softcap, num_items_in_batch, chunk_tokens
+        )
+        return CausalLMOutputWithPast(loss=loss, past_key_values=outputs.past_key_values)
+
+    causal_lm.forward = forward
+    return True
+
+
+def chunked_causal_lm_loss(hidden, weight, labels, softcap=None, num_items_in_batch=None, chunk_tokens=None):
+    """Next-token cross-entropy of `hidden @ weight.T`, the same value as transformers' ForCausalLMLoss.
+
+    The mean over unmasked tokens, or the sum divided by `num_items_in_batch` (the
+    Trainer's count over all accumulated micro-batches) when given.
+    """
+    import torch
+
+    shift_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(hidden.device)
+    kept = (shift_labels != -100).nonzero().squeeze(1)
+    if num_items_in_batch is None:
+        divisor = max(int(kept.numel()), 1)
+    else:
+        divisor = num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+    if chunk_tokens is None:
+        chunk_tokens = max(64, 2**29 // (4 * weight.shape[0]))  # about 512 MiB of fp32 logits a chunk
+    return _ChunkedCrossEntropy.apply(
+        shift_hidden.index_select(0, kept), weight, shift_labels.index_select(0, kept), softcap, divisor, chunk_tokens
+    )
+
+
+def _make_chunked_cross_entropy():
+    import torch
+
+    class ChunkedCrossEntropy(torch.autograd.Function):
+        """Loss and its gradients in one pass over vocabulary chunks, as fused linear cross-entropy kernels do.
+
+        The gradients are computed in the forward pass, chunk by chunk, so no chunk
+        of logits has to be kept or recomputed for the backward pass.
+        """
+
+        @staticmethod
+        def forward(ctx, hidden, weight, labels, softcap, divisor, chunk_tokens):
+            need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            # Under autocast the matrix products run in its dtype, as nn.Linear's would.
+            if torch.is_autocast_enabled(hidden.device.type):
+                compute_dtype = torch.get_autocast_dtype(hidden.device.type)
+            else:
+                compute_dtype = hidden.dtype
+            weight_c = weight.to(compute_dtype)
+            grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk_tokens):
+                h = hidden[start : start + chunk_tokens].to(compute_dtype)
+                target = labels[start : start + chunk_tokens]
+                logits = (h @ weight_c.T).float()
+                if softcap:
+                    capped = torch.tanh(logits / softcap)
+                    logits = capped * softcap
+                log_normaliser = torch.logsumexp(logits, dim=-1)
+                total += (log_normaliser - logits.gather(1, target[:, None]).squeeze(1)).sum()
+                if not (need_hidden_grad or need_weight_grad):
+                    continue
+                # d(loss)/d(logits) = softmax - one_hot, computed in place over the logits.
+                grad_logits = logits.sub_(log_normaliser[:, None]).exp_()
+                grad_logits[torch.arange(target.shape[0], device=target.device), target] -= 1
+                if softcap:
+                    grad_logits *= 1 - capped * capped
+                grad_logits = grad_logits.to(compute_dtype)
+                if need_hidden_grad:
+                    grad_hidden[start : start + chunk_tokens] = grad_logits @ weight_c
+                if need_weight_grad:
+                    grad_weight += grad_logits.T @ h
+            ctx.divisor = divisor
+            ctx.save_for_backward(
+                grad_hidden if need_hidden_grad else None,
+                grad_weight.to(weight.dtype) if need_weight_grad else None,
+            )
+            return total / divisor
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            grad_hidden, grad_weight = ctx.saved_tensors
+            scale = grad_output / ctx.divisor
+            return (
+                grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None,
+                grad_weight * scale.to(grad_weight.dtype) if grad_weight is not None else None,
+                None,
+                None,
+                None,
+                None,
+            )
+
+    return ChunkedCrossEntropy
+
+
+class _LazyFunction:
+    """Defers building the autograd Function until first use, so importing this module needs no torch."""
+
+    def __init__(self, factory):
+        self._factory, self._function = factory, None
+
+    def apply(self, *args):
+        if self._function is None:
+            self._function = self._factory()
+        return self._function.apply(*args)
+
+
+_ChunkedCrossEntropy = _LazyFunction(_make_chunked_cross_entropy)
+
+
+# ---------------------------------------------------------------------------
+# Training guards: a NaN loss or an out-of-memory error ends with what to change
+# ---------------------------------------------------------------------------
+
+
+class TrainingFailed(RuntimeError):
+    """Training cannot go on (NaN loss, out of memory); the message says what to change and what was saved."""
+
+
+def _latest_checkpoint(output_dir: str) -> Optional[str]:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+
+
+def _make_stop_on_nonfinite_loss():
+    from transformers import TrainerCallback
+
+    class StopOnNonFiniteLoss(TrainerCallback):
+        """Stop at the first logged NaN/inf loss instead of burning GPU hours on a run that learns nothing."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            grad_norm = (logs or {}).get("grad_norm")
+            # With fp16 the loss scaler skips steps whose gradients overflow, and lowers its
+            # scale: an inf grad_norm there is routine. Elsewhere it means the weights are ruined.
+            if grad_norm is not None and not math.isfinite(grad_norm) and not args.fp16:
+                loss = grad_norm if loss is None or math.isfinite(loss) else loss
+            if loss is None or math.isfinite(loss):
+                return
+            checkpoint = _latest_checkpoint(args.output_dir)
+            raise TrainingFailed(
+                f"The training loss became {loss} at step {state.global_step}: the model's numbers overflowed or "
+                "diverged, and every step from here on would be wasted.\n"
+                "Fix, in order: lower --learning_rate (by 2-10x); keep --max_grad_norm at 1.0 or below; on a GPU "
+                "without bfloat16 (T4, V100) keep the default fp16 path (do not load the model in float16 yourself); "
+                "check the data for very long or garbled records.\n"
+                + (f"The last good checkpoint is {checkpoint}." if checkpoint else "No checkpoint was saved yet.")
+            )
+
+    return StopOnNonFiniteLoss
+
+
+def train(trainer, resume_from_checkpoint=None):
+    """trainer.train() with the guards: a NaN loss stops it, an out-of-memory error says which settings to lower."""
+    import torch
+
+    trainer.add_callback(_make_stop_on_nonfinite_loss()())
+    args = trainer.args
+    # The Trainer's default filter logs a NaN step's loss as the running average (0.0 on
+    # the first step), which hides exactly what the guard looks for.
+    args.logging_nan_inf_filter = False
+    try:
+        return trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    except torch.OutOfMemoryError as e:
+        checkpoint = _latest_checkpoint(args.output_dir)
+        raise TrainingFailed(
+            "The GPU ran out of memory "
+            f"(batch {args.per_device_train_batch_size}, gradient checkpointing "
+            f"{'on' if args.gradient_checkpointing else 'off'}).\n"
+            "Fix, one at a time: halve --per_device_train_batch_size and double --gradient_accumulation_steps "
+            "(the same effective batch); lower --max_seq_length; turn on --gradient_checkpointing; or let "
+            "--auto_find_batch_size find the largest batch that fits.\n"
+            + (
+                f"Resume with --resume_from_checkpoint {checkpoint}"
+                if checkpoint
+                else "No checkpoint was saved yet; the run starts over."
+            )
+        ) from e

@@ -130,6 +130,9 @@ def main(argv: Sequence[str]) -> SFTTrainer:
         model_path = str(common.smoke_model(Path(training_args.output_dir).resolve(), records))
     tokenizer = common.load_tokenizer(model_path)
     model = load_model(model_path, precision, model_args.attn_implementation)
+    common.use_chunked_loss(model)
+    if precision.fp16:
+        common.keep_residual_stream_in_fp32(model)
     optimizer = build_optimizer(model, galore_args, training_args)
 
     # Format and train
@@ -160,7 +163,7 @@ def main(argv: Sequence[str]) -> SFTTrainer:
             "max_seq_length": data_args.max_seq_length,
         },
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    common.train(trainer, training_args.resume_from_checkpoint)
 
     # Save: the whole model (safetensors) and the tokenizer.
     trainer.save_model(training_args.output_dir)

@@ -104,6 +104,9 @@ def main(argv: Sequence[str]) -> SFTTrainer:
         model_path = str(common.smoke_model(Path(training_args.output_dir).resolve(), records))
     tokenizer = common.load_tokenizer(model_path)
     model = load_quantized_model(model_path, precision, model_args.attn_implementation)
+    common.use_chunked_loss(model)
+    if precision.fp16:
+        common.keep_residual_stream_in_fp32(model)
 
     # Format and train: SFTTrainer formats, tokenizes, wraps the model in LoRA and trains.
     trainer = SFTTrainer(
@@ -128,7 +131,7 @@ def main(argv: Sequence[str]) -> SFTTrainer:
             "max_seq_length": data_args.max_seq_length,
         },
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    common.train(trainer, training_args.resume_from_checkpoint)
 
     # Save: the adapter and the tokenizer; the base model stays where it came from.
     trainer.save_model(training_args.output_dir)
@@ -155,7 +158,9 @@ def load_quantized_model(model_path: str, precision: common.Precision, attn_impl
         model = AutoModelForCausalLM.from_pretrained(
             model_path,
             quantization_config=quantization,
-            dtype=precision.torch_dtype,
+            # The layers left unquantized (embeddings, norms) load in float32, where peft's
+            # k-bit preparation would put them anyway: with fp16, that keeps the residual stream out of overflow.
+            dtype=torch.float32 if precision.fp16 else precision.torch_dtype,
             device_map=device_map,
             attn_implementation=attn_implementation,
         )

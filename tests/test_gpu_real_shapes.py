@@ -1,0 +1,122 @@
+"""Both scripts on a random-weight model of the real gemma-3-1b shapes, on a CUDA GPU: `pytest -m gpu`.
+
+The shapes come from gemma-3-1b's config.json: `$GEMMA_CONFIG`, else
+../shared/gemma-3-1b/config.json, else .gpu/config.json (where the GPU runs carry it).
+Skipped without CUDA (conftest.py).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+
+pytestmark = pytest.mark.gpu
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_CANDIDATES = [
+    Path(os.environ.get("GEMMA_CONFIG", "/nonexistent")),
+    REPO_ROOT.parent / "shared" / "gemma-3-1b" / "config.json",
+    REPO_ROOT / ".gpu" / "config.json",
+]
+PROJECTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def real_shape_model(tmp_path_factory, default_texts) -> Path:
+    config = next((path for path in CONFIG_CANDIDATES if path.is_file()), None)
+    if config is None:
+        pytest.skip("no gemma-3-1b config.json found")
+    return common.build_random_gemma(
+        tmp_path_factory.mktemp("gemma-3-1b-random"), default_texts, vocab_size=8000, config_file=config
+    )
+
+
+def overfit(module, model_dir, output_dir, learning_rate, *extra):
+    """Train repeatedly on one fixed batch of 4 records: the loss must fall."""
+    trainer = module.main([
+        "--model_name_or_path", str(model_dir), "--output_dir", str(output_dir), "--max_steps", "12",
+        "--logging_steps", "1", "--save_strategy", "no", "--max_train_samples", "4",
+        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--warmup_ratio", "0",
+        "--lr_scheduler_type", "constant", "--learning_rate", str(learning_rate), "--max_grad_norm", "1.0",
+        "--num_train_epochs", "100", *extra,
+    ])
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert all(math.isfinite(loss) for loss in losses), losses
+    assert losses[-1] < 0.8 * losses[0], losses
+    return trainer
+
+
+def test_qlora_real_shapes_loss_falls_and_adapter_loads(real_shape_model, tmp_path):
+    import train_qlora
+    from peft import AutoPeftModelForCausalLM
+
+    overfit(train_qlora, real_shape_model, tmp_path, 1e-3)
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).to("cuda")
+    assert any("lora_B" in name and p.abs().max() > 0 for name, p in reloaded.named_parameters())
+
+
+def test_galore_real_shapes_projected_weights_change_and_model_loads(real_shape_model, tmp_path):
+    import train_galore
+    from transformers import AutoModelForCausalLM
+
+    trainer = overfit(train_galore, real_shape_model, tmp_path, 1e-4)
+    assert any(isinstance(g.get("rank"), int) for g in trainer.optimizer.param_groups)
+    before = AutoModelForCausalLM.from_pretrained(real_shape_model, dtype=torch.bfloat16)
+    after = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    after_weights = dict(after.named_parameters())
+    for name, weight in before.named_parameters():
+        if name.endswith(".weight") and any(p in name for p in PROJECTED):
+            change = (after_weights[name].float() - weight.float()).norm() / weight.float().norm()
+            assert change > 1e-4, f"{name} moved only {change:.2e}"
+
+
+def test_galore_8bit_moves_like_32bit_reference_on_real_shapes():
+    """The real 8-bit blockwise path (states above bitsandbytes' 4,096-element threshold), Gemma's MLP shape."""
+    from galore_torch import GaLoreAdamW
+
+    import train_galore
+
+    def relative_change(optimizer_class):
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(6912, 1152, device="cuda") * 0.02)
+        start = weight.detach().clone()
+        group = {"params": [weight], "rank": 128, "update_proj_gap": 200, "scale": 1.0, "proj_type": "std"}
+        optimizer = optimizer_class([group], lr=1e-3, weight_decay=0.0)
+        generator = torch.Generator(device="cuda").manual_seed(1)
+        for _ in range(5):
+            weight.grad = torch.randn(weight.shape, device="cuda", generator=generator)
+            optimizer.step()
+        return ((weight.detach() - start).norm() / start.norm()).item()
+
+    reference = relative_change(GaLoreAdamW)
+    fixed = relative_change(train_galore.GaLoreAdamW8bitFixed)
+    assert fixed >= 0.9 * reference, (fixed, reference)
+
+
+@pytest.fixture
+def emulated_t4(monkeypatch):
+    """A 16 GB T4 on a bigger GPU: no bfloat16, memory capped at 15 GiB."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import emulate_t4
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    torch.cuda.set_per_process_memory_fraction(emulate_t4.T4_USABLE_GIB * 2**30 / total)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    yield
+    torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def test_fp16_path_trains_finite_on_real_shapes(real_shape_model, tmp_path, emulated_t4):
+    import train_qlora
+
+    trainer = overfit(train_qlora, real_shape_model, tmp_path, 1e-3)
+    assert trainer.args.fp16 and not trainer.args.bf16
+    assert torch.cuda.max_memory_allocated() < 15 * 2**30

@@ -1,0 +1,64 @@
+"""The training guards: a NaN loss stops the run, an out-of-memory error says what to lower and where to resume."""
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+import common
+
+
+def tiny_trainer(model_dir, tokenizer, output_dir, **args):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    texts = ["<start_of_turn>user\nhello<end_of_turn>\n<start_of_turn>model\nhi<end_of_turn>\n"] * 8
+    dataset = Dataset.from_dict(dict(tokenizer(texts)))
+    training_args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=6, logging_steps=1, per_device_train_batch_size=2,
+        report_to=[], use_cpu=True, save_strategy="no", **args,
+    )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    return Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator)
+
+
+def test_nan_loss_stops_training_with_advice(tiny_model_dir, tiny_tokenizer, tmp_path):
+    trainer = tiny_trainer(tiny_model_dir, tiny_tokenizer, tmp_path)
+    with torch.no_grad():
+        trainer.model.model.norm.weight.fill_(float("nan"))
+
+    with pytest.raises(common.TrainingFailed, match="--learning_rate") as error:
+        common.train(trainer)
+
+    assert "step 1" in str(error.value)  # stopped at the first logged step, not after all 6
+    assert trainer.state.global_step == 1
+
+
+def test_finite_training_is_untouched(tiny_model_dir, tiny_tokenizer, tmp_path):
+    trainer = tiny_trainer(tiny_model_dir, tiny_tokenizer, tmp_path)
+    common.train(trainer)
+    assert trainer.state.global_step == 6
+
+
+def test_out_of_memory_names_the_settings_and_the_checkpoint(tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch):
+    trainer = tiny_trainer(tiny_model_dir, tiny_tokenizer, tmp_path)
+    (tmp_path / "checkpoint-40").mkdir()
+
+    def out_of_memory(**kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    monkeypatch.setattr(trainer, "train", out_of_memory)
+    with pytest.raises(common.TrainingFailed) as error:
+        common.train(trainer)
+    message = str(error.value)
+    for advice in ("--per_device_train_batch_size", "--max_seq_length", "--gradient_checkpointing",
+                   "--auto_find_batch_size", "checkpoint-40"):
+        assert advice in message
+    assert isinstance(error.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_run_cli_turns_a_training_failure_into_exit_code_2(caplog):
+    def failing_main(argv):
+        raise common.TrainingFailed("The training loss became nan at step 3")
+
+    assert common.run_cli(failing_main, []) == 2
+    assert "nan at step 3" in caplog.text

@@ -1,0 +1,129 @@
+"""The pieces that replace stock numerics, each checked against a float32 reference on the CPU."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+import common
+
+
+def small_gemma(**overrides) -> Gemma3ForCausalLM:
+    torch.manual_seed(0)
+    config = dict(
+        vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+    )
+    return Gemma3ForCausalLM(Gemma3TextConfig(**{**config, **overrides}))
+
+
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, 500, (3, 40), generator=generator)
+    labels = input_ids.clone()
+    labels[0, :10] = -100  # a masked prompt
+    labels[2, 30:] = -100  # padding
+    return input_ids, labels
+
+
+def loss_and_grads(model, **kwargs):
+    input_ids, labels = batch()
+    model.zero_grad()
+    loss = model(input_ids=input_ids, labels=labels, **kwargs).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("chunk_tokens", [7, 1000])
+def test_chunked_loss_matches_stock_loss_and_gradients(softcap, chunk_tokens):
+    stock = small_gemma(final_logit_softcapping=softcap)
+    chunked = copy.deepcopy(stock)
+    assert common.use_chunked_loss(chunked, chunk_tokens=chunk_tokens)
+
+    stock_loss, stock_grads = loss_and_grads(stock)
+    chunked_loss, chunked_grads = loss_and_grads(chunked)
+
+    assert torch.allclose(chunked_loss, stock_loss, rtol=1e-5)
+    for name, grad in stock_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The tied embedding gets the output layer's gradient too.
+    assert chunked_grads["model.embed_tokens.weight"].abs().sum() > 0
+
+
+def test_chunked_loss_divides_by_the_trainers_token_count_under_accumulation():
+    stock = small_gemma()
+    chunked = copy.deepcopy(stock)
+    common.use_chunked_loss(chunked, chunk_tokens=16)
+    count = torch.tensor(250)
+    stock_loss, _ = loss_and_grads(stock, num_items_in_batch=count)
+    chunked_loss, _ = loss_and_grads(chunked, num_items_in_batch=count)
+    assert torch.allclose(chunked_loss, stock_loss, rtol=1e-5)
+
+
+def test_chunked_loss_without_gradients_and_returns_no_logits():
+    model = small_gemma()
+    common.use_chunked_loss(model)
+    input_ids, labels = batch()
+    with torch.no_grad():
+        output = model(input_ids=input_ids, labels=labels)
+    assert output.logits is None and math.isfinite(output.loss.item())
+    # Generation (no labels) still goes through the stock forward and gets logits.
+    assert model(input_ids=input_ids).logits.shape == (3, 40, 500)
+
+
+def overflowing_gemma() -> Gemma3ForCausalLM:
+    """Post-norm weights scaled up until the residual stream passes float16's 65,504, as the real Gemma 3's does."""
+    model = small_gemma()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "post_attention_layernorm" in name or "post_feedforward_layernorm" in name:
+                parameter.fill_(3e4)
+    return model
+
+
+def test_the_overflow_model_really_passes_the_float16_range():
+    model = overflowing_gemma()
+    input_ids, _ = batch()
+    with torch.no_grad():
+        hidden = model(input_ids=input_ids, output_hidden_states=True).hidden_states
+    assert max(h.abs().max().item() for h in hidden) > 65504
+
+
+def test_stock_fp16_paths_go_nan_where_ours_stays_finite():
+    reference = overflowing_gemma()
+    input_ids, labels = batch()
+    with torch.no_grad():
+        fp32_loss = reference(input_ids=input_ids, labels=labels).loss.item()
+
+    # Stock 1: the model loaded in float16 (the common tutorial). Stock 2: fp16 autocast alone.
+    half = copy.deepcopy(reference).half()
+    with torch.no_grad():
+        assert not math.isfinite(half(input_ids=input_ids, labels=labels).loss.item())
+    autocast_only = copy.deepcopy(reference)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        assert not math.isfinite(autocast_only(input_ids=input_ids, labels=labels).loss.item())
+
+    # Ours: the scripts' fp16 path (fp32 weights, fp16 autocast, fp32 residual stream, chunked loss).
+    ours = copy.deepcopy(reference)
+    assert common.keep_residual_stream_in_fp32(ours) == 2 * 4 + 1 + 2 * 2  # 4 per layer, final, q/k norms
+    common.use_chunked_loss(ours)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = ours(input_ids=input_ids, labels=labels).loss
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert loss.item() == pytest.approx(fp32_loss, rel=1e-2)
+    assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
+
+
+def test_fp32_residual_patch_changes_nothing_in_float32():
+    stock = small_gemma()
+    patched = copy.deepcopy(stock)
+    common.keep_residual_stream_in_fp32(patched)
+    stock_loss, stock_grads = loss_and_grads(stock)
+    patched_loss, patched_grads = loss_and_grads(patched)
+    assert torch.equal(stock_loss, patched_loss)
+    assert all(torch.equal(stock_grads[name], grad) for name, grad in patched_grads.items())
