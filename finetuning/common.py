@@ -196,18 +196,22 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str], defaul
     """
     from transformers import HfArgumentParser
 
+    class Parser(HfArgumentParser):
+        def error(self, message):  # argparse would print the whole usage and raise SystemExit
+            raise UserInputError(f"{message}. Run with --help to list every flag.")
+
     argv = list(argv)
-    for arg in argv:
-        flag = arg.split("=", 1)[0]
-        if flag in RENAMED_FLAGS:
-            raise UserInputError(f"{flag} is not a flag of this toolkit: use {RENAMED_FLAGS[flag]} instead.")
-    parser = HfArgumentParser(dataclass_types)
-    parser.set_defaults(**defaults)
     if len(argv) >= 1 and argv[0].endswith((".json", ".yaml", ".yml")) and not argv[0].startswith("-"):
         config_file = Path(argv[0])
         if not config_file.is_file():
             raise UserInputError(f"Config file {config_file} does not exist.")
         argv = _config_file_to_argv(config_file) + argv[1:]
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag in RENAMED_FLAGS:
+            raise UserInputError(f"{flag} is not a flag of this toolkit: use {RENAMED_FLAGS[flag]} instead.")
+    parser = Parser(dataclass_types)
+    parser.set_defaults(**defaults)
     parsed = _parse(parser, argv)
     if any(getattr(values, "smoke", False) for values in parsed):
         # A smoke run's own defaults (a few CPU steps on a slice of the data);
@@ -392,9 +396,14 @@ def _load_local_file(path: Path) -> "datasets.Dataset":
     if path.stat().st_size == 0:
         raise UserInputError(f"--dataset_name: {path} is empty; it needs instruction/input/output records.")
     if suffix in (".json", ".jsonl"):
-        # Parsed here rather than by datasets' Arrow reader, whose errors name neither
-        # the line nor the field, and which silently turns a number into a string column.
-        return datasets.Dataset.from_list(_read_json_records(path))
+        # Parsed and checked here rather than by datasets' Arrow reader, whose errors name
+        # neither the line nor the field. Columns are named explicitly: from_list takes
+        # them from the first record alone, dropping an 'input' that record 0 lacks.
+        records = _read_json_records(path)
+        validate_records(records, str(path))
+        return datasets.Dataset.from_dict(
+            {name: [record.get(name) for record in records] for name in (INSTRUCTION_FIELD, INPUT_FIELD, OUTPUT_FIELD)}
+        )
     try:
         dataset = datasets.load_dataset(DATA_FILE_BUILDERS[suffix], data_files=str(path), split="train")
     except Exception as e:  # noqa: BLE001 - pyarrow and pandas raise many unrelated types for a bad file
@@ -500,7 +509,7 @@ def load_tokenizer(model_name_or_path: str) -> "transformers.PreTrainedTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a malformed hub id, or a folder with no config.json
         raise UserInputError(_model_not_found_message(model_name_or_path, e)) from e
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # trl 0.8.6 would set pad = eos; the collator then masks every EOS out of

@@ -184,7 +184,7 @@ def load_model(model_path: str, precision: common.Precision, attn_implementation
         model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=dtype, attn_implementation=attn_implementation
         )
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a malformed hub id, or a folder with no config.json
         raise common.model_load_error(model_path, e) from e
     model.config.use_cache = False
     return model.to("cpu" if precision.name == "fp32" else "cuda")

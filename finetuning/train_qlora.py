@@ -164,7 +164,7 @@ def load_quantized_model(model_path: str, precision: common.Precision, attn_impl
             device_map=device_map,
             attn_implementation=attn_implementation,
         )
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a malformed hub id, or a folder with no config.json
         raise common.model_load_error(model_path, e) from e
     model.config.use_cache = False  # the KV cache is useless while training and clashes with checkpointing
     return model

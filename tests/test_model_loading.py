@@ -1,0 +1,103 @@
+"""Tokenizer and model loading, on the session's tiny random Gemma 3."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import common
+import train_galore
+import train_qlora
+
+CPU = common.Precision(False, False, torch.float32, "test")
+
+def test_load_tokenizer_pads_right_with_a_distinct_pad(tiny_model_dir):
+    tokenizer = common.load_tokenizer(str(tiny_model_dir))
+    assert tokenizer.padding_side == "right"
+    assert tokenizer.pad_token_id == 0 != tokenizer.eos_token_id
+
+
+def test_load_tokenizer_rejects_pad_equal_to_eos(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(common.UserInputError, match="padding token"):
+        common.load_tokenizer(str(tmp_path))
+
+
+def test_load_tokenizer_unreachable_hub_id_explains_access():
+    with pytest.raises(common.UserInputError, match="HF_TOKEN") as info:
+        common.load_tokenizer("google/no-such-gemma-for-tests")
+    assert "google/no-such-gemma-for-tests" in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["missing", "empty_folder"])
+@pytest.mark.parametrize("loader", ["tokenizer", "qlora_model", "galore_model"])
+def test_unreadable_local_model_path_is_a_user_error(loader, where, tmp_path):
+    path = tmp_path / "no_model_here"
+    if where == "empty_folder":
+        path.mkdir()
+    load = {
+        "tokenizer": lambda: common.load_tokenizer(str(path)),
+        "qlora_model": lambda: train_qlora.load_quantized_model(str(path), CPU, "eager"),
+        "galore_model": lambda: train_galore.load_model(str(path), CPU, "eager"),
+    }[loader]
+    with pytest.raises(common.UserInputError, match="--model_name_or_path") as info:
+        load()
+    assert str(path) in str(info.value)
+
+
+def test_quantized_model_has_nf4_linear_layers(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    model = train_qlora.load_quantized_model(str(tiny_model_dir), CPU, "eager")
+    four_bit = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    projections = {name.rsplit(".", 1)[-1] for name in four_bit}
+    assert projections == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(four_bit) == 7 * model.config.num_hidden_layers
+    weight = next(iter(four_bit.values())).weight
+    assert weight.quant_type == "nf4"
+    assert weight.quant_state.nested, "double quantization was asked for"
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit), "lm_head is skipped from quantization"
+    assert model.config.use_cache is False
+
+
+def galore_args(**overrides):
+    return train_galore.GaloreArguments(**{"galore_rank": 8, **overrides})
+
+
+TRAINING = SimpleNamespace(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0)
+
+
+@pytest.fixture(scope="module")
+def galore_model(tiny_model_dir):
+    return train_galore.load_model(str(tiny_model_dir), CPU, "eager")
+
+
+def test_build_optimizer_projects_the_attention_and_mlp_weights(galore_model):
+    optimizer = train_galore.build_optimizer(galore_model, galore_args(), TRAINING)
+    assert isinstance(optimizer, train_galore.GaLoreAdamW8bitFixed)
+    projected, regular = optimizer.param_groups
+    assert projected["rank"] == 8 and projected["proj_type"] == "std"
+    layers = galore_model.config.num_hidden_layers
+    assert len(projected["params"]) == 7 * layers
+    assert all(p.dim() == 2 for p in projected["params"])
+    # every trainable weight is in exactly one group
+    everything = {id(p) for p in galore_model.parameters() if p.requires_grad}
+    ids = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert len(ids) == len(set(ids)) and set(ids) == everything
+    embedding = galore_model.get_input_embeddings().weight
+    assert any(p is embedding for p in regular["params"])
+
+
+def test_build_optimizer_rejects_a_rank_as_large_as_the_layer(galore_model):
+    with pytest.raises(common.UserInputError, match="--galore_rank 64"):
+        train_galore.build_optimizer(galore_model, galore_args(galore_rank=64), TRAINING)
+
+
+def test_build_optimizer_rejects_targets_matching_nothing(galore_model):
+    with pytest.raises(common.UserInputError, match="--galore_target_modules 'attention'"):
+        train_galore.build_optimizer(galore_model, galore_args(galore_target_modules="attention"), TRAINING)
