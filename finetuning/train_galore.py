@@ -63,9 +63,12 @@ class GaLoreAdamW8bitFixed(GaLoreAdamW8bit):
 
     galore-torch 1.0 passes `percentile_clipping=100, block_wise=True` to
     bitsandbytes' Optimizer2State by position. bitsandbytes 0.50 dropped those two
-    parameters, so the values land in `max_unorm=100, skip_zeros=True` and the
-    projected weights barely move. Binding by keyword gives what galore-torch
-    meant: no clipping, blockwise 8-bit states (bitsandbytes' default now).
+    parameters, so the values land in `max_unorm=100, skip_zeros=True`. Where a
+    projected gradient is small enough for 32-bit states (under 4,096 values: small
+    layers, low ranks) that update-norm clipping holds the weights almost still;
+    the blockwise 8-bit path of larger ones ignores it, which hides the fault on
+    the real model. Binding by keyword gives what galore-torch meant everywhere: no
+    clipping, blockwise 8-bit states (bitsandbytes' default now).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, is_paged=False):
