@@ -9,6 +9,7 @@ wrong version ends in one clear message instead of an ImportError deep inside tr
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -142,6 +143,10 @@ class ModelArguments:
         default="eager",
         metadata={"help": "Attention kernel: 'eager' (recommended for Gemma 3 training), 'sdpa' or 'flash_attention_2'."},
     )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run Python code shipped with the model. Off: Gemma needs none, and it runs anything."},
+    )
     smoke: bool = field(
         default=False,
         metadata={
@@ -185,6 +190,8 @@ RENAMED_FLAGS = {
     "--model_name": "--model_name_or_path",
     "--dataset": "--dataset_name",
     "--no_cuda": "--use_cpu",
+    # A token on the command line ends up in shell history, notebooks and training_args.bin.
+    "--hub_token": "the HF_TOKEN environment variable (or a Colab secret named HF_TOKEN)",
 }
 
 
@@ -216,7 +223,7 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str], defaul
     if any(getattr(values, "smoke", False) for values in parsed):
         # A smoke run's own defaults (a few CPU steps on a slice of the data);
         # flags the user gave still win.
-        parser.set_defaults(**SMOKE_DEFAULTS)
+        parser.set_defaults(**SMOKE_DEFAULTS, output_dir=f"{defaults['output_dir']}-smoke")
         parsed = _parse(parser, argv)
     return parsed
 
@@ -504,11 +511,11 @@ def formatting_func(examples: Mapping[str, Any]) -> "list[str] | str":
 # ---------------------------------------------------------------------------
 
 
-def load_tokenizer(model_name_or_path: str) -> "transformers.PreTrainedTokenizerBase":
+def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False) -> "transformers.PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # ValueError: a malformed hub id, or a folder with no config.json
         raise UserInputError(_model_not_found_message(model_name_or_path, e)) from e
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -706,6 +713,7 @@ SMOKE_DEFAULTS = dict(
     gradient_checkpointing=False,
     max_train_samples=64,
     max_seq_length=256,
+    overwrite_output_dir=True,  # a smoke run is a check: the next one replaces it
 )
 
 
@@ -719,8 +727,21 @@ def environment_summary() -> str:
     return ", ".join(f"{k} {v}" for k, v in versions.items() if v) + f", python {sys.version.split()[0]}"
 
 
-def disable_hub_telemetry() -> None:
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+def use_colab_token() -> None:
+    """On Colab, hand a secret named HF_TOKEN to huggingface_hub through the environment; never log it."""
+    if os.environ.get("HF_TOKEN"):
+        return
+    try:
+        from google.colab import userdata
+    except ImportError:
+        return
+    try:
+        token = userdata.get("HF_TOKEN")
+    except (userdata.SecretNotFoundError, userdata.NotebookAccessError):
+        logger.info("No Colab secret HF_TOKEN (or no access to it): gated models such as Gemma will not load.")
+        return
+    os.environ["HF_TOKEN"] = token
+    logger.info("Using the Colab secret HF_TOKEN for the Hugging Face hub.")
 
 
 # ---------------------------------------------------------------------------
@@ -897,10 +918,94 @@ class TrainingFailed(RuntimeError):
     """Training cannot go on (NaN loss, out of memory); the message says what to change and what was saved."""
 
 
-def _latest_checkpoint(output_dir: str) -> Optional[str]:
-    from transformers.trainer_utils import get_last_checkpoint
+def latest_complete_checkpoint(output_dir) -> Optional[str]:
+    """The newest checkpoint-N folder that was written to the end, or None.
 
-    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    The Trainer writes trainer_state.json after the weights, optimizer, scheduler and
+    RNG state, so a folder whose trainer_state.json is missing or unreadable was cut
+    off mid-save (a Colab disconnect, a kill) and must not be resumed from.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    numbered = []
+    for checkpoint in folder.glob("checkpoint-*"):
+        suffix = checkpoint.name.split("-", 1)[1]
+        if checkpoint.is_dir() and suffix.isdigit():
+            numbered.append((int(suffix), checkpoint))
+    for _, checkpoint in sorted(numbered, reverse=True):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            logger.warning("Ignoring %s: it was not written to the end.", checkpoint)
+            continue
+        return str(checkpoint)
+    return None
+
+
+RESUME_LATEST = ("true", "latest", "last")
+FINAL_DIR = "final"
+
+
+def prepare_output_dir(training_args) -> Optional[str]:
+    """Decide where training starts from, before anything heavy loads; returns the checkpoint to resume from, if any.
+
+    An output directory that holds an earlier run is refused unless --overwrite_output_dir or
+    --resume_from_checkpoint says what to do with it: silently mixing two runs' checkpoints is worse.
+    """
+    output_dir = Path(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and str(resume).lower() in RESUME_LATEST:
+        resume = latest_complete_checkpoint(output_dir)
+        if resume is None:
+            raise UserInputError(
+                f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: {output_dir} holds no complete "
+                "checkpoint to resume from. Check --output_dir, or start a new run without the flag."
+            )
+        logger.info("Resuming from the latest complete checkpoint, %s", resume)
+    elif resume is not None:
+        if not (Path(resume) / "trainer_state.json").is_file():
+            raise UserInputError(
+                f"--resume_from_checkpoint {resume} is not a complete checkpoint (no trainer_state.json). "
+                f"The latest complete one in {output_dir} is {latest_complete_checkpoint(output_dir)}."
+            )
+    elif output_dir.is_dir() and not training_args.overwrite_output_dir:
+        earlier = [p.name for p in output_dir.iterdir() if p.name.startswith("checkpoint-") or p.name == FINAL_DIR]
+        if earlier:
+            raise UserInputError(
+                f"--output_dir {output_dir} already holds an earlier run ({', '.join(sorted(earlier)[:4])}). "
+                "Continue it with --resume_from_checkpoint latest, start over with --overwrite_output_dir, "
+                "or choose another --output_dir."
+            )
+    return str(resume) if resume is not None else None
+
+
+def save_final(trainer, tokenizer) -> Path:
+    """Write the trained model and tokenizer to OUTPUT_DIR/final, all or nothing.
+
+    They go to a temporary folder first, renamed into place once complete: a run cut
+    off while saving leaves no half-written model where a user would load one.
+    """
+    import shutil
+
+    output_dir = Path(trainer.args.output_dir)
+    final = output_dir / FINAL_DIR
+    partial = output_dir / f".{FINAL_DIR}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        trainer.save_model(str(partial))
+        tokenizer.save_pretrained(str(partial))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise TrainingFailed(
+            f"Saving the final model to {final} failed: {e}. Nothing half-written was left there.\n"
+            "Free disk space (or choose an --output_dir on a bigger disk), then resume with "
+            f"--resume_from_checkpoint {latest_complete_checkpoint(output_dir) or 'latest'}."
+        ) from e
+    return final
 
 
 def _make_stop_on_nonfinite_loss():
@@ -918,7 +1023,7 @@ def _make_stop_on_nonfinite_loss():
                 loss = grad_norm if loss is None or math.isfinite(loss) else loss
             if loss is None or math.isfinite(loss):
                 return
-            checkpoint = _latest_checkpoint(args.output_dir)
+            checkpoint = latest_complete_checkpoint(args.output_dir)
             raise TrainingFailed(
                 f"The training loss became {loss} at step {state.global_step}: the model's numbers overflowed or "
                 "diverged, and every step from here on would be wasted.\n"
@@ -942,8 +1047,17 @@ def train(trainer, resume_from_checkpoint=None):
     args.logging_nan_inf_filter = False
     try:
         return trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise TrainingFailed(
+            f"The disk filled up while saving a checkpoint to {args.output_dir}: {e}.\n"
+            "Free space, keep fewer checkpoints (--save_total_limit 1) or save less often (--save_steps), then "
+            f"resume with --resume_from_checkpoint {latest_complete_checkpoint(args.output_dir) or 'latest'} "
+            "(a checkpoint cut off by the full disk is never taken as the latest)."
+        ) from e
     except torch.OutOfMemoryError as e:
-        checkpoint = _latest_checkpoint(args.output_dir)
+        checkpoint = latest_complete_checkpoint(args.output_dir)
         raise TrainingFailed(
             "The GPU ran out of memory "
             f"(batch {args.per_device_train_batch_size}, gradient checkpointing "

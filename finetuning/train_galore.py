@@ -26,6 +26,7 @@ except common.SetupError as version_error:
 import torch  # noqa: E402
 from bitsandbytes.optim.optimizer import Optimizer2State  # noqa: E402
 from galore_torch import GaLoreAdamW8bit  # noqa: E402
+from galore_torch.galore_projector import GaLoreProjector  # noqa: E402
 from transformers import AutoModelForCausalLM, TrainingArguments  # noqa: E402
 from trl import SFTTrainer  # noqa: E402
 
@@ -91,6 +92,11 @@ class GaLoreAdamW8bitFixed(GaLoreAdamW8bit):
             torch.cuda.synchronize = synchronize
 
 
+# The optimizer state keeps a GaLoreProjector per weight (its rank, gap, scale and
+# projection matrix: plain values and a tensor). The Trainer reloads checkpoints with
+# torch.load(weights_only=True), which refuses any class not allowed here.
+torch.serialization.add_safe_globals([GaLoreProjector])
+
 TRAINING_DEFAULTS = dict(
     output_dir="outputs/galore",
     learning_rate=1e-5,
@@ -122,6 +128,8 @@ def main(argv: Sequence[str]) -> SFTTrainer:
     else:
         common.require_cuda("GaLore with 8-bit optimizer states (bitsandbytes)")
         torch.cuda.empty_cache()  # a notebook's earlier run may still hold cached blocks
+    resume_from = common.prepare_output_dir(training_args)
+    common.use_colab_token()
     precision = common.choose_precision(training_args, on_cpu=model_args.smoke)
     training_args = dataclasses.replace(training_args, bf16=precision.bf16, fp16=precision.fp16)
     logger.info("Environment: %s", common.environment_summary())
@@ -131,8 +139,8 @@ def main(argv: Sequence[str]) -> SFTTrainer:
     model_path = model_args.model_name_or_path
     if model_args.smoke:
         model_path = str(common.smoke_model(Path(training_args.output_dir).resolve(), records))
-    tokenizer = common.load_tokenizer(model_path)
-    model = load_model(model_path, precision, model_args.attn_implementation)
+    tokenizer = common.load_tokenizer(model_path, model_args.trust_remote_code)
+    model = load_model(model_path, precision, model_args.attn_implementation, model_args.trust_remote_code)
     common.use_chunked_loss(model)
     if precision.fp16:
         common.keep_residual_stream_in_fp32(model)
@@ -166,26 +174,31 @@ def main(argv: Sequence[str]) -> SFTTrainer:
             "max_seq_length": data_args.max_seq_length,
         },
     )
-    common.train(trainer, training_args.resume_from_checkpoint)
+    common.train(trainer, resume_from)
 
     # Save: the whole model (safetensors) and the tokenizer.
-    trainer.save_model(training_args.output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
-    logger.info("Saved the model and tokenizer to %s", training_args.output_dir)
+    final = common.save_final(trainer, tokenizer)
+    logger.info("Saved the model and tokenizer to %s", final)
     if model_args.smoke:
-        reloaded = AutoModelForCausalLM.from_pretrained(training_args.output_dir, dtype=torch.float32)
+        reloaded = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
         sample = common.generate_sample(reloaded, tokenizer, records[0])
         logger.info("Smoke run passed: the saved model loads and generates: %r", sample)
     return trainer
 
 
-def load_model(model_path: str, precision: common.Precision, attn_implementation: str):
+def load_model(
+    model_path: str, precision: common.Precision, attn_implementation: str, trust_remote_code: bool = False
+):
     # fp16 training keeps fp32 master weights (the loss scaler cannot unscale fp16
     # gradients); with bf16 the weights themselves are bf16, as GaLore's paper trains.
     dtype = torch.bfloat16 if precision.bf16 else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype, attn_implementation=attn_implementation
+            model_path,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # never unpickle weights: a .bin checkpoint can run arbitrary code
         )
     except (OSError, ValueError) as e:  # ValueError: a malformed hub id, or a folder with no config.json
         raise common.model_load_error(model_path, e) from e

@@ -93,6 +93,8 @@ def main(argv: Sequence[str]) -> SFTTrainer:
         training_args = common.apply_smoke_settings(training_args)
     else:
         common.require_cuda("QLoRA (bitsandbytes 4-bit layers and paged 8-bit AdamW)")
+    resume_from = common.prepare_output_dir(training_args)
+    common.use_colab_token()
     precision = common.choose_precision(training_args, on_cpu=model_args.smoke)
     training_args = dataclasses.replace(training_args, bf16=precision.bf16, fp16=precision.fp16)
     logger.info("Environment: %s", common.environment_summary())
@@ -102,8 +104,8 @@ def main(argv: Sequence[str]) -> SFTTrainer:
     model_path = model_args.model_name_or_path
     if model_args.smoke:
         model_path = str(common.smoke_model(Path(training_args.output_dir).resolve(), records))
-    tokenizer = common.load_tokenizer(model_path)
-    model = load_quantized_model(model_path, precision, model_args.attn_implementation)
+    tokenizer = common.load_tokenizer(model_path, model_args.trust_remote_code)
+    model = load_quantized_model(model_path, precision, model_args.attn_implementation, model_args.trust_remote_code)
     common.use_chunked_loss(model)
     if precision.fp16:
         common.keep_residual_stream_in_fp32(model)
@@ -131,20 +133,21 @@ def main(argv: Sequence[str]) -> SFTTrainer:
             "max_seq_length": data_args.max_seq_length,
         },
     )
-    common.train(trainer, training_args.resume_from_checkpoint)
+    common.train(trainer, resume_from)
 
     # Save: the adapter and the tokenizer; the base model stays where it came from.
-    trainer.save_model(training_args.output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
-    logger.info("Saved the LoRA adapter and tokenizer to %s", training_args.output_dir)
+    final = common.save_final(trainer, tokenizer)
+    logger.info("Saved the LoRA adapter and tokenizer to %s", final)
     if model_args.smoke:
-        reloaded = AutoPeftModelForCausalLM.from_pretrained(training_args.output_dir, dtype=torch.float32)
+        reloaded = AutoPeftModelForCausalLM.from_pretrained(final, dtype=torch.float32)
         sample = common.generate_sample(reloaded, tokenizer, records[0])
         logger.info("Smoke run passed: the saved adapter loads and generates: %r", sample)
     return trainer
 
 
-def load_quantized_model(model_path: str, precision: common.Precision, attn_implementation: str):
+def load_quantized_model(
+    model_path: str, precision: common.Precision, attn_implementation: str, trust_remote_code: bool = False
+):
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -163,6 +166,8 @@ def load_quantized_model(model_path: str, precision: common.Precision, attn_impl
             dtype=torch.float32 if precision.fp16 else precision.torch_dtype,
             device_map=device_map,
             attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # never unpickle weights: a .bin checkpoint can run arbitrary code
         )
     except (OSError, ValueError) as e:  # ValueError: a malformed hub id, or a folder with no config.json
         raise common.model_load_error(model_path, e) from e

@@ -47,8 +47,8 @@ def assert_one_bos_per_example(trainer):
 def test_qlora_saves_adapter_and_tokenizer(qlora_run):
     _, out = qlora_run
     for name in ("adapter_model.safetensors", "adapter_config.json", *TOKENIZER_FILES):
-        assert (out / name).is_file(), name
-    assert not (out / "model.safetensors").exists(), "only the adapter is saved, not the base model"
+        assert (out / "final" / name).is_file(), name
+    assert not (out / "final" / "model.safetensors").exists(), "only the adapter is saved, not the base model"
 
 
 def test_qlora_trains_the_requested_steps_with_finite_loss(qlora_run):
@@ -61,7 +61,7 @@ def test_qlora_trains_the_requested_steps_with_finite_loss(qlora_run):
 
 def test_qlora_adapter_learned_on_every_projection(qlora_run):
     _, out = qlora_run
-    weights = load_file(str(out / "adapter_model.safetensors"))
+    weights = load_file(str(out / "final" / "adapter_model.safetensors"))
     lora_b = {name: w for name, w in weights.items() if "lora_B" in name}
     assert {name.split(".lora_B")[0].rsplit(".", 1)[-1] for name in lora_b} == PROJECTIONS
     # peft initialises lora_B to zero: any non-zero value was learned
@@ -83,8 +83,8 @@ def test_qlora_adapter_reloads(qlora_run):
     from peft import AutoPeftModelForCausalLM
 
     trainer, out = qlora_run
-    model = AutoPeftModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
-    saved = load_file(str(out / "adapter_model.safetensors"))
+    model = AutoPeftModelForCausalLM.from_pretrained(str(out / "final"), dtype=torch.float32)
+    saved = load_file(str(out / "final" / "adapter_model.safetensors"))
     name, value = next((n, w) for n, w in saved.items() if "lora_B" in n)
     loaded = dict(model.named_parameters())[name.replace(".weight", ".default.weight")]
     torch.testing.assert_close(loaded, value)
@@ -97,7 +97,7 @@ def test_qlora_on_real_alpaca_data(alpaca_path, tmp_path):
     trainer = train_qlora.main(["--smoke", "--output_dir", str(tmp_path), "--dataset_name", str(alpaca_path),
                                 "--max_train_samples", "32"])
     assert len(trainer.train_dataset) == 32
-    assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
     logged = losses(trainer)
     assert len(logged) == 4 and all(math.isfinite(loss) for loss in logged)
     assert_one_bos_per_example(trainer)
@@ -123,7 +123,7 @@ def test_qlora_loss_falls_on_a_fixed_batch(tmp_path):
 def test_galore_saves_model_and_tokenizer(galore_run):
     _, out = galore_run
     for name in ("model.safetensors", "config.json", *TOKENIZER_FILES):
-        assert (out / name).is_file(), name
+        assert (out / "final" / name).is_file(), name
 
 
 def test_galore_trains_with_the_fixed_optimizer(galore_run):
@@ -140,7 +140,7 @@ def test_galore_trains_with_the_fixed_optimizer(galore_run):
 def test_galore_changed_every_weight(galore_run):
     _, out = galore_run
     before = load_file(str(out / "smoke_base_model" / "model.safetensors"))
-    after = load_file(str(out / "model.safetensors"))
+    after = load_file(str(out / "final" / "model.safetensors"))
     assert set(before) == set(after)
     unchanged = [name for name in before if torch.equal(before[name], after[name])]
     projected = [name for name in before if name.rsplit(".", 2)[-2] in PROJECTIONS]
@@ -153,8 +153,8 @@ def test_galore_model_reloads(galore_run):
     from transformers import AutoModelForCausalLM
 
     trainer, out = galore_run
-    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
-    saved = load_file(str(out / "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(str(out / "final"), dtype=torch.float32)
+    saved = load_file(str(out / "final" / "model.safetensors"))
     name = next(n for n in saved if n.endswith("q_proj.weight"))
     torch.testing.assert_close(dict(model.named_parameters())[name], saved[name])
     ids = trainer.tokenizer("<start_of_turn>user\nHi<end_of_turn>\n", return_tensors="pt")

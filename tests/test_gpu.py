@@ -52,7 +52,7 @@ def test_qlora_on_cuda(tiny_model_dir, tmp_path):
     four_bit = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) == 7 * trainer.model.config.num_hidden_layers
     assert all(m.weight.device.type == "cuda" for m in four_bit)
-    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    saved = load_file(str(tmp_path / "final" / "adapter_model.safetensors"))
     lora_b = [w for name, w in saved.items() if "lora_B" in name]
     assert lora_b and all(w.abs().max() > 0 for w in lora_b)
 
@@ -63,7 +63,7 @@ def test_galore_on_cuda(tiny_model_dir, tmp_path):
     finite_losses(trainer)
     assert next(trainer.model.parameters()).device.type == "cuda"
     before = load_file(str(tiny_model_dir / "model.safetensors"))
-    after = load_file(str(tmp_path / "model.safetensors"))
+    after = load_file(str(tmp_path / "final" / "model.safetensors"))
     for name, weight in after.items():
         if name.rsplit(".", 2)[-2] in PROJECTIONS:
             assert not torch.equal(weight.float(), before[name].to(weight.dtype).float()), f"{name} did not move"

@@ -57,7 +57,7 @@ def test_qlora_real_shapes_loss_falls_and_adapter_loads(real_shape_model, tmp_pa
     from peft import AutoPeftModelForCausalLM
 
     overfit(train_qlora, real_shape_model, tmp_path, 1e-3)
-    reloaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).to("cuda")
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "final", dtype=torch.bfloat16).to("cuda")
     assert any("lora_B" in name and p.abs().max() > 0 for name, p in reloaded.named_parameters())
 
 
@@ -68,7 +68,7 @@ def test_galore_real_shapes_projected_weights_change_and_model_loads(real_shape_
     trainer = overfit(train_galore, real_shape_model, tmp_path, 1e-4)
     assert any(isinstance(g.get("rank"), int) for g in trainer.optimizer.param_groups)
     before = AutoModelForCausalLM.from_pretrained(real_shape_model, dtype=torch.bfloat16)
-    after = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "final", dtype=torch.bfloat16)
     after_weights = dict(after.named_parameters())
     for name, weight in before.named_parameters():
         if name.endswith(".weight") and any(p in name for p in PROJECTED):

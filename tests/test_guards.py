@@ -42,6 +42,8 @@ def test_finite_training_is_untouched(tiny_model_dir, tiny_tokenizer, tmp_path):
 def test_out_of_memory_names_the_settings_and_the_checkpoint(tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch):
     trainer = tiny_trainer(tiny_model_dir, tiny_tokenizer, tmp_path)
     (tmp_path / "checkpoint-40").mkdir()
+    (tmp_path / "checkpoint-40" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-50").mkdir()  # cut off mid-save: no trainer_state.json
 
     def out_of_memory(**kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
@@ -53,6 +55,7 @@ def test_out_of_memory_names_the_settings_and_the_checkpoint(tiny_model_dir, tin
     for advice in ("--per_device_train_batch_size", "--max_seq_length", "--gradient_checkpointing",
                    "--auto_find_batch_size", "checkpoint-40"):
         assert advice in message
+    assert "checkpoint-50" not in message
     assert isinstance(error.value.__cause__, torch.OutOfMemoryError)
 
 
