@@ -172,6 +172,32 @@ class DataArguments:
     max_train_samples: Optional[int] = field(
         default=None, metadata={"help": "Train on the first N records only (for quick tries)."}
     )
+    data_format: str = field(
+        default="auto",
+        metadata={"help": "alpaca (instruction/input/output), chat (messages), sharegpt (conversations), text, "
+                  "or auto: told by the first record's fields."},
+    )
+    instruction_column: str = field(default="instruction", metadata={"help": "Column holding the instruction."})
+    input_column: str = field(default="input", metadata={"help": "Column holding the optional input."})
+    output_column: str = field(default="output", metadata={"help": "Column holding the answer."})
+    messages_column: str = field(default="messages", metadata={"help": "Column holding chat messages."})
+    text_column: str = field(default="text", metadata={"help": "Column holding plain training text."})
+    completion_only_loss: bool = field(
+        default=True,
+        metadata={"help": "Learn from the answers only (prompt tokens masked out of the loss). "
+                  "Off: learn the prompts too. Plain-text data has no prompt and always trains on everything."},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack several records into each --max_seq_length block (trl's ConstantLengthDataset). "
+                  "Needs --completion_only_loss false, and packed records attend to each other."},
+    )
+    eval_split_ratio: float = field(
+        default=0.0, metadata={"help": "Hold out this share of the records (e.g. 0.05) to measure eval loss and perplexity."}
+    )
+    eval_file: Optional[str] = field(
+        default=None, metadata={"help": "A separate file of evaluation records (same formats as --dataset_name)."}
+    )
 
     def __post_init__(self):
         if self.max_seq_length < 16:
@@ -179,8 +205,27 @@ class DataArguments:
                 f"--max_seq_length {self.max_seq_length} is too small: a prompt and an answer need at least "
                 "a few dozen tokens. Use 512 to 2048."
             )
+        if self.data_format not in DATA_FORMATS:
+            raise UserInputError(f"--data_format {self.data_format!r} is not one of {', '.join(DATA_FORMATS)}.")
+        if not 0 <= self.eval_split_ratio < 1:
+            raise UserInputError(f"--eval_split_ratio must be in [0, 1), got {self.eval_split_ratio}. Typical: 0.05.")
+        if self.eval_split_ratio and self.eval_file:
+            raise UserInputError("Give either --eval_split_ratio or --eval_file, not both.")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise UserInputError(f"--max_train_samples must be 1 or more, got {self.max_train_samples}.")
+
+
+@dataclass
+class ReportArguments:
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Load and format the data, show two examples with the masked part marked, token-length "
+                  "statistics and the effective batch size; load no model weights, train nothing."},
+    )
+    num_sample_prompts: int = field(
+        default=3, metadata={"help": "Prompts answered before and after training, written to samples.md (0: none)."}
+    )
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of each sample answer, in tokens."})
 
 
 # Flags users bring from older tutorials; transformers 4.46 renamed or removed them.
@@ -346,15 +391,61 @@ MODEL_TURN_START = "<start_of_turn>model\n"
 MODEL_TURN = MODEL_TURN_START + "{response}<end_of_turn>\n"
 
 
+DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "system": "system"}
+CHAT_ROLES = {"user": "user", "assistant": "assistant", "model": "assistant", "system": "system"}
+
+
 def load_records(data_args: DataArguments) -> "datasets.Dataset":
-    """The training records: the shipped default, a local file, or a hub data set; checked before returning."""
+    """The training records, checked and in one of three shapes the formatting function knows.
+
+    Alpaca records keep instruction/input/output; chat (`messages` of role/content) and
+    ShareGPT (`conversations` of from/value) become `messages` with user/assistant roles;
+    plain text stays `text`. Column names come from the --*_column flags.
+    """
+    import datasets
+
+    source = data_args.dataset_name or str(DEFAULT_DATASET_FILE)
+    records = _read_records(data_args)
+    records = [_rename_columns(record, data_args) for record in records]
+    data_format = detect_format(records, data_args.data_format, source)
+    if data_format == "alpaca":
+        validate_records(records, source)
+        columns = (INSTRUCTION_FIELD, INPUT_FIELD, OUTPUT_FIELD)
+    elif data_format in ("chat", "sharegpt"):
+        records = [{"messages": _normalise_conversation(r, i, source, data_format)} for i, r in enumerate(records)]
+        columns = ("messages",)
+    else:
+        for index, record in enumerate(records):
+            _require_string(record.get("text"), "text", index, source)
+        columns = ("text",)
+    # Columns named explicitly: from_list would take them from the first record alone.
+    dataset = datasets.Dataset.from_dict({name: [record.get(name) for record in records] for name in columns})
+    dataset = drop_empty_records(dataset, source)
+    if data_args.max_train_samples is not None:
+        dataset = dataset.select(range(min(data_args.max_train_samples, len(dataset))))
+    logger.info("Data: %d %s records from %s", len(dataset), data_format, source)
+    return dataset
+
+
+def _read_records(data_args: DataArguments) -> list[dict]:
     import datasets
 
     source = data_args.dataset_name
     if source is None:
-        dataset = _load_local_file(DEFAULT_DATASET_FILE)
-    elif Path(source).suffix.lower() in DATA_FILE_BUILDERS or Path(source).exists():
-        dataset = _load_local_file(Path(source))
+        return _read_json_records(DEFAULT_DATASET_FILE)
+    path = Path(source)
+    if path.suffix.lower() in DATA_FILE_BUILDERS or path.exists():
+        _check_local_file(path)
+        if path.suffix.lower() in (".json", ".jsonl"):
+            # Parsed here rather than by datasets' Arrow reader, whose errors name neither
+            # the line nor the field, and which fails on a number among strings.
+            return _read_json_records(path)
+        try:
+            dataset = datasets.load_dataset(DATA_FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+        except Exception as e:  # noqa: BLE001 - pyarrow and pandas raise many unrelated types for a bad file
+            raise UserInputError(f"--dataset_name: {path} could not be read as {path.suffix[1:]}: {e}") from e
     else:
         try:
             dataset = datasets.load_dataset(source, split=data_args.dataset_split)
@@ -364,35 +455,103 @@ def load_records(data_args: DataArguments) -> "datasets.Dataset":
                 f"hub ({type(e).__name__}: {e}). Give a path to a .json/.jsonl/.csv/.parquet file, or a hub id "
                 "such as yahma/alpaca-cleaned."
             ) from e
-    validate_records(dataset, source or str(DEFAULT_DATASET_FILE))
-    dataset = drop_empty_records(dataset, source or str(DEFAULT_DATASET_FILE))
-    if data_args.max_train_samples is not None:
-        dataset = dataset.select(range(min(data_args.max_train_samples, len(dataset))))
-    return dataset
+    if len(dataset) == 0:
+        raise UserInputError(f"The data set {source} holds no records.")
+    return dataset.to_list()
+
+
+def _rename_columns(record: dict, data_args: DataArguments) -> dict:
+    mapping = {
+        data_args.instruction_column: INSTRUCTION_FIELD,
+        data_args.input_column: INPUT_FIELD,
+        data_args.output_column: OUTPUT_FIELD,
+        data_args.messages_column: "messages",
+        data_args.text_column: "text",
+    }
+    return {mapping.get(key, key): value for key, value in record.items()}
+
+
+def detect_format(records: Sequence[Mapping[str, Any]], requested: str, source: str) -> str:
+    """The data format: the one asked for, or the one the first record's fields show."""
+    if not records:
+        raise UserInputError(f"The data set {source} holds no records.")
+    if requested != "auto":
+        return requested
+    fields = set(records[0])
+    if "messages" in fields:
+        return "chat"
+    if "conversations" in fields:
+        return "sharegpt"
+    if INSTRUCTION_FIELD in fields or OUTPUT_FIELD in fields:
+        return "alpaca"
+    if "text" in fields:
+        return "text"
+    raise UserInputError(
+        f"Record 0 of {source} has the fields {sorted(fields)}, which match no known format. Use "
+        "instruction/input/output (Alpaca), messages (chat), conversations (ShareGPT) or text; or name your "
+        "columns with --instruction_column, --input_column, --output_column, --messages_column or --text_column."
+    )
+
+
+def _normalise_conversation(record: Mapping[str, Any], index: int, source: str, data_format: str) -> list[dict]:
+    """user/assistant turns, alternating and starting with the user; a system message folded into the first user turn."""
+    key, role_key, content_key, roles = (
+        ("conversations", "from", "value", SHAREGPT_ROLES)
+        if data_format == "sharegpt"
+        else ("messages", "role", "content", CHAT_ROLES)
+    )
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise UserInputError(f"Record {index} of {source}: {key!r} must be a non-empty list of turns, got {turns!r:.80}.")
+    messages = []
+    for position, turn in enumerate(turns):
+        if not isinstance(turn, Mapping) or turn.get(role_key) not in roles:
+            raise UserInputError(
+                f"Record {index} of {source}: turn {position} of {key!r} needs {role_key!r} set to one of "
+                f"{sorted(roles)}, got {turn!r:.80}."
+            )
+        _require_string(turn.get(content_key), f"{key}[{position}].{content_key}", index, source)
+        messages.append({"role": roles[turn[role_key]], "content": turn[content_key]})
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"].strip(), messages[1:]
+        if messages and messages[0]["role"] == "user" and system:
+            messages[0] = {"role": "user", "content": f"{system}\n\n{messages[0]['content']}"}
+    expected = "user"
+    for position, message in enumerate(messages):
+        if message["role"] != expected:
+            raise UserInputError(
+                f"Record {index} of {source}: turns must alternate user/assistant starting with the user (after an "
+                f"optional system message); turn {position} is {message['role']!r}. Gemma's chat format has no other order."
+            )
+        expected = "assistant" if expected == "user" else "user"
+    if not any(message["role"] == "assistant" for message in messages):
+        raise UserInputError(f"Record {index} of {source}: the conversation has no assistant turn to learn from.")
+    return messages
 
 
 def drop_empty_records(dataset: "datasets.Dataset", source: str) -> "datasets.Dataset":
     """Real data sets hold a few records with a blank instruction or answer: skip them, say so, and fail if none are left."""
     keep, skipped = [], []
     for index, record in enumerate(dataset):
-        blank = not record[INSTRUCTION_FIELD].strip() or not record[OUTPUT_FIELD].strip()
+        if "messages" in record:
+            blank = any(not m["content"].strip() for m in record["messages"] if m["role"] == "assistant")
+        elif "text" in record:
+            blank = not record["text"].strip()
+        else:
+            blank = not record[INSTRUCTION_FIELD].strip() or not record[OUTPUT_FIELD].strip()
         (skipped if blank else keep).append(index)
     if not keep:
-        raise UserInputError(
-            f"Every record of {source} has an empty 'instruction' or 'output': nothing is left to train on."
-        )
+        raise UserInputError(f"Every record of {source} is blank (no instruction, answer or text): nothing is left to train on.")
     if skipped:
         logger.warning(
-            "Skipped %d record(s) of %s with an empty 'instruction' or 'output' (the first: record %d).",
+            "Skipped %d record(s) of %s with a blank instruction, answer or text (the first: record %d).",
             len(skipped), source, skipped[0],
         )
         dataset = dataset.select(keep)
     return dataset
 
 
-def _load_local_file(path: Path) -> "datasets.Dataset":
-    import datasets
-
+def _check_local_file(path: Path) -> None:
     suffix = path.suffix.lower()
     if not path.is_file():
         raise UserInputError(f"--dataset_name: the file {path} does not exist.")
@@ -402,20 +561,6 @@ def _load_local_file(path: Path) -> "datasets.Dataset":
         )
     if path.stat().st_size == 0:
         raise UserInputError(f"--dataset_name: {path} is empty; it needs instruction/input/output records.")
-    if suffix in (".json", ".jsonl"):
-        # Parsed and checked here rather than by datasets' Arrow reader, whose errors name
-        # neither the line nor the field. Columns are named explicitly: from_list takes
-        # them from the first record alone, dropping an 'input' that record 0 lacks.
-        records = _read_json_records(path)
-        validate_records(records, str(path))
-        return datasets.Dataset.from_dict(
-            {name: [record.get(name) for record in records] for name in (INSTRUCTION_FIELD, INPUT_FIELD, OUTPUT_FIELD)}
-        )
-    try:
-        dataset = datasets.load_dataset(DATA_FILE_BUILDERS[suffix], data_files=str(path), split="train")
-    except Exception as e:  # noqa: BLE001 - pyarrow and pandas raise many unrelated types for a bad file
-        raise UserInputError(f"--dataset_name: {path} could not be read as {suffix[1:]}: {e}") from e
-    return dataset
 
 
 def _read_json_records(path: Path) -> list[dict]:
@@ -447,7 +592,7 @@ def _read_json_records(path: Path) -> list[dict]:
 
 
 def validate_records(records: Iterable[Mapping[str, Any]], source: str) -> None:
-    """Every record has a non-empty string instruction and output, and a string (or absent) input."""
+    """Every record has a string instruction and output, and a string (or absent) input."""
     count = 0
     for index, record in enumerate(records):
         count += 1
@@ -456,7 +601,8 @@ def validate_records(records: Iterable[Mapping[str, Any]], source: str) -> None:
             if value is None:
                 raise UserInputError(
                     f"Record {index} of {source} has no {name!r} field (fields: {sorted(record)}). "
-                    "Each record needs 'instruction' and 'output', and may have 'input'."
+                    "Each record needs 'instruction' and 'output', and may have 'input'; "
+                    f"--{name}_column names a column of another name."
                 )
             _require_string(value, name, index, source)
         if record.get(INPUT_FIELD) is not None:
@@ -474,7 +620,14 @@ def _require_string(value: Any, name: str, index: int, source: str) -> None:
 
 
 def format_prompt(record: Mapping[str, Any]) -> str:
-    """The user turn and the opening of the model turn: what generation starts from."""
+    """What generation starts from: the conversation up to the last answer, and the opening of the model turn."""
+    if "messages" in record:
+        messages = list(record["messages"])
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        return render_messages(messages) + MODEL_TURN_START
+    if "text" in record:
+        return record["text"][: max(1, len(record["text"]) // 2)]
     return USER_TURN.format(prompt=_prompt_text(record)) + MODEL_TURN_START
 
 
@@ -489,6 +642,28 @@ def _prompt_text(record: Mapping[str, Any]) -> str:
     return f"{prompt}\n\n{extra}" if extra else prompt
 
 
+def render_messages(messages: Sequence[Mapping[str, str]]) -> str:
+    """A conversation of alternating user/assistant turns in Gemma's chat format, without <bos>.
+
+    The same text as Gemma's chat template (tests check it against the tokenizer's);
+    rendered here so the formatting function needs no tokenizer.
+    """
+    turns = []
+    for message in messages:
+        role = "model" if message["role"] == "assistant" else message["role"]
+        turns.append(f"<start_of_turn>{role}\n{message['content'].strip()}<end_of_turn>\n")
+    return "".join(turns)
+
+
+def format_example(record: Mapping[str, Any]) -> str:
+    """One record of any of the three shapes load_records makes, as training text."""
+    if "messages" in record:
+        return render_messages(record["messages"])
+    if "text" in record:
+        return record["text"].removeprefix("<bos>")  # the tokenizer adds <bos> itself
+    return format_record(record)
+
+
 def formatting_func(examples: Mapping[str, Any]) -> "list[str] | str":
     """SFTTrainer's formatting function, for both ways trl 0.8.6 calls it.
 
@@ -496,14 +671,14 @@ def formatting_func(examples: Mapping[str, Any]) -> "list[str] | str":
     of strings back. Packed (ConstantLengthDataset), it passes one record and
     expects one string.
     """
-    instructions = examples[INSTRUCTION_FIELD]
-    if isinstance(instructions, str):
-        return format_record(examples)
-    inputs = examples.get(INPUT_FIELD) or [None] * len(instructions)
-    return [
-        format_record({INSTRUCTION_FIELD: i, INPUT_FIELD: x, OUTPUT_FIELD: o})
-        for i, x, o in zip(instructions, inputs, examples[OUTPUT_FIELD])
-    ]
+    first_column = next(iter(examples.values()))
+    if not isinstance(first_column, list) or (
+        "messages" in examples and (not first_column or isinstance(first_column[0], Mapping))
+    ):
+        return format_example(examples)
+    count = len(first_column)
+    rows = [{key: (values[i] if values is not None else None) for key, values in examples.items()} for i in range(count)]
+    return [format_example(row) for row in rows]
 
 
 # ---------------------------------------------------------------------------
@@ -612,11 +787,20 @@ def run_cli(main: Callable[[Sequence[str]], Any], argv: Optional[Sequence[str]] 
 # ---------------------------------------------------------------------------
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+# Gemma's chat format for the tiny tokenizer: user and model turns, a system message
+# folded into the first user turn, roles that must alternate.
 GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set prefix = messages[0]['content'] | trim + '\n\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
     "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
 
@@ -700,7 +884,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> "transformers.PreT
 
 def smoke_model(output_dir: Path, records: "datasets.Dataset") -> Path:
     """Build the tiny model for a smoke run, with its tokenizer trained on the run's own data."""
-    texts = [format_record(record) for record in records]
+    texts = [format_example(record) for record in records]
     return build_random_gemma(Path(output_dir) / "smoke_base_model", texts)
 
 
@@ -714,6 +898,7 @@ SMOKE_DEFAULTS = dict(
     max_train_samples=64,
     max_seq_length=256,
     overwrite_output_dir=True,  # a smoke run is a check: the next one replaces it
+    sample_max_new_tokens=8,
 )
 
 
@@ -981,29 +1166,36 @@ def prepare_output_dir(training_args) -> Optional[str]:
 
 
 def save_final(trainer, tokenizer) -> Path:
-    """Write the trained model and tokenizer to OUTPUT_DIR/final, all or nothing.
+    """Write the trained model (or adapter) and the tokenizer to OUTPUT_DIR/final, all or nothing."""
 
-    They go to a temporary folder first, renamed into place once complete: a run cut
-    off while saving leaves no half-written model where a user would load one.
+    def write(folder: Path) -> None:
+        trainer.save_model(str(folder))
+        tokenizer.save_pretrained(str(folder))
+
+    return write_atomically(Path(trainer.args.output_dir) / FINAL_DIR, write)
+
+
+def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+    """Have `write` fill a temporary folder, then rename it to `final`.
+
+    A run cut off while saving (a Colab disconnect, a full disk) leaves no
+    half-written model where a user would load one.
     """
     import shutil
 
-    output_dir = Path(trainer.args.output_dir)
-    final = output_dir / FINAL_DIR
-    partial = output_dir / f".{FINAL_DIR}.partial"
+    partial = final.parent / f".{final.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        trainer.save_model(str(partial))
-        tokenizer.save_pretrained(str(partial))
+        write(partial)
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
     except OSError as e:
         shutil.rmtree(partial, ignore_errors=True)
         raise TrainingFailed(
-            f"Saving the final model to {final} failed: {e}. Nothing half-written was left there.\n"
+            f"Saving to {final} failed: {e}. Nothing half-written was left there.\n"
             "Free disk space (or choose an --output_dir on a bigger disk), then resume with "
-            f"--resume_from_checkpoint {latest_complete_checkpoint(output_dir) or 'latest'}."
+            f"--resume_from_checkpoint {latest_complete_checkpoint(final.parent) or 'latest'}."
         ) from e
     return final
 
@@ -1071,3 +1263,332 @@ def train(trainer, resume_from_checkpoint=None):
                 else "No checkpoint was saved yet; the run starts over."
             )
         ) from e
+
+
+# ---------------------------------------------------------------------------
+# Data preparation around SFTTrainer: eval split, response-only loss, length checks
+# ---------------------------------------------------------------------------
+
+
+def load_train_and_eval(data_args: DataArguments, seed: int):
+    """The training records and, where asked for, the evaluation records (a held-out share or a file)."""
+    records = load_records(data_args)
+    if data_args.eval_file:
+        eval_args = dataclasses.replace(data_args, dataset_name=data_args.eval_file, max_train_samples=None)
+        return records, load_records(eval_args)
+    if data_args.eval_split_ratio:
+        if len(records) < 2:
+            raise UserInputError("--eval_split_ratio needs at least 2 records to split.")
+        split = records.train_test_split(test_size=data_args.eval_split_ratio, seed=seed)
+        logger.info("Held out %d of %d records for evaluation.", len(split["test"]), len(records))
+        return split["train"], split["test"]
+    return records, None
+
+
+def is_plain_text(records) -> bool:
+    return "text" in records.column_names
+
+
+def completion_only_collator(tokenizer, data_args: DataArguments, records):
+    """trl's collator that masks everything but the model turns, or None where the whole text trains.
+
+    The templates are Gemma's turn openings; every token after `<start_of_turn>model`
+    up to the next `<start_of_turn>user` is learnt, so multi-turn chats learn every answer.
+    """
+    from trl import DataCollatorForCompletionOnlyLM
+
+    if not data_args.completion_only_loss or is_plain_text(records):
+        if data_args.completion_only_loss:
+            logger.info("Plain-text data has no prompt to mask: the loss covers every token.")
+        return None
+    if data_args.packing:
+        raise UserInputError(
+            "--packing cannot be combined with the response-only loss: trl 0.8.6 packs records into fixed-length "
+            "blocks that cut through prompts and answers, and its response-only collator cannot mask them reliably. "
+            "Choose one: --packing with --completion_only_loss false, or no --packing."
+        )
+    return DataCollatorForCompletionOnlyLM(
+        response_template=tokenizer.encode(MODEL_TURN_START, add_special_tokens=False),
+        instruction_template=tokenizer.encode(USER_TURN.split("{")[0], add_special_tokens=False),
+        tokenizer=tokenizer,
+    )
+
+
+def token_lengths(records, tokenizer) -> list[int]:
+    texts = [format_example(record) for record in records]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+
+def check_lengths(records, tokenizer, max_seq_length: int, source: str) -> list[int]:
+    """Stop when every record is longer than --max_seq_length; warn how many will be cut otherwise."""
+    lengths = token_lengths(records, tokenizer)
+    too_long = sum(length > max_seq_length for length in lengths)
+    if too_long == len(lengths):
+        raise UserInputError(
+            f"Every record of {source} is longer than --max_seq_length {max_seq_length} tokens (the shortest has "
+            f"{min(lengths)}): each would be cut, most answers lost. Raise --max_seq_length "
+            f"(e.g. --max_seq_length {_round_up(min(lengths))}) or shorten the records."
+        )
+    if too_long:
+        logger.warning(
+            "%d of %d records are longer than --max_seq_length %d tokens and will be cut.",
+            too_long, len(lengths), max_seq_length,
+        )
+    return lengths
+
+
+def _round_up(length: int) -> int:
+    return 1 << max(length - 1, 1).bit_length()
+
+
+def check_trainable_labels(tokenized, collator, source: str) -> None:
+    """After tokenization: every example must keep some answer tokens, or training would see a zero loss."""
+    if collator is None:
+        return
+    template = list(collator.response_token_ids)
+    width = len(template)
+    without = 0
+    for ids in tokenized["input_ids"]:
+        starts = [i for i in range(len(ids) - width) if ids[i : i + width] == template]
+        if not starts:  # the answer was cut off (or there is none): every label would be masked
+            without += 1
+    if without == len(tokenized):
+        raise UserInputError(
+            f"In every example of {source} the answer lies past --max_seq_length (or is missing), so the "
+            "response-only loss would mask every token and train on nothing. Raise --max_seq_length, shorten the "
+            "prompts, or learn the whole text with --completion_only_loss false."
+        )
+    if without:
+        logger.warning(
+            "%d of %d examples lose their whole answer to --max_seq_length and will teach nothing.",
+            without, len(tokenized),
+        )
+
+
+def dry_run_report(records, tokenizer, collator, data_args: DataArguments, training_args) -> dict:
+    """What training would see, without loading the model: logged, and returned for tests."""
+    import statistics
+
+    lengths = token_lengths(records, tokenizer)
+    ordered = sorted(lengths)
+    stats = {
+        "records": len(lengths),
+        "min": ordered[0],
+        "median": int(statistics.median(ordered)),
+        "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        "max": ordered[-1],
+        "longer_than_max_seq_length": sum(length > data_args.max_seq_length for length in lengths),
+        "effective_batch_size": training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * max(1, training_args.world_size),
+    }
+    examples = [render_with_mask(record, tokenizer, collator, data_args.max_seq_length) for record in records.select(range(min(2, len(records))))]
+    logger.info(
+        "Dry run (no model loaded):\n%s\n"
+        "Token lengths: min %d, median %d, 95th percentile %d, max %d; %d of %d records longer than "
+        "--max_seq_length %d.\nEffective batch size: %d.",
+        "\n".join(f"--- example {i} ({'⟦masked⟧ = not learnt' if collator else 'every token learnt'}) ---\n{text}"
+                  for i, text in enumerate(examples)),
+        stats["min"], stats["median"], stats["p95"], stats["max"], stats["longer_than_max_seq_length"],
+        stats["records"], data_args.max_seq_length, stats["effective_batch_size"],
+    )
+    return {**stats, "examples": examples}
+
+
+def render_with_mask(record, tokenizer, collator, max_seq_length: int) -> str:
+    """The example as the model sees it, with the tokens left out of the loss inside ⟦ ⟧."""
+    ids = tokenizer(format_example(record), truncation=True, max_length=max_seq_length)["input_ids"]
+    if collator is None:
+        return tokenizer.decode(ids)
+    labels = collator([{"input_ids": ids}])["labels"][0].tolist()
+    pieces, run, masked = [], [], None
+    for token, label in zip(ids, labels):
+        is_masked = label == -100
+        if masked is not None and is_masked != masked:
+            pieces.append((masked, run))
+            run = []
+        run.append(token)
+        masked = is_masked
+    pieces.append((masked, run))
+    return "".join(f"⟦{tokenizer.decode(run)}⟧" if is_masked else tokenizer.decode(run) for is_masked, run in pieces)
+
+
+# ---------------------------------------------------------------------------
+# Results to look at: samples, metrics, the loss curve
+# ---------------------------------------------------------------------------
+
+
+def generate_samples(model, tokenizer, records, count: int, max_new_tokens: int) -> list[dict]:
+    """Greedy answers to the first `count` prompts: written to samples.md before and after training."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    samples = []
+    for record in records.select(range(min(count, len(records)))):
+        prompt = format_prompt(record)
+        inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+        with torch.no_grad():
+            output = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+            )
+        answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        samples.append({"prompt": prompt, "answer": answer})
+    model.train(was_training)
+    return samples
+
+
+def write_reports(trainer, eval_records, samples_before: list[dict], samples_after: list[dict]) -> dict:
+    """metrics.json, loss_curve.png and samples.md in the output directory; returns the metrics."""
+    output_dir = Path(trainer.args.output_dir)
+    metrics = {key: value for key, value in trainer.state.log_history[-1].items() if key.startswith("train_")}
+    if eval_records is not None:
+        evaluation = trainer.evaluate()
+        metrics.update(evaluation)
+        metrics["eval_perplexity"] = math.exp(min(evaluation["eval_loss"], 50.0))
+        logger.info("Eval loss %.4f, perplexity %.2f", evaluation["eval_loss"], metrics["eval_perplexity"])
+    metrics["global_step"] = trainer.state.global_step
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png")
+    if samples_after:
+        lines = ["# Samples: the same prompts before and after training (greedy decoding)\n"]
+        for index, (before, after) in enumerate(zip(samples_before, samples_after)):
+            lines += [
+                f"## Prompt {index}\n", "```", before["prompt"].rstrip(), "```\n",
+                "**Before:**\n", "```", before["answer"], "```\n", "**After:**\n", "```", after["answer"], "```\n",
+            ]
+        (output_dir / "samples.md").write_text("\n".join(lines))
+    return metrics
+
+
+def plot_loss_curve(log_history: Sequence[Mapping[str, Any]], path: Path) -> bool:
+    """Train (and eval) loss against the step, as a PNG; False where matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on Colab's workers or in CI
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed: no loss_curve.png (pip install matplotlib).")
+        return False
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evaluation = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    if train:
+        axes.plot(*zip(*train), label="train loss")
+    if evaluation:
+        axes.plot(*zip(*evaluation), "o-", label="eval loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def default_report_to() -> str:
+    """TensorBoard logs where tensorboard is installed (Colab has it), none otherwise."""
+    from importlib.util import find_spec
+
+    return "tensorboard" if find_spec("tensorboard") is not None else "none"
+
+
+# ---------------------------------------------------------------------------
+# The steps both scripts take around their own model and optimizer
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Everything a script has settled before its model loads."""
+
+    model_args: ModelArguments
+    data_args: DataArguments
+    report_args: ReportArguments
+    training_args: Any
+    script_args: Any
+    precision: Precision
+    resume_from: Optional[str]
+    records: Any
+    eval_records: Any
+    model_path: str
+    tokenizer: Any
+    collator: Any
+
+
+def prepare_run(script_arguments: type, argv: Sequence[str], defaults: Mapping[str, Any], gpu_feature: str) -> Run:
+    """Parse and check every input, load data and tokenizer: all that can fail before the model costs anything."""
+    from transformers import TrainingArguments
+
+    model_args, data_args, report_args, script_args, training_args = parse_arguments(
+        (ModelArguments, DataArguments, ReportArguments, script_arguments, TrainingArguments),
+        argv,
+        {"report_to": default_report_to(), **defaults},
+    )
+    check_training_arguments(training_args)
+    if model_args.smoke:
+        training_args = apply_smoke_settings(training_args)
+    elif not report_args.dry_run:
+        require_cuda(gpu_feature)
+    resume_from = None if report_args.dry_run else prepare_output_dir(training_args)
+    use_colab_token()
+    precision = choose_precision(training_args, on_cpu=model_args.smoke or report_args.dry_run)
+    training_args = dataclasses.replace(training_args, bf16=precision.bf16, fp16=precision.fp16)
+    if training_args.eval_strategy == "no" and (data_args.eval_split_ratio or data_args.eval_file):
+        logger.info("Evaluation data given and --eval_strategy no: evaluating once, after training.")
+    logger.info("Environment: %s", environment_summary())
+
+    # Data first: a bad record should not cost a model download.
+    records, eval_records = load_train_and_eval(data_args, training_args.seed)
+    model_path = model_args.model_name_or_path
+    if model_args.smoke:
+        model_path = str(smoke_model(Path(training_args.output_dir).resolve(), records))
+    tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
+    collator = completion_only_collator(tokenizer, data_args, records)
+    source = data_args.dataset_name or str(DEFAULT_DATASET_FILE)
+    if report_args.dry_run:
+        dry_run_report(records, tokenizer, collator, data_args, training_args)
+    else:
+        check_lengths(records, tokenizer, data_args.max_seq_length, source)
+    return Run(model_args, data_args, report_args, training_args, script_args, precision, resume_from, records,
+               eval_records, model_path, tokenizer, collator)
+
+
+def sft_inputs(run: Run) -> dict:
+    """SFTTrainer's data arguments, the same for both scripts."""
+    return dict(
+        args=run.training_args,
+        train_dataset=run.records,
+        eval_dataset=run.eval_records,
+        tokenizer=run.tokenizer,
+        formatting_func=formatting_func,
+        max_seq_length=run.data_args.max_seq_length,
+        packing=run.data_args.packing,
+        data_collator=run.collator,
+    )
+
+
+def prepare_numerics(model, precision: Precision) -> None:
+    """The chunked loss everywhere; the fp32 residual stream where training runs in fp16."""
+    use_chunked_loss(model)
+    if precision.fp16:
+        keep_residual_stream_in_fp32(model)
+
+
+def train_and_save(trainer, run: Run) -> Path:
+    """Samples before, training with the guards, the final save, samples after, metrics and the loss curve."""
+    source = run.data_args.dataset_name or str(DEFAULT_DATASET_FILE)
+    if not run.data_args.packing:
+        check_trainable_labels(trainer.train_dataset, run.collator, source)
+    count, length = run.report_args.num_sample_prompts, run.report_args.sample_max_new_tokens
+    sample_records = run.eval_records if run.eval_records is not None else run.records
+    before = generate_samples(trainer.model, run.tokenizer, sample_records, count, length) if count else []
+    train(trainer, run.resume_from)
+    final = save_final(trainer, run.tokenizer)
+    after = generate_samples(trainer.model, run.tokenizer, sample_records, count, length) if count else []
+    write_reports(trainer, run.eval_records, before, after)
+    logger.info("Saved to %s; metrics.json, loss_curve.png and samples.md in %s", final, trainer.args.output_dir)
+    return final

@@ -9,12 +9,10 @@ finetune fits a 16 GB T4. Every TrainingArguments flag works; --help lists them 
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import common
 
@@ -27,7 +25,7 @@ import torch  # noqa: E402
 from bitsandbytes.optim.optimizer import Optimizer2State  # noqa: E402
 from galore_torch import GaLoreAdamW8bit  # noqa: E402
 from galore_torch.galore_projector import GaLoreProjector  # noqa: E402
-from transformers import AutoModelForCausalLM, TrainingArguments  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 from trl import SFTTrainer  # noqa: E402
 
 logger = logging.getLogger("finetuning.galore")
@@ -117,71 +115,51 @@ TRAINING_DEFAULTS = dict(
 )
 
 
-def main(argv: Sequence[str]) -> SFTTrainer:
-    model_args, data_args, galore_args, training_args = common.parse_arguments(
-        (common.ModelArguments, common.DataArguments, GaloreArguments, TrainingArguments), argv, TRAINING_DEFAULTS
-    )
-    common.check_training_arguments(training_args)
-    if model_args.smoke:
-        training_args = common.apply_smoke_settings(training_args)
+def main(argv: Sequence[str]) -> Optional[SFTTrainer]:
+    # Load: every input checked, data and tokenizer first; the model only once all of it passed.
+    run = common.prepare_run(GaloreArguments, argv, TRAINING_DEFAULTS, "GaLore with 8-bit optimizer states (bitsandbytes)")
+    if run.report_args.dry_run:
+        return None
+    galore_args = run.script_args
+    if run.model_args.smoke:
         galore_args.galore_rank = min(galore_args.galore_rank, 8)  # the tiny model's layers are 64 wide
     else:
-        common.require_cuda("GaLore with 8-bit optimizer states (bitsandbytes)")
         torch.cuda.empty_cache()  # a notebook's earlier run may still hold cached blocks
-    resume_from = common.prepare_output_dir(training_args)
-    common.use_colab_token()
-    precision = common.choose_precision(training_args, on_cpu=model_args.smoke)
-    training_args = dataclasses.replace(training_args, bf16=precision.bf16, fp16=precision.fp16)
-    logger.info("Environment: %s", common.environment_summary())
-
-    # Load
-    records = common.load_records(data_args)
-    model_path = model_args.model_name_or_path
-    if model_args.smoke:
-        model_path = str(common.smoke_model(Path(training_args.output_dir).resolve(), records))
-    tokenizer = common.load_tokenizer(model_path, model_args.trust_remote_code)
-    model = load_model(model_path, precision, model_args.attn_implementation, model_args.trust_remote_code)
-    common.use_chunked_loss(model)
-    if precision.fp16:
-        common.keep_residual_stream_in_fp32(model)
-    optimizer = build_optimizer(model, galore_args, training_args)
+    model = load_model(run.model_path, run.precision, run.model_args.attn_implementation,
+                       run.model_args.trust_remote_code)
+    common.prepare_numerics(model, run.precision)
+    optimizer = build_optimizer(model, galore_args, run.training_args)
 
     # Format and train
     trainer = SFTTrainer(
         model=model,
-        args=training_args,
-        train_dataset=records,
-        tokenizer=tokenizer,
-        formatting_func=common.formatting_func,
-        max_seq_length=data_args.max_seq_length,
-        packing=False,
         optimizers=(optimizer, None),  # the scheduler is built by the Trainer from --lr_scheduler_type
+        **common.sft_inputs(run),
     )
     galore_weights = sum(p.numel() for p in optimizer.param_groups[0]["params"])
     common.log_settings(
         "GaLore",
-        training_args,
-        precision,
+        run.training_args,
+        run.precision,
         model,
         {
             "optimizer": "GaLoreAdamW8bit (galore-torch, bitsandbytes 8-bit states)",
             "GaLore": f"rank={galore_args.galore_rank}, update_proj_gap={galore_args.galore_update_proj_gap}, "
             f"scale={galore_args.galore_scale}, proj_type={galore_args.galore_proj_type}, "
             f"{galore_weights:,} weights projected ({galore_args.galore_target_modules})",
-            "weights": f"{precision.torch_dtype}".split(".")[-1]
-            + (" master weights with fp16 autocast" if precision.fp16 else ""),
-            "records": len(records),
-            "max_seq_length": data_args.max_seq_length,
+            "weights": f"{run.precision.torch_dtype}".replace("torch.", "")
+            + (" master weights with fp16 autocast" if run.precision.fp16 else ""),
+            "loss": "answers only" if run.collator else "every token",
+            "records": f"{len(run.records)} train" + (f", {len(run.eval_records)} eval" if run.eval_records else ""),
+            "max_seq_length": run.data_args.max_seq_length,
         },
     )
-    common.train(trainer, resume_from)
 
     # Save: the whole model (safetensors) and the tokenizer.
-    final = common.save_final(trainer, tokenizer)
-    logger.info("Saved the model and tokenizer to %s", final)
-    if model_args.smoke:
+    final = common.train_and_save(trainer, run)
+    if run.model_args.smoke:
         reloaded = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
-        sample = common.generate_sample(reloaded, tokenizer, records[0])
+        sample = common.generate_sample(reloaded, run.tokenizer, run.records[0])
         logger.info("Smoke run passed: the saved model loads and generates: %r", sample)
     return trainer
 

@@ -9,12 +9,11 @@ argument supplies flags, and flags after it override them.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import common
 
@@ -25,7 +24,7 @@ except common.SetupError as version_error:
 
 import torch  # noqa: E402
 from peft import AutoPeftModelForCausalLM, LoraConfig  # noqa: E402
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainingArguments  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
 from trl import SFTTrainer  # noqa: E402
 
 logger = logging.getLogger("finetuning.qlora")
@@ -39,6 +38,10 @@ class LoraArguments:
     lora_target_modules: str = field(
         default="all-linear",
         metadata={"help": "'all-linear' (every projection, as QLoRA's paper), or comma-separated module names."},
+    )
+    merge: bool = field(
+        default=False,
+        metadata={"help": "Also write OUTPUT_DIR/merged: the adapter merged into a 16-bit base, loadable without peft."},
     )
 
     def __post_init__(self):
@@ -84,65 +87,61 @@ TRAINING_DEFAULTS = dict(
 )
 
 
-def main(argv: Sequence[str]) -> SFTTrainer:
-    model_args, data_args, lora_args, training_args = common.parse_arguments(
-        (common.ModelArguments, common.DataArguments, LoraArguments, TrainingArguments), argv, TRAINING_DEFAULTS
-    )
-    common.check_training_arguments(training_args)
-    if model_args.smoke:
-        training_args = common.apply_smoke_settings(training_args)
-    else:
-        common.require_cuda("QLoRA (bitsandbytes 4-bit layers and paged 8-bit AdamW)")
-    resume_from = common.prepare_output_dir(training_args)
-    common.use_colab_token()
-    precision = common.choose_precision(training_args, on_cpu=model_args.smoke)
-    training_args = dataclasses.replace(training_args, bf16=precision.bf16, fp16=precision.fp16)
-    logger.info("Environment: %s", common.environment_summary())
-
-    # Load: data first, since a bad record should not cost a model download.
-    records = common.load_records(data_args)
-    model_path = model_args.model_name_or_path
-    if model_args.smoke:
-        model_path = str(common.smoke_model(Path(training_args.output_dir).resolve(), records))
-    tokenizer = common.load_tokenizer(model_path, model_args.trust_remote_code)
-    model = load_quantized_model(model_path, precision, model_args.attn_implementation, model_args.trust_remote_code)
-    common.use_chunked_loss(model)
-    if precision.fp16:
-        common.keep_residual_stream_in_fp32(model)
+def main(argv: Sequence[str]) -> Optional[SFTTrainer]:
+    # Load: every input checked, data and tokenizer first; the 4-bit model only once all of it passed.
+    run = common.prepare_run(LoraArguments, argv, TRAINING_DEFAULTS, "QLoRA (bitsandbytes 4-bit layers and paged 8-bit AdamW)")
+    if run.report_args.dry_run:
+        return None
+    lora_args = run.script_args
+    model = load_quantized_model(run.model_path, run.precision, run.model_args.attn_implementation,
+                                 run.model_args.trust_remote_code)
+    common.prepare_numerics(model, run.precision)
 
     # Format and train: SFTTrainer formats, tokenizes, wraps the model in LoRA and trains.
-    trainer = SFTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=records,
-        tokenizer=tokenizer,
-        peft_config=lora_args.peft_config(),
-        formatting_func=common.formatting_func,
-        max_seq_length=data_args.max_seq_length,
-        packing=False,
-    )
+    trainer = SFTTrainer(model=model, peft_config=lora_args.peft_config(), **common.sft_inputs(run))
     common.log_settings(
         "QLoRA",
-        training_args,
-        precision,
+        run.training_args,
+        run.precision,
         trainer.model,
         {
-            "base weights": "NF4 4-bit, double quantization, compute in " + str(precision.torch_dtype).split(".")[-1],
+            "base weights": f"NF4 4-bit, double quantization, compute in {run.precision.torch_dtype}".replace("torch.", ""),
             "LoRA": f"r={lora_args.lora_r}, alpha={lora_args.lora_alpha}, targets={lora_args.lora_target_modules}",
-            "records": len(records),
-            "max_seq_length": data_args.max_seq_length,
+            "loss": "answers only" if run.collator else "every token",
+            "records": f"{len(run.records)} train" + (f", {len(run.eval_records)} eval" if run.eval_records else ""),
+            "max_seq_length": run.data_args.max_seq_length,
         },
     )
-    common.train(trainer, resume_from)
 
-    # Save: the adapter and the tokenizer; the base model stays where it came from.
-    final = common.save_final(trainer, tokenizer)
-    logger.info("Saved the LoRA adapter and tokenizer to %s", final)
-    if model_args.smoke:
+    # Save: the adapter and the tokenizer (the base model stays where it came from); merged on request.
+    final = common.train_and_save(trainer, run)
+    if lora_args.merge:
+        merged = merge_adapter(final, run.precision)
+        logger.info("Merged the adapter into a 16-bit copy of the base model: %s", merged)
+    if run.model_args.smoke:
         reloaded = AutoPeftModelForCausalLM.from_pretrained(final, dtype=torch.float32)
-        sample = common.generate_sample(reloaded, tokenizer, records[0])
+        sample = common.generate_sample(reloaded, run.tokenizer, run.records[0])
         logger.info("Smoke run passed: the saved adapter loads and generates: %r", sample)
     return trainer
+
+
+def merge_adapter(adapter_dir: Path, precision: common.Precision) -> Path:
+    """OUTPUT_DIR/merged: the adapter merged into a 16-bit base model, loadable without peft.
+
+    The base is loaded again in 16 bits (on the CPU, so the GPU's memory is not
+    needed): merging into the 4-bit weights would round the update away and
+    leave a model only bitsandbytes can load.
+    """
+    dtype = torch.bfloat16 if precision.bf16 or precision.name == "fp32" else torch.float16
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=dtype, device_map={"": "cpu"})
+    merged_model = model.merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+
+    def write(folder: Path) -> None:
+        merged_model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    return common.write_atomically(adapter_dir.parent / "merged", write)
 
 
 def load_quantized_model(

@@ -53,13 +53,13 @@ def test_renamed_flag_names_the_new_one(arg, parse):
 
 @pytest.mark.parametrize("module", SCRIPTS, ids=ids)
 def test_training_arguments_flags(module, parse):
-    _, _, _, training = parse(module, ["--per_device_train_batch_size", "3", "--learning_rate", "1e-4"])
+    _, _, _, _, training = parse(module, ["--per_device_train_batch_size", "3", "--learning_rate", "1e-4"])
     assert training.per_device_train_batch_size == 3
     assert training.learning_rate == 1e-4
 
 
 def test_qlora_defaults(parse):
-    model, data, lora, training = parse(train_qlora, [])
+    model, data, _, lora, training = parse(train_qlora, [])
     assert training.optim == "paged_adamw_8bit"
     assert training.gradient_checkpointing is True
     assert training.gradient_checkpointing_kwargs == {"use_reentrant": False}
@@ -70,7 +70,7 @@ def test_qlora_defaults(parse):
 
 
 def test_galore_defaults(parse):
-    _, _, galore, training = parse(train_galore, [])
+    _, _, _, galore, training = parse(train_galore, [])
     assert training.per_device_train_batch_size == 1
     assert training.gradient_accumulation_steps == 8
     assert training.learning_rate == 1e-5
@@ -80,7 +80,7 @@ def test_galore_defaults(parse):
 
 @pytest.mark.parametrize("module", SCRIPTS, ids=ids)
 def test_smoke_defaults(module, parse):
-    _, data, _, training = parse(module, ["--smoke"])
+    _, data, _, _, training = parse(module, ["--smoke"])
     assert (training.max_steps, training.per_device_train_batch_size, training.logging_steps) == (4, 2, 1)
     assert training.gradient_checkpointing is False
     assert data.max_train_samples == 64
@@ -90,7 +90,7 @@ def test_smoke_defaults(module, parse):
 def test_smoke_keeps_what_the_user_set(module, parse):
     argv = ["--smoke", "--max_steps", "30", "--per_device_train_batch_size", "8", "--max_train_samples", "8",
             "--logging_steps", "5"]
-    _, data, _, training = parse(module, argv)
+    _, data, _, _, training = parse(module, argv)
     assert (training.max_steps, training.per_device_train_batch_size, training.logging_steps) == (30, 8, 5)
     assert data.max_train_samples == 8
 
@@ -99,7 +99,7 @@ def test_json_config_with_override(parse, tmp_path):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"lora_r": 4, "learning_rate": 3e-4, "max_steps": 7, "report_to": ["none"],
                                   "gradient_checkpointing_kwargs": {"use_reentrant": True}}))
-    _, _, lora, training = parse(train_qlora, [str(config), "--lora_r", "8"])
+    _, _, _, lora, training = parse(train_qlora, [str(config), "--lora_r", "8"])
     assert lora.lora_r == 8, "the command line after the file wins"
     assert (training.learning_rate, training.max_steps) == (3e-4, 7)
     assert training.gradient_checkpointing_kwargs == {"use_reentrant": True}
@@ -109,7 +109,7 @@ def test_json_config_with_override(parse, tmp_path):
 def test_yaml_config_with_override(parse, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("galore_rank: 32\ngradient_checkpointing: false\nlearning_rate: 2.0e-5\nmax_train_samples: 100\n")
-    _, data, galore, training = parse(train_galore, [str(config), "--learning_rate", "5e-6"])
+    _, data, _, galore, training = parse(train_galore, [str(config), "--learning_rate", "5e-6"])
     assert galore.galore_rank == 32
     assert training.gradient_checkpointing is False
     assert training.learning_rate == 5e-6

@@ -169,7 +169,7 @@ def test_blank_record_is_skipped_and_named(write_data, caplog, field, value):
 
 def test_only_blank_records_is_an_error(write_data):
     records = [{"instruction": " ", "output": "x"}, {"instruction": "y", "output": ""}]
-    with pytest.raises(common.UserInputError, match="empty 'instruction' or 'output'"):
+    with pytest.raises(common.UserInputError, match="is blank"):
         load(write_data("data.json", records))
 
 
