@@ -104,6 +104,8 @@ TRAINING_DEFAULTS = dict(
     per_device_train_batch_size=1,
     gradient_accumulation_steps=8,
     num_train_epochs=1,
+    # Batches of similar lengths: real instruction data is short and uneven, and padding is wasted compute.
+    group_by_length=True,
     gradient_checkpointing=True,
     gradient_checkpointing_kwargs={"use_reentrant": False},
     logging_steps=10,

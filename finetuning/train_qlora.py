@@ -74,6 +74,8 @@ TRAINING_DEFAULTS = dict(
     per_device_train_batch_size=2,
     gradient_accumulation_steps=4,
     num_train_epochs=1,
+    # Batches of similar lengths: real instruction data is short and uneven, and padding is wasted compute.
+    group_by_length=True,
     gradient_checkpointing=True,
     # Non-reentrant checkpointing works with frozen 4-bit inputs without enable_input_require_grads tricks.
     gradient_checkpointing_kwargs={"use_reentrant": False},

@@ -1,0 +1,292 @@
+"""Training speed and memory of both scripts against the stock trl 0.8.6 settings, on one GPU, in one command.
+
+    python bench/run_bench.py --config ../shared/gemma-3-1b/config.json \
+        --data ../shared/datasets/alpaca_5000.json --results bench/RESULTS.md
+
+A random-weight model of the config's shapes and a tokenizer trained on the data
+(bench/make_random_model.py); real text. Each setup runs in its own process
+(clean memory, clean peak counter) and trains --steps optimizer steps; the first
+--warmup are not timed. Printed per setup: real (non-padding) tokens/s, median
+step time, peak GPU memory, MFU (6 FLOPs per parameter per token against the
+GPU's dense bf16 peak). Then the peak memory of both scripts' defaults under T4
+emulation (bf16 off, 15 GiB cap). Results are appended to --results.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(REPO_ROOT / "finetuning"))
+sys.path.insert(0, str(BENCH_DIR))
+
+# Dense bf16 peak of each GPU (no sparsity), for MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "T4": 65e12}
+
+
+def measured(trainer, warmup: int) -> dict:
+    """Wrap the trainer's collator and add a timing callback; the returned dict fills in as training runs."""
+    import torch
+    from transformers import TrainerCallback
+
+    result = {"tokens": [], "step_seconds": []}
+    collate = trainer.data_collator
+
+    def counting_collator(features):
+        batch = collate(features)
+        result["tokens"].append(int(batch["attention_mask"].sum()))
+        return batch
+
+    trainer.data_collator = counting_collator
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            result["step_seconds"].append(time.perf_counter() - self.start)
+
+    trainer.add_callback(Timer())
+    if os.environ.get("BENCH_PROFILE"):
+        trainer.add_callback(_profiler_callback()(warmup, Path(os.environ["BENCH_PROFILE"])))
+    return result
+
+
+def _profiler_callback():
+    import torch
+    from transformers import TrainerCallback
+
+    class Profiler(TrainerCallback):
+        """torch.profiler over three steps after the warm-up: where a step's time goes."""
+
+        def __init__(self, start_step: int, path: Path):
+            self.start_step, self.path, self.profile = start_step, path, None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == self.start_step:
+                activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                self.profile = torch.profiler.profile(activities=activities)
+                self.profile.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.profile is not None and state.global_step == self.start_step + 3:
+                torch.cuda.synchronize()
+                self.profile.__exit__(None, None, None)
+                averages = self.profile.key_averages()
+                self.path.write_text(
+                    averages.table(sort_by="cpu_time_total", row_limit=30)
+                    + "\n\n" + averages.table(sort_by="cuda_time_total", row_limit=30)
+                )
+                self.profile = None
+
+    return Profiler
+
+
+def summarise(result: dict, warmup: int, accumulation: int, parameters: int) -> dict:
+    import torch
+
+    steps = result["step_seconds"][warmup:]
+    tokens = result["tokens"][warmup * accumulation : (warmup + len(steps)) * accumulation]
+    tokens_per_second = sum(tokens) / sum(steps)
+    gpu = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
+    return {
+        "tokens_per_second": tokens_per_second,
+        "median_step_s": statistics.median(steps),
+        "tokens_per_step": sum(tokens) / len(steps),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "mfu": 6 * parameters * tokens_per_second / peak if peak else None,
+        "gpu": gpu,
+    }
+
+
+# ---------------------------------------------------------------------------
+# One setup, in its own process
+# ---------------------------------------------------------------------------
+
+
+def run_ours(script: str, model: str, data: str, batch: int, steps: int, warmup: int, extra: list[str]) -> dict:
+    import common
+
+    module = __import__(script)
+    holder = {}
+    real_train = common.train
+
+    def train(trainer, resume_from_checkpoint=None):
+        holder["result"] = measured(trainer, warmup)
+        holder["trainer"] = trainer
+        return real_train(trainer, resume_from_checkpoint)
+
+    common.train = train
+    output_dir = f"/tmp/bench-{script}-{os.getpid()}"
+    module.main([
+        "--model_name_or_path", model, "--dataset_name", data, "--output_dir", output_dir, "--overwrite_output_dir",
+        "--max_steps", str(steps), "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
+        "--logging_steps", "1", "--save_strategy", "no", "--num_sample_prompts", "0", "--warmup_ratio", "0", *extra,
+    ])
+    trainer = holder["trainer"]
+    return {**summarise(holder["result"], warmup, 1, _model_parameters(model)), "loss": trainer.state.log_history[-2].get("loss")}
+
+
+def _model_parameters(model: str) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    embedding = config.vocab_size * config.hidden_size
+    per_layer = (
+        config.hidden_size * config.head_dim * (config.num_attention_heads * 2 + config.num_key_value_heads * 2)
+        + 3 * config.hidden_size * config.intermediate_size
+    )
+    return embedding + config.num_hidden_layers * per_layer
+
+
+def run_stock(method: str, model: str, data: str, batch: int, steps: int, warmup: int) -> dict:
+    """The settings the troubleshooting log used: trl 0.8.6's SFTTrainer as its docs show it."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainingArguments
+    from trl import SFTTrainer
+
+    import common
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    records = Dataset.from_list(json.loads(Path(data).read_text()))
+    common_args = dict(
+        output_dir=f"/tmp/bench-stock-{os.getpid()}", max_steps=steps, per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1, gradient_checkpointing=True, bf16=True, logging_steps=1,
+        save_strategy="no", report_to=[], eval_strategy="no", warmup_ratio=0,
+    )
+    if method == "qlora":
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+        loaded = AutoModelForCausalLM.from_pretrained(model, quantization_config=quantization, dtype=torch.bfloat16,
+                                                      device_map={"": 0}, attn_implementation="eager")
+        args = TrainingArguments(optim="paged_adamw_8bit", learning_rate=2e-4, **common_args)
+        peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    else:
+        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, attn_implementation="eager").cuda()
+        args = TrainingArguments(optim="galore_adamw_8bit", optim_target_modules=["attn", "mlp"],
+                                 optim_args="rank=128, update_proj_gap=200, scale=0.25", learning_rate=1e-5,
+                                 **common_args)
+        peft = None
+
+    def formatting(examples):
+        return [common.format_record({"instruction": i, "input": x, "output": o})
+                for i, x, o in zip(examples["instruction"], examples["input"], examples["output"])]
+
+    trainer = SFTTrainer(model=loaded, args=args, train_dataset=records, tokenizer=tokenizer, peft_config=peft,
+                         formatting_func=formatting, max_seq_length=1024, packing=False)
+    result = measured(trainer, warmup)
+    trainer.train()
+    return {**summarise(result, warmup, 1, _model_parameters(model)), "loss": trainer.state.log_history[-2].get("loss")}
+
+
+def run_setup(spec: dict) -> dict:
+    import torch
+
+    if spec.get("profile"):
+        os.environ["BENCH_PROFILE"] = spec["profile"]
+    if spec.get("t4"):
+        import emulate_t4
+
+        emulate_t4.emulate_t4()
+    torch.cuda.reset_peak_memory_stats()
+    if spec["kind"] == "stock":
+        return run_stock(spec["method"], spec["model"], spec["data"], spec["batch"], spec["steps"], spec["warmup"])
+    return run_ours(f"train_{spec['method']}", spec["model"], spec["data"], spec["batch"], spec["steps"],
+                    spec["warmup"], spec.get("extra", []))
+
+
+# ---------------------------------------------------------------------------
+# The whole benchmark
+# ---------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=False)
+    parser.add_argument("--data", type=Path, required=False)
+    parser.add_argument("--model", type=Path, default=Path("/tmp/bench-gemma-3-1b"))
+    parser.add_argument("--results", type=Path, default=BENCH_DIR / "RESULTS.md")
+    parser.add_argument("--steps", type=int, default=14)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--only", default="", help="Comma-separated setup names to run (default: all).")
+    parser.add_argument("--profile_dir", type=Path, help="Write a torch.profiler table of each of our setups here.")
+    parser.add_argument("--setup", help=argparse.SUPPRESS)  # internal: one setup as JSON, in a child process
+    args = parser.parse_args()
+    if args.setup:
+        print("RESULT " + json.dumps(run_setup(json.loads(args.setup))), flush=True)
+        return
+    if not (args.model / "config.json").is_file():
+        import make_random_model
+
+        make_random_model.main(["--config", str(args.config), "--texts", str(args.data), "--out", str(args.model)])
+    base = dict(model=str(args.model), data=str(args.data), steps=args.steps, warmup=args.warmup)
+    setups = {
+        "stock QLoRA, batch 8": dict(kind="stock", method="qlora", batch=8),
+        "ours QLoRA, batch 8": dict(kind="ours", method="qlora", batch=8),
+        "ours QLoRA, batch 32": dict(kind="ours", method="qlora", batch=32),
+        "stock GaLore, batch 8": dict(kind="stock", method="galore", batch=8),
+        "ours GaLore, batch 8": dict(kind="ours", method="galore", batch=8),
+        "ours GaLore, batch 32": dict(kind="ours", method="galore", batch=32),
+        "T4 emulation: ours QLoRA defaults": dict(kind="ours", method="qlora", batch=2, t4=True),
+        "T4 emulation: ours GaLore batch 4": dict(kind="ours", method="galore", batch=4, t4=True),
+    }
+    wanted = [name.strip() for name in args.only.split(",") if name.strip()] or list(setups)
+    rows = []
+    for name in wanted:
+        spec = {**base, **setups[name]}
+        if args.profile_dir and spec["kind"] == "ours" and not spec.get("t4"):
+            spec["profile"] = str(args.profile_dir / f"profile_{spec['method']}_b{spec['batch']}.txt")
+        started = time.time()
+        child = subprocess.run([sys.executable, __file__, "--setup", json.dumps(spec)], capture_output=True, text=True)
+        line = next((l for l in child.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            tail = (child.stderr or child.stdout)[-1500:]
+            print(f"{name}: FAILED\n{tail}", flush=True)
+            rows.append((name, None))
+            continue
+        result = json.loads(line[len("RESULT "):])
+        rows.append((name, result))
+        print(f"{name}: {result['tokens_per_second']:,.0f} tokens/s, step {result['median_step_s']:.3f} s, "
+              f"{result['tokens_per_step']:,.0f} tokens/step, peak {result['peak_gib']:.2f} GiB, "
+              f"MFU {100 * (result['mfu'] or 0):.1f}%, loss {result['loss']}  ({time.time() - started:.0f} s)",
+              flush=True)
+    write_results(args, rows)
+
+
+def write_results(args, rows) -> None:
+    gpu = next((r["gpu"] for _, r in rows if r), "unknown GPU")
+    lines = [
+        f"\n## {datetime.date.today()} on {gpu}\n",
+        f"`python bench/run_bench.py --config {args.config} --data {args.data} --steps {args.steps} "
+        f"--warmup {args.warmup}`: random-weight gemma-3-1b shapes, Alpaca text, 1,024-token cap, "
+        f"gradient checkpointing; median of {args.steps - args.warmup} steps.\n",
+        "| setup | real tokens/s | step s | tokens/step | peak GiB | MFU | loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows:
+        if r is None:
+            lines.append(f"| {name} | failed | | | | | |")
+        else:
+            lines.append(f"| {name} | {r['tokens_per_second']:,.0f} | {r['median_step_s']:.3f} | "
+                         f"{r['tokens_per_step']:,.0f} | {r['peak_gib']:.2f} | {100 * (r['mfu'] or 0):.1f}% | "
+                         f"{r['loss']} |")
+    with open(args.results, "a") as results:
+        results.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
