@@ -221,7 +221,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "RESULTS.md")
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--only", default="", help="Comma-separated setup names to run (default: all).")
+    parser.add_argument("--only", default="", help="Setup names to run, separated by semicolons (default: all).")
     parser.add_argument("--profile_dir", type=Path, help="Write a torch.profiler table of each of our setups here.")
     parser.add_argument("--setup", help=argparse.SUPPRESS)  # internal: one setup as JSON, in a child process
     args = parser.parse_args()
@@ -243,7 +243,7 @@ def main() -> None:
         "T4 emulation: ours QLoRA defaults": dict(kind="ours", method="qlora", batch=2, t4=True),
         "T4 emulation: ours GaLore batch 4": dict(kind="ours", method="galore", batch=4, t4=True),
     }
-    wanted = [name.strip() for name in args.only.split(",") if name.strip()] or list(setups)
+    wanted = [name.strip() for name in args.only.split(";") if name.strip()] or list(setups)
     rows = []
     for name in wanted:
         spec = {**base, **setups[name]}
