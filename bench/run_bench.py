@@ -237,9 +237,13 @@ def main() -> None:
         "stock QLoRA, batch 8": dict(kind="stock", method="qlora", batch=8),
         "ours QLoRA, batch 8": dict(kind="ours", method="qlora", batch=8),
         "ours QLoRA, batch 32": dict(kind="ours", method="qlora", batch=32),
+        "stock QLoRA, batch 32": dict(kind="stock", method="qlora", batch=32),
+        "ours QLoRA, batch 64": dict(kind="ours", method="qlora", batch=64),
         "stock GaLore, batch 8": dict(kind="stock", method="galore", batch=8),
         "ours GaLore, batch 8": dict(kind="ours", method="galore", batch=8),
         "ours GaLore, batch 32": dict(kind="ours", method="galore", batch=32),
+        "stock GaLore, batch 32": dict(kind="stock", method="galore", batch=32),
+        "ours GaLore, batch 64": dict(kind="ours", method="galore", batch=64),
         "T4 emulation: ours QLoRA defaults": dict(kind="ours", method="qlora", batch=2, t4=True),
         "T4 emulation: ours GaLore batch 4": dict(kind="ours", method="galore", batch=4, t4=True),
     }

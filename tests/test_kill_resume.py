@@ -1,0 +1,206 @@
+"""Interrupted training: a resumed run ends where an uninterrupted one does, and a SIGKILL at any moment
+(mid-checkpoint, mid-final-save) leaves only loadable checkpoints and either no `final` or a complete one.
+
+The kill test runs the real script as a subprocess, once per seed; each seed draws the moment to kill
+(a time, or the appearance of a checkpoint folder / the final save, plus a few milliseconds). Set
+KILL_RESUME_SEEDS=0,1,2,... to try more seeds. Run with -s to see one line per seed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import train_galore
+import train_qlora
+
+REPO_ROOT = common.PROJECT_DIR.parent
+WEIGHTS = {"qlora": "adapter_model.safetensors", "galore": "model.safetensors"}
+SCRIPTS = {"qlora": train_qlora, "galore": train_galore}
+
+
+def assert_same_weights(expected_file: Path, actual_file: Path, atol: float = 1e-6) -> float:
+    expected, actual = load_file(str(expected_file)), load_file(str(actual_file))
+    assert set(expected) == set(actual)
+    worst = 0.0
+    for name in expected:
+        difference = (expected[name].float() - actual[name].float()).abs().max().item() if expected[name].numel() else 0.0
+        worst = max(worst, difference)
+        assert difference <= atol, f"{name} differs by {difference:.3g} between the uninterrupted and the resumed run"
+    return worst
+
+
+# --- (a) a resumed run ends with the same weights as an uninterrupted one ----------------------------
+
+RESUME_ARGV = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3", "--seed", "3",
+               "--learning_rate", "1e-3"]
+
+
+@pytest.mark.parametrize("how", ["latest", "checkpoint-3"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_gives_the_uninterrupted_result(script, how, tmp_path):
+    module = SCRIPTS[script]
+    whole = tmp_path / "whole"
+    module.main(["--smoke", "--output_dir", str(whole), *RESUME_ARGV])
+    assert (whole / "checkpoint-3" / "trainer_state.json").is_file() and (whole / "final").is_dir()
+
+    # The same run, cut off after checkpoint-3: checkpoint-6 and final never written.
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoint-6")
+    shutil.rmtree(cut / "final")
+    resume_from = "latest" if how == "latest" else str(cut / "checkpoint-3")
+    trainer = module.main(["--smoke", "--output_dir", str(cut), *RESUME_ARGV, "--overwrite_output_dir", "False",
+                           "--resume_from_checkpoint", resume_from])
+    assert trainer.state.global_step == 6
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e][-3:] == [4, 5, 6], "steps 4-6 trained again"
+    assert_same_weights(whole / "final" / WEIGHTS[script], cut / "final" / WEIGHTS[script])
+    assert_same_weights(whole / "checkpoint-6" / WEIGHTS[script], cut / "checkpoint-6" / WEIGHTS[script])
+
+
+# --- (b) SIGKILL at a random moment, then resume ----------------------------------------------------
+
+KILL_SCRIPT = "galore"  # the cheaper of the two on the CPU; both share the checkpoint and final-save code
+KILL_ARGV = ["--max_steps", "12", "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "3"]
+KILL_EVENTS = ["time", "smoke_base_model", *(f"checkpoint-{k}" for k in range(1, 13)), ".final.partial", "final",
+               "metrics.json"]
+SEEDS = [int(s) for s in os.environ.get("KILL_RESUME_SEEDS", "0,1,2,3,9,12,31").split(",") if s.strip()]
+PROCESS_TIMEOUT_S = 180
+
+
+def script_argv(output_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, f"finetuning/train_{KILL_SCRIPT}.py", "--smoke", "--output_dir", str(output_dir),
+            *KILL_ARGV, *extra]
+
+
+def run_to_end(argv: list[str], log_path: Path) -> float:
+    started = time.monotonic()
+    with log_path.open("wb") as log:
+        result = subprocess.run(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=PROCESS_TIMEOUT_S)
+    assert result.returncode == 0, f"{argv} failed; see {log_path}:\n{log_path.read_text(errors='replace')[-3000:]}"
+    return time.monotonic() - started
+
+
+def run_and_kill(argv: list[str], log_path: Path, output_dir: Path, event: str, delay_s: float) -> str:
+    """Start the script; SIGKILL it `delay_s` after `event` (a path appearing under output_dir, or 'time': the start)."""
+    started = time.monotonic()
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            target = None if event == "time" else output_dir / event
+            while process.poll() is None:
+                if target is None or target.exists():
+                    time.sleep(delay_s)
+                    process.send_signal(signal.SIGKILL)
+                    process.wait(timeout=30)
+                    return f"killed {time.monotonic() - started:.2f}s after start"
+                if time.monotonic() - started > PROCESS_TIMEOUT_S:
+                    raise AssertionError(f"{event} never appeared; see {log_path}")
+                time.sleep(0.0005)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert process.returncode == 0, f"the run failed before it was killed; see {log_path}"
+    return "finished before the kill"
+
+
+def state_of(checkpoint: Path):
+    try:
+        return json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def loads(folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    AutoTokenizer.from_pretrained(folder)
+
+
+def check_what_the_kill_left(output_dir: Path) -> dict:
+    """The invariants after a SIGKILL; returns what was found, for the per-seed line."""
+    checkpoints = sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+    incomplete = [p.name for p in checkpoints if state_of(p) is None]
+    complete = [p for p in checkpoints if state_of(p) is not None]
+    latest = common.latest_complete_checkpoint(output_dir)
+    if latest is None:
+        assert not complete, f"complete checkpoints {complete} were not found"
+    else:
+        latest = Path(latest)
+        assert latest.name not in incomplete, f"{latest} has no readable trainer_state.json but was returned"
+        assert latest == complete[-1], "the newest complete checkpoint is the latest"
+        assert state_of(latest)["global_step"] == int(latest.name.split("-")[1])
+        for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+            assert (latest / name).is_file(), f"{latest} has trainer_state.json but no {name}"
+        loads(latest)
+        # A checkpoint cut off mid-save (here made by removing its trainer_state.json) is skipped.
+        planted = output_dir.parent / f"{output_dir.name}-planted"
+        shutil.copytree(latest, planted / latest.name)
+        if len(complete) > 1:
+            shutil.copytree(complete[-2], planted / complete[-2].name)
+        (planted / latest.name / "trainer_state.json").unlink()
+        expected = str(planted / complete[-2].name) if len(complete) > 1 else None
+        assert common.latest_complete_checkpoint(planted) == expected
+        shutil.rmtree(planted)
+    final = output_dir / common.FINAL_DIR
+    if final.exists():
+        loads(final)  # written to .final.partial and renamed: complete or absent
+    return {
+        "latest": latest.name if latest else None,
+        "incomplete": incomplete,
+        "final": "complete" if final.exists() else "absent",
+        "partial_final": (output_dir / f".{common.FINAL_DIR}.partial").exists(),
+    }
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """The same run, not killed: its duration and final weights are the reference."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    duration = run_to_end(script_argv(folder / "out"), folder / "run.log")
+    return {"duration": duration, "final": folder / "out" / "final" / WEIGHTS[KILL_SCRIPT]}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sigkill_at_a_random_moment_then_resume(seed, uninterrupted, tmp_path):
+    rng = random.Random(seed)
+    event = rng.choice(KILL_EVENTS)
+    # 'time': anywhere in a normal run (mostly imports); otherwise a few ms after the folder appears,
+    # which lands inside that checkpoint's (or the final model's) save.
+    delay = rng.uniform(0, uninterrupted["duration"]) if event == "time" else rng.uniform(0, 0.04)
+    out = tmp_path / "out"
+
+    when = run_and_kill(script_argv(out), tmp_path / "killed.log", out, event, delay)
+    left = check_what_the_kill_left(out)
+
+    if left["latest"]:
+        resume = ["--overwrite_output_dir", "False", "--resume_from_checkpoint", "latest"]
+    else:
+        resume = ["--overwrite_output_dir"]
+    resume_s = run_to_end(script_argv(out, *resume), tmp_path / "resumed.log")
+    log = (tmp_path / "resumed.log").read_text(errors="replace")
+    if left["latest"]:
+        assert f"Resuming from the latest complete checkpoint, {out / left['latest']}" in log
+    assert state_of(out / "checkpoint-12")["global_step"] == 12
+    assert not (out / f".{common.FINAL_DIR}.partial").exists()
+    loads(out / "final")
+    difference = assert_same_weights(uninterrupted["final"], out / "final" / WEIGHTS[KILL_SCRIPT])
+
+    print(f"\nseed {seed}: kill at {event} + {delay * 1000:.0f} ms ({when}); left: latest={left['latest']}, "
+          f"incomplete={left['incomplete'] or '-'}, final={left['final']}, .final.partial={left['partial_final']}; "
+          f"{'resumed' if left['latest'] else 'restarted'} ok in {resume_s:.1f}s, max |final - uninterrupted| "
+          f"= {difference:.1g}")

@@ -1,0 +1,104 @@
+"""The Colab notebook, run top to bottom in a real Jupyter kernel, its Colab-only cells skipped, with smoke settings."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO_ROOT / "notebooks" / "finetune_gemma3_colab.ipynb"
+KERNEL_NAME = "finetuning-test-python"
+
+
+def kernel_for_this_python(directory: Path) -> str:
+    """A kernelspec running ipykernel with this very interpreter (the venv's), found first through JUPYTER_PATH.
+
+    A plain "python3" spec may resolve to another Python (a user-level kernelspec, `python` on PATH).
+    """
+    spec_dir = directory / "kernels" / KERNEL_NAME
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "finetuning tests",
+        "language": "python",
+    }))
+    return KERNEL_NAME
+
+
+def cell_text(cell) -> str:
+    return "".join(output.get("text", "") for output in cell.get("outputs", []) if output.get("output_type") == "stream")
+
+
+def cell_with(notebook, needle: str):
+    matches = [cell for cell in notebook.cells if cell.cell_type == "code" and needle in cell.source]
+    assert len(matches) == 1, f"expected one code cell containing {needle!r}"
+    return matches[0]
+
+
+def test_notebook_structure():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(notebook)
+    colab_only = [c for c in notebook.cells if "colab-only" in c.metadata.get("tags", [])]
+    sources = "\n".join(c.source for c in colab_only)
+    assert "git clone" in sources and "pip install -r finetuning/requirements.txt" in sources.replace("-q ", "")
+    assert "userdata.get(\"HF_TOKEN\")" in sources
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            assert not cell.get("outputs") and cell.get("execution_count") is None, "the notebook is stored clean"
+            assert "!python" not in cell.source, "shell commands must use {sys.executable}, the kernel's own Python"
+    training = cell_with(notebook, "finetuning/train_qlora.py {CONFIG}")
+    assert 'os.environ.get("NOTEBOOK_OUTPUT_DIR", "outputs/qlora")' in training.source
+    assert '"configs/qlora_t4.yaml"' in training.source
+
+
+def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
+    output_dir = tmp_path / "qlora"
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("NOTEBOOK_OUTPUT_DIR", str(output_dir))
+    monkeypatch.setenv("NOTEBOOK_SMOKE_DIR", str(tmp_path / "smoke"))
+    # --logging_steps 1: the config logs every 10 steps, and a 4-step run would plot no loss at all.
+    monkeypatch.setenv("NOTEBOOK_EXTRA", "--smoke --max_steps 4 --eval_split_ratio 0.25 --logging_steps 1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    kernel_name = kernel_for_this_python(tmp_path / "jupyter")
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook,
+        kernel_name=kernel_name,
+        timeout=240,  # per cell
+        skip_cells_with_tag="colab-only",
+        resources={"metadata": {"path": str(REPO_ROOT)}},  # the kernel's working directory
+    )
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as error:
+        pytest.fail(f"A notebook cell failed:\n{error}")
+
+    executed = [c for c in notebook.cells if c.cell_type == "code" and c.get("execution_count") is not None]
+    skipped = [c for c in notebook.cells if "colab-only" in c.metadata.get("tags", [])]
+    assert skipped and not any(c.get("execution_count") for c in skipped), "colab-only cells were skipped"
+    assert len(executed) == sum(c.cell_type == "code" for c in notebook.cells) - len(skipped)
+
+    setup = cell_text(cell_with(notebook, 'print("Python:", sys.executable)'))
+    assert f"Python: {sys.executable}" in setup, "the kernel and its ! commands ran this environment's Python"
+    assert f"Toolkit: {REPO_ROOT}" in setup
+
+    assert (tmp_path / "smoke" / "final" / "adapter_config.json").is_file()
+    final = output_dir / "final"
+    assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+    assert (output_dir / "loss_curve.png").stat().st_size > 0
+    assert "After" in (output_dir / "samples.md").read_text()
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 4 and "eval_loss" in metrics
+
+    plot = cell_with(notebook, "loss_curve.png")
+    assert any("image/png" in output.get("data", {}) for output in plot.outputs)
+    answer_lines = [line for line in cell_text(cell_with(notebook, "AutoPeftModelForCausalLM")).splitlines()
+                    if line.startswith("Answer:")]
+    assert answer_lines and answer_lines[0].removeprefix("Answer:").strip(), "the generation cell printed an answer"
