@@ -192,6 +192,12 @@ class DataArguments:
         metadata={"help": "Pack several records into each --max_seq_length block (trl's ConstantLengthDataset). "
                   "Needs --completion_only_loss false, and packed records attend to each other."},
     )
+    max_tokens_per_batch: Optional[int] = field(
+        default=None,
+        metadata={"help": "Batch by tokens instead of records: each micro-batch holds as many records of similar "
+                  "length as fit this many (padded) tokens. A step's fixed cost is then spread over many short "
+                  "records; --per_device_train_batch_size is ignored for training."},
+    )
     eval_split_ratio: float = field(
         default=0.0, metadata={"help": "Hold out this share of the records (e.g. 0.05) to measure eval loss and perplexity."}
     )
@@ -211,6 +217,11 @@ class DataArguments:
             raise UserInputError(f"--eval_split_ratio must be in [0, 1), got {self.eval_split_ratio}. Typical: 0.05.")
         if self.eval_split_ratio and self.eval_file:
             raise UserInputError("Give either --eval_split_ratio or --eval_file, not both.")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < self.max_seq_length:
+            raise UserInputError(
+                f"--max_tokens_per_batch {self.max_tokens_per_batch} must be at least --max_seq_length "
+                f"{self.max_seq_length}, or the longest records fit no batch."
+            )
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise UserInputError(f"--max_train_samples must be 1 or more, got {self.max_train_samples}.")
 
@@ -1592,3 +1603,85 @@ def train_and_save(trainer, run: Run) -> Path:
     write_reports(trainer, run.eval_records, before, after)
     logger.info("Saved to %s; metrics.json, loss_curve.png and samples.md in %s", final, trainer.args.output_dir)
     return final
+
+
+# ---------------------------------------------------------------------------
+# Batching by tokens
+# ---------------------------------------------------------------------------
+
+
+class TokenBudgetBatchSampler:
+    """Batches of records of similar length, each within a budget of padded tokens.
+
+    Every training step costs the GPU a fixed amount of launch overhead (about 0.7 s
+    for gemma-3-1b on an H100, bench/RESULTS.md) whatever its size; short
+    instruction records in fixed-size batches leave it idle. The batches are formed
+    once (a seeded shuffle, then length-sorted windows cut greedily to the budget),
+    so their count is exact for the scheduler; only their order changes per epoch.
+    The fullest batch comes first, so an out-of-memory error shows at step 1.
+    """
+
+    def __init__(self, lengths: Sequence[int], max_tokens: int, seed: int = 0, window: int = 1024):
+        import random
+
+        order = list(range(len(lengths)))
+        random.Random(seed).shuffle(order)
+        self.batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda i: lengths[i], reverse=True)
+            batch, longest = [], 0
+            for index in chunk:
+                if batch and max(longest, lengths[index]) * (len(batch) + 1) > max_tokens:
+                    self.batches.append(batch)
+                    batch, longest = [], 0
+                batch.append(index)
+                longest = max(longest, lengths[index])
+            if batch:
+                self.batches.append(batch)
+        self.padded_tokens = [max(lengths[i] for i in b) * len(b) for b in self.batches]
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        import random
+
+        order = list(range(len(self.batches)))
+        random.Random(self.seed * 1000003 + self.epoch).shuffle(order)
+        fullest = max(order, key=lambda i: self.padded_tokens[i])
+        order.remove(fullest)
+        for index in [fullest, *order]:
+            yield self.batches[index]
+
+
+def trainer_class(run: "Run"):
+    """SFTTrainer, or a subclass that batches by tokens when --max_tokens_per_batch is given."""
+    from trl import SFTTrainer
+
+    max_tokens = run.data_args.max_tokens_per_batch
+    if max_tokens is None:
+        return SFTTrainer
+    if run.data_args.packing:
+        raise UserInputError("--max_tokens_per_batch and --packing both set the batch shape: choose one.")
+
+    class TokenBudgetSFTTrainer(SFTTrainer):
+        def get_train_dataloader(self):
+            from torch.utils.data import DataLoader
+
+            dataset = self._remove_unused_columns(self.train_dataset, description="training")
+            sampler = TokenBudgetBatchSampler([len(ids) for ids in dataset["input_ids"]], max_tokens, self.args.seed)
+            logger.info(
+                "Batching by tokens: %d batches of up to %d padded tokens (mean %.1f records a batch).",
+                len(sampler), max_tokens, len(dataset) / len(sampler),
+            )
+            loader = DataLoader(
+                dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+            )
+            return self.accelerator.prepare(loader)
+
+    return TokenBudgetSFTTrainer

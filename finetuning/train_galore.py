@@ -113,7 +113,6 @@ TRAINING_DEFAULTS = dict(
     save_steps=200,
     save_total_limit=2,
     eval_strategy="no",
-    report_to="none",
 )
 
 
@@ -133,7 +132,7 @@ def main(argv: Sequence[str]) -> Optional[SFTTrainer]:
     optimizer = build_optimizer(model, galore_args, run.training_args)
 
     # Format and train
-    trainer = SFTTrainer(
+    trainer = common.trainer_class(run)(
         model=model,
         optimizers=(optimizer, None),  # the scheduler is built by the Trainer from --lr_scheduler_type
         **common.sft_inputs(run),

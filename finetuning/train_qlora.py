@@ -84,7 +84,6 @@ TRAINING_DEFAULTS = dict(
     save_steps=200,
     save_total_limit=2,
     eval_strategy="no",
-    report_to="none",
     max_grad_norm=0.3,  # QLoRA paper's value: adapters on a 4-bit base are easily knocked off course
 )
 
@@ -100,7 +99,7 @@ def main(argv: Sequence[str]) -> Optional[SFTTrainer]:
     common.prepare_numerics(model, run.precision)
 
     # Format and train: SFTTrainer formats, tokenizes, wraps the model in LoRA and trains.
-    trainer = SFTTrainer(model=model, peft_config=lora_args.peft_config(), **common.sft_inputs(run))
+    trainer = common.trainer_class(run)(model=model, peft_config=lora_args.peft_config(), **common.sft_inputs(run))
     common.log_settings(
         "QLoRA",
         run.training_args,

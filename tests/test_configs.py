@@ -100,7 +100,7 @@ def test_config_settings_are_consistent(name):
     expected = {
         "qlora_t4.yaml": (4, 4, 1024),
         "qlora_a100.yaml": (16, 1, 2048),
-        "galore_t4.yaml": (2, 4, 1024),
+        "galore_t4.yaml": (4, 2, 1024),
         "galore_a100.yaml": (8, 1, 2048),
     }[name]
     assert (values["per_device_train_batch_size"], values["gradient_accumulation_steps"],

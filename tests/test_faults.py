@@ -46,8 +46,10 @@ def fails_cleanly(module, argv, caplog, output_dir: Path) -> str:
     return errors[0].getMessage()
 
 
-def smoke_argv(output_dir, *argv):
-    return ["--smoke", "--output_dir", str(output_dir), *map(str, argv)]
+def smoke_argv(output_dir, *argv, samples=False):
+    """A smoke run's flags; without the before/after sample answers unless asked (they cost seconds here)."""
+    return ["--smoke", "--output_dir", str(output_dir), *([] if samples else ["--num_sample_prompts", "0"]),
+            *map(str, argv)]
 
 
 def write_jsonl(path: Path, records) -> Path:
@@ -230,7 +232,7 @@ def test_earlier_run_is_overwritten_with_overwrite_output_dir(earlier_run, tmp_p
 def test_overwrite_output_dir_removes_the_earlier_runs_checkpoints(earlier_run, tmp_path):
     out = copy_of(earlier_run, tmp_path)  # checkpoint-2, checkpoint-4, final
     train_galore.main(smoke_argv(out, "--overwrite_output_dir", "--max_steps", 2, "--save_strategy", "steps",
-                                 "--save_steps", 1, "--save_total_limit", 10, "--num_sample_prompts", 0))
+                                 "--save_steps", 1, "--save_total_limit", 10))
     checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-1", "checkpoint-2"], checkpoints
     assert common.latest_complete_checkpoint(out) == str(out / "checkpoint-2")
@@ -304,16 +306,29 @@ def test_a_flag_cut_short_is_unknown(tmp_path, caplog):
     assert "--learning_rat" in message and "--help" in message
 
 
-@pytest.mark.xfail(strict=True, reason=ABBREVIATION_BUG + "; the token then lands in every training_args.bin")
-def test_hub_token_cut_short_is_rejected_too(tmp_path, caplog):
+@pytest.mark.xfail(strict=True, reason=ABBREVIATION_BUG + "; the token then lands in every training_args.bin. "
+                   "(Rejected as an unknown flag, the message must not echo the value: HfArgumentParser's "
+                   "'Some specified arguments are not used' lists it)")
+def test_hub_token_cut_short_is_rejected_without_echoing_it(tmp_path, caplog):
     out = tmp_path / "out"
     argv = smoke_argv(out, "--hub_tok", "hf_cmdlineSECRET0123", "--max_steps", 1, "--save_strategy", "steps",
-                      "--save_steps", 1, "--num_sample_prompts", 0)
+                      "--save_steps", 1)
     caplog.clear()
     exit_code = common.run_cli(train_galore.main, argv)
     leaked = [str(p) for p in out.rglob("*") if p.is_file() and b"hf_cmdlineSECRET0123" in p.read_bytes()]
     assert not leaked, f"the token given on the command line was saved in {leaked}"
-    assert exit_code == 2 and "HF_TOKEN" in caplog.text
+    assert exit_code == 2 and "--hub_tok" in caplog.text
+    assert "hf_cmdlineSECRET0123" not in caplog.text, "the rejected token was echoed to the log"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug: RENAMED_FLAGS is checked against the exact spelling, but HfArgumentParser also accepts "
+    "--hub-token (dashes), which slips through and stores the token in training_args.bin"))
+def test_hub_token_spelt_with_dashes_points_to_hf_token(tmp_path, caplog):
+    out = tmp_path / "out"
+    message = fails_cleanly(train_galore, smoke_argv(out, "--hub-token", "hf_cmdlineSECRET0123", "--max_steps", 1),
+                            caplog, out)
+    assert "HF_TOKEN" in message and "hf_cmdlineSECRET0123" not in caplog.text
 
 
 @pytest.mark.parametrize("argv", [["--hub_token", "hf_cmdlineSECRET0123"], ["--hub_token=hf_cmdlineSECRET0123"]])
@@ -539,7 +554,8 @@ def script_runs(tmp_path_factory):
         out = root / script
         log = (root / f"{script}.log").open("wb")
         argv = [sys.executable, f"finetuning/train_{script}.py", *smoke_argv(out, "--save_strategy", "steps",
-                                                                            "--save_steps", 2, "--max_steps", 4)]
+                                                                            "--save_steps", 2, "--max_steps", 4,
+                                                                            samples=True)]
         processes[script] = (subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
                              out, root / f"{script}.log", log)
     runs = {}
@@ -593,7 +609,7 @@ def test_auto_find_batch_size_runs(script, tmp_path, monkeypatch):
 
     spy(transformers.AutoTokenizer)
     spy(transformers.AutoModelForCausalLM)
-    trainer = SCRIPTS[script].main(smoke_argv(tmp_path / "out", "--auto_find_batch_size"))
+    trainer = SCRIPTS[script].main(smoke_argv(tmp_path / "out", "--auto_find_batch_size", samples=True))
     assert trainer.args.auto_find_batch_size
     assert trainer.state.global_step == 4
     weights = "adapter_model.safetensors" if script == "qlora" else "model.safetensors"
