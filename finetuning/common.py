@@ -271,9 +271,11 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str], defaul
         argv = _config_file_to_argv(config_file) + argv[1:]
     for arg in argv:
         flag = arg.split("=", 1)[0]
+        if flag.startswith("--"):
+            flag = "--" + flag[2:].replace("-", "_")  # HfArgumentParser also takes --hub-token
         if flag in RENAMED_FLAGS:
             raise UserInputError(f"{flag} is not a flag of this toolkit: use {RENAMED_FLAGS[flag]} instead.")
-    parser = Parser(dataclass_types)
+    parser = Parser(dataclass_types, allow_abbrev=False)
     parser.set_defaults(**defaults)
     parsed = _parse(parser, argv)
     if any(getattr(values, "smoke", False) for values in parsed):
@@ -286,11 +288,17 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str], defaul
 
 def _parse(parser, argv: list[str]):
     try:
-        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        *parsed, unknown = parser.parse_args_into_dataclasses(
+            args=argv, look_for_args_file=False, return_remaining_strings=True
+        )
     except ValueError as e:
         if isinstance(e, UserInputError):
             raise
         raise UserInputError(f"{e}. Run with --help to list every flag.") from e
+    if unknown:  # named without their values, which may be secrets
+        flags = [a.split("=", 1)[0] for a in unknown if a.startswith("-")] or ["(a value without a flag)"]
+        raise UserInputError(f"Unknown flag(s): {', '.join(flags)}. Run with --help to list every flag.")
+    return tuple(parsed)
 
 
 def _config_file_to_argv(config_file: Path) -> list[str]:
@@ -1165,6 +1173,15 @@ def prepare_output_dir(training_args) -> Optional[str]:
                 f"--resume_from_checkpoint {resume} is not a complete checkpoint (no trainer_state.json). "
                 f"The latest complete one in {output_dir} is {latest_complete_checkpoint(output_dir)}."
             )
+    elif output_dir.is_dir() and training_args.overwrite_output_dir:
+        import shutil
+
+        earlier = [p for p in output_dir.iterdir() if p.is_dir() and (
+            p.name.startswith("checkpoint-") or p.name in (FINAL_DIR, f".{FINAL_DIR}.partial", "merged"))]
+        for path in earlier:
+            shutil.rmtree(path)
+        if earlier:
+            logger.info("--overwrite_output_dir: removed the earlier run's %s", ", ".join(sorted(p.name for p in earlier)))
     elif output_dir.is_dir() and not training_args.overwrite_output_dir:
         earlier = [p.name for p in output_dir.iterdir() if p.name.startswith("checkpoint-") or p.name == FINAL_DIR]
         if earlier:
@@ -1196,19 +1213,39 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
 
     partial = final.parent / f".{final.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
+    old = final.parent / f".{final.name}.old"
     try:
         write(partial)
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(partial, final)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(partial, ignore_errors=True)
+        if not is_disk_full(e):
+            raise
         raise TrainingFailed(
             f"Saving to {final} failed: {e}. Nothing half-written was left there.\n"
             "Free disk space (or choose an --output_dir on a bigger disk), then resume with "
             f"--resume_from_checkpoint {latest_complete_checkpoint(final.parent) or 'latest'}."
         ) from e
+    shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def is_disk_full(error) -> bool:
+    """A full disk, as the savers report it: OSError(ENOSPC), safetensors' SafetensorError
+    ('... No space left on device (os error 28)') or torch.save's RuntimeError ('unexpected pos')."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        text = str(error)
+        if "No space left on device" in text or "os error 28" in text:
+            return True
+        if type(error) is RuntimeError and ("unexpected pos" in text or "file write failed" in text):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _make_stop_on_nonfinite_loss():
@@ -1250,15 +1287,6 @@ def train(trainer, resume_from_checkpoint=None):
     args.logging_nan_inf_filter = False
     try:
         return trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        raise TrainingFailed(
-            f"The disk filled up while saving a checkpoint to {args.output_dir}: {e}.\n"
-            "Free space, keep fewer checkpoints (--save_total_limit 1) or save less often (--save_steps), then "
-            f"resume with --resume_from_checkpoint {latest_complete_checkpoint(args.output_dir) or 'latest'} "
-            "(a checkpoint cut off by the full disk is never taken as the latest)."
-        ) from e
     except torch.OutOfMemoryError as e:
         checkpoint = latest_complete_checkpoint(args.output_dir)
         raise TrainingFailed(
@@ -1273,6 +1301,15 @@ def train(trainer, resume_from_checkpoint=None):
                 if checkpoint
                 else "No checkpoint was saved yet; the run starts over."
             )
+        ) from e
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise TrainingFailed(
+            f"The disk filled up while saving a checkpoint to {args.output_dir}: {e}.\n"
+            "Free space, keep fewer checkpoints (--save_total_limit 1) or save less often (--save_steps), then "
+            f"resume with --resume_from_checkpoint {latest_complete_checkpoint(args.output_dir) or 'latest'} "
+            "(a checkpoint cut off by the full disk is never taken as the latest)."
         ) from e
 
 

@@ -225,10 +225,6 @@ def test_earlier_run_is_overwritten_with_overwrite_output_dir(earlier_run, tmp_p
     assert (out / "final" / "model.safetensors").read_bytes() != (earlier_run / "final" / "model.safetensors").read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: --overwrite_output_dir keeps the earlier run's checkpoint-N folders (and final until the new one "
-    "is saved), so `--resume_from_checkpoint latest` after an interruption resumes the OLD run; with "
-    "--save_total_limit the rotation may delete the new run's lower-numbered checkpoints instead of the old ones"))
 def test_overwrite_output_dir_removes_the_earlier_runs_checkpoints(earlier_run, tmp_path):
     out = copy_of(earlier_run, tmp_path)  # checkpoint-2, checkpoint-4, final
     train_galore.main(smoke_argv(out, "--overwrite_output_dir", "--max_steps", 2, "--save_strategy", "steps",
@@ -294,21 +290,12 @@ def test_unknown_flag(script, tmp_path, caplog):
     assert "--not_a_flag" in message and "--help" in message
 
 
-ABBREVIATION_BUG = (
-    "product bug: HfArgumentParser keeps argparse's allow_abbrev=True, so a misspelt prefix of a real flag "
-    "(--learning_rat, --hub_tok) is silently taken as that flag; fix: Parser(dataclass_types, allow_abbrev=False)")
-
-
-@pytest.mark.xfail(strict=True, reason=ABBREVIATION_BUG)
 def test_a_flag_cut_short_is_unknown(tmp_path, caplog):
     message = fails_cleanly(train_galore, smoke_argv(tmp_path / "out", "--learning_rat", "1e-4", "--max_steps", 1),
                             caplog, tmp_path / "out")
     assert "--learning_rat" in message and "--help" in message
 
 
-@pytest.mark.xfail(strict=True, reason=ABBREVIATION_BUG + "; the token then lands in every training_args.bin. "
-                   "(Rejected as an unknown flag, the message must not echo the value: HfArgumentParser's "
-                   "'Some specified arguments are not used' lists it)")
 def test_hub_token_cut_short_is_rejected_without_echoing_it(tmp_path, caplog):
     out = tmp_path / "out"
     argv = smoke_argv(out, "--hub_tok", "hf_cmdlineSECRET0123", "--max_steps", 1, "--save_strategy", "steps",
@@ -321,9 +308,6 @@ def test_hub_token_cut_short_is_rejected_without_echoing_it(tmp_path, caplog):
     assert "hf_cmdlineSECRET0123" not in caplog.text, "the rejected token was echoed to the log"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: RENAMED_FLAGS is checked against the exact spelling, but HfArgumentParser also accepts "
-    "--hub-token (dashes), which slips through and stores the token in training_args.bin"))
 def test_hub_token_spelt_with_dashes_points_to_hf_token(tmp_path, caplog):
     out = tmp_path / "out"
     message = fails_cleanly(train_galore, smoke_argv(out, "--hub-token", "hf_cmdlineSECRET0123", "--max_steps", 1),
@@ -450,9 +434,6 @@ def test_full_disk_while_saving_a_checkpoint(script, tmp_path, caplog, monkeypat
     assert (out / "final").is_dir() and not (out / ".final.partial").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: on a real full disk safetensors raises SafetensorError ('... No space left on device (os error 28)') "
-    "and torch.save a RuntimeError, not OSError(ENOSPC); common.train only catches OSError, so the user gets a traceback"))
 def test_full_disk_while_saving_a_checkpoint_as_safetensors_reports_it(tmp_path, caplog, monkeypatch):
     import safetensors.torch
 
@@ -494,9 +475,6 @@ def test_full_disk_while_saving_the_final_model(script, tmp_path, caplog, monkey
         assert words in message, (words, message)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: save_final catches only OSError; the SafetensorError a real full disk raises escapes as a "
-    "traceback and leaves OUTPUT_DIR/.final.partial half-written"))
 def test_full_disk_while_saving_the_final_model_as_safetensors(tmp_path, caplog, monkeypatch):
     out = tmp_path / "out"
     fail_final_save(monkeypatch, lambda path: safetensors_enospc())
@@ -526,9 +504,6 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: a real full disk raises SafetensorError / RuntimeError from the savers, which common.train and "
-    "common.save_final do not recognise as a full disk (they only catch OSError with errno ENOSPC)"))
 @pytest.mark.parametrize("size, save_argv", [
     ("2m", ["--save_strategy", "steps", "--save_steps", "2"]),  # the base model fits; checkpoint-4 does not
     ("1m", []),  # the base model fits; the final model does not
