@@ -166,3 +166,18 @@ def test_tensorboard_is_used_when_installed(monkeypatch):
     assert common.default_report_to() == "tensorboard"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "tensorboard" else real(name))
     assert common.default_report_to() == "none"
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_runs_log_to_tensorboard_by_default_when_it_is_installed(installed, tiny_model_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: (object() if installed else None) if name == "tensorboard" else real(name))
+    seen = {}
+    monkeypatch.setattr(common, "dry_run_report", lambda records, tokenizer, collator, data_args, training_args:
+                        seen.setdefault("report_to", training_args.report_to))
+    # A dry run needs no GPU; a smoke run would turn reporting off.
+    train_galore.main(["--dry_run", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path)])
+    assert ("tensorboard" in seen["report_to"]) is installed
