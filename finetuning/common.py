@@ -737,8 +737,21 @@ def _model_not_found_message(model_name_or_path: str, error: Exception) -> str:
     )
 
 
-def model_load_error(model_name_or_path: str, error: Exception) -> UserInputError:
-    return UserInputError(_model_not_found_message(model_name_or_path, error))
+def load_causal_lm(model_path: str, trust_remote_code: bool, **kwargs):
+    """AutoModelForCausalLM.from_pretrained for training: safetensors only, and a path that holds no model is a user error."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # never unpickle weights: a .bin checkpoint can run arbitrary code
+            **kwargs,
+        )
+    except (OSError, ValueError) as e:  # ValueError: a malformed hub id, or a folder with no config.json
+        raise UserInputError(_model_not_found_message(model_path, e)) from e
+    model.config.use_cache = False  # the KV cache is useless while training and clashes with checkpointing
+    return model
 
 
 def count_parameters(model: "torch.nn.Module") -> tuple[int, int]:
@@ -906,6 +919,23 @@ def smoke_model(output_dir: Path, records: "datasets.Dataset") -> Path:
     texts = [format_example(record) for record in records]
     return build_random_gemma(Path(output_dir) / "smoke_base_model", texts)
 
+
+# Training defaults both scripts share; each script adds its own. Every one can be overridden by its flag.
+SHARED_TRAINING_DEFAULTS = dict(
+    lr_scheduler_type="cosine",
+    warmup_ratio=0.03,
+    num_train_epochs=1,
+    # Batches of similar lengths: real instruction data is short and uneven, and padding is wasted compute.
+    group_by_length=True,
+    gradient_checkpointing=True,
+    # Non-reentrant checkpointing works with frozen 4-bit inputs without enable_input_require_grads tricks.
+    gradient_checkpointing_kwargs={"use_reentrant": False},
+    logging_steps=10,
+    save_strategy="steps",
+    save_steps=200,
+    save_total_limit=2,
+    eval_strategy="no",
+)
 
 SMOKE_DEFAULTS = dict(
     max_steps=4,

@@ -96,23 +96,13 @@ class GaLoreAdamW8bitFixed(GaLoreAdamW8bit):
 torch.serialization.add_safe_globals([GaLoreProjector])
 
 TRAINING_DEFAULTS = dict(
+    common.SHARED_TRAINING_DEFAULTS,
     output_dir="outputs/galore",
     learning_rate=1e-5,
-    lr_scheduler_type="cosine",
-    warmup_ratio=0.03,
-    # Batch 2 x 1,024 tokens ran out of memory on a 16 GB T4 (TROUBLESHOOTING.md); 1 x 8 is the same effective batch.
+    # Batch 2 x 1,024 tokens ran out of memory on a 16 GB T4 with the stock loss (TROUBLESHOOTING.md); 1 x 8 is the
+    # same effective batch.
     per_device_train_batch_size=1,
     gradient_accumulation_steps=8,
-    num_train_epochs=1,
-    # Batches of similar lengths: real instruction data is short and uneven, and padding is wasted compute.
-    group_by_length=True,
-    gradient_checkpointing=True,
-    gradient_checkpointing_kwargs={"use_reentrant": False},
-    logging_steps=10,
-    save_strategy="steps",
-    save_steps=200,
-    save_total_limit=2,
-    eval_strategy="no",
 )
 
 
@@ -171,17 +161,7 @@ def load_model(
     # fp16 training keeps fp32 master weights (the loss scaler cannot unscale fp16
     # gradients); with bf16 the weights themselves are bf16, as GaLore's paper trains.
     dtype = torch.bfloat16 if precision.bf16 else torch.float32
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,  # never unpickle weights: a .bin checkpoint can run arbitrary code
-        )
-    except (OSError, ValueError) as e:  # ValueError: a malformed hub id, or a folder with no config.json
-        raise common.model_load_error(model_path, e) from e
-    model.config.use_cache = False
+    model = common.load_causal_lm(model_path, trust_remote_code, dtype=dtype, attn_implementation=attn_implementation)
     return model.to("cpu" if precision.name == "fp32" else "cuda")
 
 

@@ -24,7 +24,7 @@ except common.SetupError as version_error:
 
 import torch  # noqa: E402
 from peft import AutoPeftModelForCausalLM, LoraConfig  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
+from transformers import AutoTokenizer, BitsAndBytesConfig  # noqa: E402
 from trl import SFTTrainer  # noqa: E402
 
 logger = logging.getLogger("finetuning.qlora")
@@ -66,24 +66,12 @@ class LoraArguments:
 
 # The settings the troubleshooting log arrived at for a 16 GB T4; every one can be overridden by its flag.
 TRAINING_DEFAULTS = dict(
+    common.SHARED_TRAINING_DEFAULTS,
     output_dir="outputs/qlora",
     optim="paged_adamw_8bit",  # 8-bit states, paged to CPU memory on spikes instead of OOM
     learning_rate=2e-4,
-    lr_scheduler_type="cosine",
-    warmup_ratio=0.03,
     per_device_train_batch_size=2,
     gradient_accumulation_steps=4,
-    num_train_epochs=1,
-    # Batches of similar lengths: real instruction data is short and uneven, and padding is wasted compute.
-    group_by_length=True,
-    gradient_checkpointing=True,
-    # Non-reentrant checkpointing works with frozen 4-bit inputs without enable_input_require_grads tricks.
-    gradient_checkpointing_kwargs={"use_reentrant": False},
-    logging_steps=10,
-    save_strategy="steps",
-    save_steps=200,
-    save_total_limit=2,
-    eval_strategy="no",
     max_grad_norm=0.3,  # QLoRA paper's value: adapters on a 4-bit base are easily knocked off course
 )
 
@@ -157,22 +145,16 @@ def load_quantized_model(
         llm_int8_skip_modules=["lm_head"],
     )
     device_map = {"": "cpu"} if precision.name == "fp32" else {"": torch.cuda.current_device()}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path,
-            quantization_config=quantization,
-            # The layers left unquantized (embeddings, norms) load in float32, where peft's
-            # k-bit preparation would put them anyway: with fp16, that keeps the residual stream out of overflow.
-            dtype=torch.float32 if precision.fp16 else precision.torch_dtype,
-            device_map=device_map,
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,  # never unpickle weights: a .bin checkpoint can run arbitrary code
-        )
-    except (OSError, ValueError) as e:  # ValueError: a malformed hub id, or a folder with no config.json
-        raise common.model_load_error(model_path, e) from e
-    model.config.use_cache = False  # the KV cache is useless while training and clashes with checkpointing
-    return model
+    return common.load_causal_lm(
+        model_path,
+        trust_remote_code,
+        quantization_config=quantization,
+        # The layers left unquantized (embeddings, norms) load in float32, where peft's
+        # k-bit preparation would put them anyway: with fp16, that keeps the residual stream out of overflow.
+        dtype=torch.float32 if precision.fp16 else precision.torch_dtype,
+        device_map=device_map,
+        attn_implementation=attn_implementation,
+    )
 
 
 if __name__ == "__main__":

@@ -94,3 +94,28 @@ def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+class Parsed(Exception):
+    """Raised by the `parse` fixture's spy once a script's main() has parsed its arguments."""
+
+
+@pytest.fixture
+def parse(monkeypatch):
+    """parse(module, argv) -> (model, data, report, method, training): what module.main(argv) parsed, through the
+    script itself (its dataclasses, its defaults), stopping before anything is checked or loaded."""
+    import common
+
+    real = common.parse_arguments
+
+    def spy(*args, **kwargs):
+        raise Parsed(real(*args, **kwargs))
+
+    monkeypatch.setattr(common, "parse_arguments", spy)
+
+    def run(module, argv):
+        with pytest.raises(Parsed) as info:
+            module.main(list(argv))
+        return info.value.args[0]
+
+    return run

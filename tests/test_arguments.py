@@ -11,29 +11,6 @@ import train_galore
 import train_qlora
 
 
-class Parsed(Exception):
-    """Raised by the spy once a script's main() has parsed its arguments."""
-
-
-@pytest.fixture
-def parse(monkeypatch):
-    """parse(module, argv) -> (model, data, method, training): what module.main(argv) parsed, through the script
-    itself (its dataclasses, its defaults), stopping before anything is checked or loaded."""
-    real = common.parse_arguments
-
-    def spy(*args, **kwargs):
-        raise Parsed(real(*args, **kwargs))
-
-    monkeypatch.setattr(common, "parse_arguments", spy)
-
-    def run(module, argv):
-        with pytest.raises(Parsed) as info:
-            module.main(list(argv))
-        return info.value.args[0]
-
-    return run
-
-
 SCRIPTS = [train_qlora, train_galore]
 ids = ["qlora", "galore"]
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-import common
 import train_galore
 import train_qlora
 
@@ -20,28 +19,6 @@ CONFIGS = {
     "galore_a100.yaml": train_galore,
 }
 KEY_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:")
-
-
-class Parsed(Exception):
-    """Raised by the spy once a script's main() has parsed its arguments."""
-
-
-@pytest.fixture
-def parse(monkeypatch):
-    """parse(module, argv) -> the dataclasses module.main(argv) parsed (as in test_arguments.py)."""
-    real = common.parse_arguments
-
-    def spy(*args, **kwargs):
-        raise Parsed(real(*args, **kwargs))
-
-    monkeypatch.setattr(common, "parse_arguments", spy)
-
-    def run(module, argv):
-        with pytest.raises(Parsed) as info:
-            module.main(list(argv))
-        return info.value.args[0]
-
-    return run
 
 
 def load(name: str) -> dict:

@@ -143,23 +143,6 @@ def _fp32():
     return common.Precision(False, False, torch.float32, "test")
 
 
-@pytest.mark.parametrize("make", ["missing", "empty_folder"])
-@pytest.mark.parametrize("loader", ["tokenizer", "qlora", "galore"])
-def test_model_path_that_does_not_hold_a_model(make, loader, tmp_path):
-    path = tmp_path / "no_model"
-    if make == "empty_folder":
-        path.mkdir()
-    load = {
-        "tokenizer": lambda: common.load_tokenizer(str(path)),
-        "qlora": lambda: train_qlora.load_quantized_model(str(path), _fp32(), "eager"),
-        "galore": lambda: train_galore.load_model(str(path), _fp32(), "eager"),
-    }[loader]
-    with pytest.raises(common.UserInputError) as info:
-        load()
-    message = str(info.value)
-    assert "--model_name_or_path" in message and str(path) in message and "config.json" in message
-
-
 def test_unreachable_hub_model_explains_the_gate_and_the_token():
     with pytest.raises(common.UserInputError) as info:
         common.load_tokenizer("google/gemma-3-does-not-exist")
