@@ -234,28 +234,24 @@ def main() -> None:
         make_random_model.main(["--config", str(args.config), "--texts", str(args.data), "--out", str(args.model)])
     base = dict(model=str(args.model), data=str(args.data), steps=args.steps, warmup=args.warmup)
     tokens = lambda n: ["--max_tokens_per_batch", str(n)]  # noqa: E731
-    setups = {
-        "stock QLoRA, batch 8": dict(kind="stock", method="qlora", batch=8),
-        "ours QLoRA, batch 8": dict(kind="ours", method="qlora", batch=8),
-        "stock QLoRA, batch 32": dict(kind="stock", method="qlora", batch=32),
-        "ours QLoRA, batch 32": dict(kind="ours", method="qlora", batch=32),
-        "ours QLoRA, batch 64": dict(kind="ours", method="qlora", batch=64),
-        "ours QLoRA, 32k tokens/batch": dict(kind="ours", method="qlora", batch=1, extra=tokens(32768)),
-        "ours QLoRA, 64k tokens/batch": dict(kind="ours", method="qlora", batch=1, extra=tokens(65536)),
-        "stock GaLore, batch 8": dict(kind="stock", method="galore", batch=8),
-        "ours GaLore, batch 8": dict(kind="ours", method="galore", batch=8),
-        "stock GaLore, batch 32": dict(kind="stock", method="galore", batch=32),
-        "ours GaLore, batch 32": dict(kind="ours", method="galore", batch=32),
-        "ours GaLore, batch 64": dict(kind="ours", method="galore", batch=64),
-        "ours GaLore, 32k tokens/batch": dict(kind="ours", method="galore", batch=1, extra=tokens(32768)),
-        "ours GaLore, 64k tokens/batch": dict(kind="ours", method="galore", batch=1, extra=tokens(65536)),
+    setups = {}
+    for method, label in (("qlora", "QLoRA"), ("galore", "GaLore")):
+        for batch in (8, 32):
+            setups[f"stock {label}, batch {batch}"] = dict(kind="stock", method=method, batch=batch)
+        for batch in (8, 32, 64):
+            setups[f"ours {label}, batch {batch}"] = dict(kind="ours", method=method, batch=batch)
+        for budget in (32768, 65536):
+            setups[f"ours {label}, {budget // 1024}k tokens/batch"] = dict(
+                kind="ours", method=method, batch=1, extra=tokens(budget)
+            )
+    setups.update({
         "T4 emulation: ours QLoRA defaults": dict(kind="ours", method="qlora", batch=2, t4=True),
         "T4 emulation: ours QLoRA, 8k tokens/batch": dict(kind="ours", method="qlora", batch=1, t4=True,
                                                            extra=tokens(8192)),
         "T4 emulation: ours GaLore batch 4": dict(kind="ours", method="galore", batch=4, t4=True),
         "T4 emulation: ours GaLore, 4k tokens/batch": dict(kind="ours", method="galore", batch=1, t4=True,
                                                             extra=tokens(4096)),
-    }
+    })
     wanted = [name.strip() for name in args.only.split(";") if name.strip()] or list(setups)
     rows = []
     for name in wanted:

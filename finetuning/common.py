@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import math
@@ -439,9 +440,9 @@ def load_records(data_args: DataArguments) -> "datasets.Dataset":
         for index, record in enumerate(records):
             _require_string(record.get("text"), "text", index, source)
         columns = ("text",)
+    records = drop_empty_records(records, source)
     # Columns named explicitly: from_list would take them from the first record alone.
     dataset = datasets.Dataset.from_dict({name: [record.get(name) for record in records] for name in columns})
-    dataset = drop_empty_records(dataset, source)
     if data_args.max_train_samples is not None:
         dataset = dataset.select(range(min(data_args.max_train_samples, len(dataset))))
     logger.info("Data: %d %s records from %s", len(dataset), data_format, source)
@@ -548,17 +549,20 @@ def _normalise_conversation(record: Mapping[str, Any], index: int, source: str, 
     return messages
 
 
-def drop_empty_records(dataset: "datasets.Dataset", source: str) -> "datasets.Dataset":
+def drop_empty_records(records: list[dict], source: str) -> list[dict]:
     """Real data sets hold a few records with a blank instruction or answer: skip them, say so, and fail if none are left."""
     keep, skipped = [], []
-    for index, record in enumerate(dataset):
+    for index, record in enumerate(records):
         if "messages" in record:
             blank = any(not m["content"].strip() for m in record["messages"] if m["role"] == "assistant")
         elif "text" in record:
             blank = not record["text"].strip()
         else:
             blank = not record[INSTRUCTION_FIELD].strip() or not record[OUTPUT_FIELD].strip()
-        (skipped if blank else keep).append(index)
+        if blank:
+            skipped.append(index)
+        else:
+            keep.append(record)
     if not keep:
         raise UserInputError(f"Every record of {source} is blank (no instruction, answer or text): nothing is left to train on.")
     if skipped:
@@ -566,8 +570,7 @@ def drop_empty_records(dataset: "datasets.Dataset", source: str) -> "datasets.Da
             "Skipped %d record(s) of %s with a blank instruction, answer or text (the first: record %d).",
             len(skipped), source, skipped[0],
         )
-        dataset = dataset.select(keep)
-    return dataset
+    return keep
 
 
 def _check_local_file(path: Path) -> None:
@@ -695,9 +698,7 @@ def formatting_func(examples: Mapping[str, Any]) -> "list[str] | str":
         "messages" in examples and (not first_column or isinstance(first_column[0], Mapping))
     ):
         return format_example(examples)
-    count = len(first_column)
-    rows = [{key: (values[i] if values is not None else None) for key, values in examples.items()} for i in range(count)]
-    return [format_example(row) for row in rows]
+    return [format_example(dict(zip(examples, row))) for row in zip(*examples.values())]
 
 
 # ---------------------------------------------------------------------------
@@ -780,18 +781,6 @@ def log_settings(script: str, training_args, precision: Precision, model, extra:
     ]
     lines += [f"  {k}: {v}" for k, v in extra.items() if k != "optimizer"]
     logger.info("\n".join(lines))
-
-
-def generate_sample(model, tokenizer, prompt_record: Mapping[str, Any], max_new_tokens: int = 8) -> str:
-    """Greedy reply to one prompt; the smoke run's proof that the saved model works."""
-    import torch
-
-    inputs = tokenizer(format_prompt(prompt_record), return_tensors="pt").to(model.device)
-    with torch.no_grad():
-        output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def setup_logging() -> None:
@@ -1057,12 +1046,13 @@ def chunked_causal_lm_loss(hidden, weight, labels, softcap=None, num_items_in_ba
         divisor = num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch
     if chunk_tokens is None:
         chunk_tokens = max(64, 2**29 // (4 * weight.shape[0]))  # about 512 MiB of fp32 logits a chunk
-    return _ChunkedCrossEntropy.apply(
+    return _chunked_cross_entropy().apply(
         shift_hidden.index_select(0, kept), weight, shift_labels.index_select(0, kept), softcap, divisor, chunk_tokens
     )
 
 
-def _make_chunked_cross_entropy():
+@functools.cache  # built on first use, so importing this module needs no torch
+def _chunked_cross_entropy():
     import torch
 
     class ChunkedCrossEntropy(torch.autograd.Function):
@@ -1128,19 +1118,6 @@ def _make_chunked_cross_entropy():
     return ChunkedCrossEntropy
 
 
-class _LazyFunction:
-    """Defers building the autograd Function until first use, so importing this module needs no torch."""
-
-    def __init__(self, factory):
-        self._factory, self._function = factory, None
-
-    def apply(self, *args):
-        if self._function is None:
-            self._function = self._factory()
-        return self._function.apply(*args)
-
-
-_ChunkedCrossEntropy = _LazyFunction(_make_chunked_cross_entropy)
 
 
 # ---------------------------------------------------------------------------
@@ -1427,8 +1404,12 @@ def check_trainable_labels(tokenized, collator, source: str) -> None:
     width = len(template)
     without = 0
     for ids in tokenized["input_ids"]:
-        starts = [i for i in range(len(ids) - width) if ids[i : i + width] == template]
-        if not starts:  # the answer was cut off (or there is none): every label would be masked
+        # A template that ends the sequence leaves no answer token after it.
+        found = any(
+            token == template[0] and ids[i : i + width] == template
+            for i, token in enumerate(ids[: len(ids) - width])
+        )
+        if not found:  # the answer was cut off (or there is none): every label would be masked
             without += 1
     if without == len(tokenized):
         raise UserInputError(
@@ -1515,6 +1496,15 @@ def generate_samples(model, tokenizer, records, count: int, max_new_tokens: int)
         samples.append({"prompt": prompt, "answer": answer})
     model.train(was_training)
     return samples
+
+
+def check_saved_model(load, final: Path, run: "Run", what: str) -> None:
+    """The smoke run's last step: what was saved loads back and generates."""
+    import torch
+
+    reloaded = load(final, dtype=torch.float32)
+    sample = generate_samples(reloaded, run.tokenizer, run.records, 1, run.report_args.sample_max_new_tokens)[0]
+    logger.info("Smoke run passed: the saved %s loads and generates: %r", what, sample["answer"])
 
 
 def write_reports(trainer, eval_records, samples_before: list[dict], samples_after: list[dict]) -> dict:

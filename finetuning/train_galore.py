@@ -149,9 +149,7 @@ def main(argv: Sequence[str]) -> Optional[SFTTrainer]:
     # Save: the whole model (safetensors) and the tokenizer.
     final = common.train_and_save(trainer, run)
     if run.model_args.smoke:
-        reloaded = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
-        sample = common.generate_sample(reloaded, run.tokenizer, run.records[0])
-        logger.info("Smoke run passed: the saved model loads and generates: %r", sample)
+        common.check_saved_model(AutoModelForCausalLM.from_pretrained, final, run, "model")
     return trainer
 
 

@@ -108,9 +108,7 @@ def main(argv: Sequence[str]) -> Optional[SFTTrainer]:
         merged = merge_adapter(final, run.precision)
         logger.info("Merged the adapter into a 16-bit copy of the base model: %s", merged)
     if run.model_args.smoke:
-        reloaded = AutoPeftModelForCausalLM.from_pretrained(final, dtype=torch.float32)
-        sample = common.generate_sample(reloaded, run.tokenizer, run.records[0])
-        logger.info("Smoke run passed: the saved adapter loads and generates: %r", sample)
+        common.check_saved_model(AutoPeftModelForCausalLM.from_pretrained, final, run, "adapter")
     return trainer
 
 
