@@ -38,14 +38,18 @@ def measured(trainer, warmup: int) -> dict:
     from transformers import TrainerCallback
 
     result = {"tokens": [], "step_seconds": []}
-    collate = trainer.data_collator
+    training_step = trainer.training_step
+    pad_token_id = trainer.tokenizer.pad_token_id
 
-    def counting_collator(features):
-        batch = collate(features)
-        result["tokens"].append(int(batch["attention_mask"].sum()))
-        return batch
+    def counting_step(model, inputs, *args, **kwargs):
+        # Padded batches carry an attention mask; padding-free ones only pad the ends of their rows.
+        if "attention_mask" in inputs:
+            result["tokens"].append(int(inputs["attention_mask"].sum()))
+        else:
+            result["tokens"].append(int((inputs["input_ids"] != pad_token_id).sum()))
+        return training_step(model, inputs, *args, **kwargs)
 
-    trainer.data_collator = counting_collator
+    trainer.training_step = counting_step
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -84,8 +88,8 @@ def _profiler_callback():
                 self.profile.__exit__(None, None, None)
                 averages = self.profile.key_averages()
                 self.path.write_text(
-                    averages.table(sort_by="cpu_time_total", row_limit=30)
-                    + "\n\n" + averages.table(sort_by="cuda_time_total", row_limit=30)
+                    averages.table(sort_by="self_cuda_time_total", row_limit=45)
+                    + "\n\n" + averages.table(sort_by="cpu_time_total", row_limit=25)
                 )
                 self.profile = None
 
@@ -221,8 +225,11 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "RESULTS.md")
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--only", default="", help="Setup names to run, separated by semicolons (default: all).")
+    parser.add_argument("--only", default="",
+                        help="Setup names to run, separated by semicolons (default: all). 'NAME + FLAGS' adds "
+                             "script flags to one of our setups, e.g. 'ours QLoRA, 32k tokens/batch + --lora_dropout 0'.")
     parser.add_argument("--profile_dir", type=Path, help="Write a torch.profiler table of each of our setups here.")
+    parser.add_argument("--ours_args", default="", help="Extra flags for every one of our setups (e.g. '--attn_implementation sdpa').")
     parser.add_argument("--setup", help=argparse.SUPPRESS)  # internal: one setup as JSON, in a child process
     args = parser.parse_args()
     if args.setup:
@@ -240,9 +247,15 @@ def main() -> None:
             setups[f"stock {label}, batch {batch}"] = dict(kind="stock", method=method, batch=batch)
         for batch in (8, 32, 64):
             setups[f"ours {label}, batch {batch}"] = dict(kind="ours", method=method, batch=batch)
-        for budget in (32768, 65536):
+        for budget in (16384, 32768, 65536):
             setups[f"ours {label}, {budget // 1024}k tokens/batch"] = dict(
                 kind="ours", method=method, batch=1, extra=tokens(budget)
+            )
+            setups[f"ours {label}, {budget // 1024}k tokens/batch, no checkpointing"] = dict(
+                kind="ours", method=method, batch=1, extra=[*tokens(budget), "--gradient_checkpointing", "false"]
+            )
+            setups[f"ours {label}, {budget // 1024}k tokens/batch, padded"] = dict(
+                kind="ours", method=method, batch=1, extra=[*tokens(budget), "--padding_free", "false"]
             )
     setups.update({
         "T4 emulation: ours QLoRA defaults": dict(kind="ours", method="qlora", batch=2, t4=True),
@@ -255,7 +268,12 @@ def main() -> None:
     wanted = [name.strip() for name in args.only.split(";") if name.strip()] or list(setups)
     rows = []
     for name in wanted:
-        spec = {**base, **setups[name]}
+        setup_name, _, added = name.partition(" + ")
+        spec = {**base, **setups[setup_name.strip()]}
+        if added:
+            spec["extra"] = [*spec.get("extra", []), *added.split()]
+        if spec["kind"] == "ours" and args.ours_args:
+            spec["extra"] = [*spec.get("extra", []), *args.ours_args.split()]
         if args.profile_dir and spec["kind"] == "ours" and not spec.get("t4"):
             spec["profile"] = str(args.profile_dir / f"profile_{spec['method']}_b{spec['batch']}.txt")
         started = time.time()

@@ -141,8 +141,9 @@ class ModelArguments:
         metadata={"help": "A hub id or a local folder with a causal LM (config.json + weights)."},
     )
     attn_implementation: str = field(
-        default="eager",
-        metadata={"help": "Attention kernel: 'eager' (recommended for Gemma 3 training), 'sdpa' or 'flash_attention_2'."},
+        default="sdpa",
+        metadata={"help": "Attention kernel: 'sdpa' (PyTorch's fused attention; Gemma 3 has no attention softcapping "
+                  "that would need 'eager'), 'eager' or 'flash_attention_2'."},
     )
     trust_remote_code: bool = field(
         default=False,
@@ -195,9 +196,15 @@ class DataArguments:
     )
     max_tokens_per_batch: Optional[int] = field(
         default=None,
-        metadata={"help": "Batch by tokens instead of records: each micro-batch holds as many records of similar "
-                  "length as fit this many (padded) tokens. A step's fixed cost is then spread over many short "
-                  "records; --per_device_train_batch_size is ignored for training."},
+        metadata={"help": "Batch by tokens instead of records: each micro-batch holds as many records as fit this "
+                  "many tokens. A step's fixed cost is then spread over many short records; "
+                  "--per_device_train_batch_size is ignored for training."},
+    )
+    padding_free: bool = field(
+        default=True,
+        metadata={"help": "With --max_tokens_per_batch: pack records into rows of --max_seq_length tokens with no "
+                  "padding between them, each record attending only to itself (position ids restart per record). "
+                  "False: batches of records of similar length, padded."},
     )
     eval_split_ratio: float = field(
         default=0.0, metadata={"help": "Hold out this share of the records (e.g. 0.05) to measure eval loss and perplexity."}
@@ -752,6 +759,13 @@ def load_causal_lm(model_path: str, trust_remote_code: bool, **kwargs):
     except (OSError, ValueError) as e:  # ValueError: a malformed hub id, or a folder with no config.json
         raise UserInputError(_model_not_found_message(model_path, e)) from e
     model.config.use_cache = False  # the KV cache is useless while training and clashes with checkpointing
+    if kwargs.get("attn_implementation") == "sdpa":
+        import torch
+
+        # PyTorch >= 2.5 picks cuDNN's attention on Hopper, which builds a plan per batch shape on the CPU: about
+        # 18 ms a call on an H100, nearly doubling a QLoRA step (bench/RESULTS.md). The flash and memory-efficient
+        # kernels need no plan.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     return model
 
 
@@ -981,20 +995,9 @@ def keep_residual_stream_in_fp32(model: "torch.nn.Module") -> int:
     norms hand float16 overflow (inf, then NaN) to the residual add. Returning
     float32 keeps the residual stream in float32; the matrix products stay float16.
     """
-    import types
+    import speed
 
-    import torch
-
-    def forward(self, x):
-        output = self._norm(x.float()) * (1.0 + self.weight.float())
-        return output.to(torch.promote_types(x.dtype, self.weight.dtype))
-
-    changed = 0
-    for module in model.modules():
-        if type(module).__name__ == "Gemma3RMSNorm":
-            module.forward = types.MethodType(forward, module)
-            changed += 1
-    return changed
+    return speed.fuse_rms_norms(model, fp32_residual=True)
 
 
 def use_chunked_loss(causal_lm: "torch.nn.Module", chunk_tokens: Optional[int] = None) -> bool:
@@ -1074,23 +1077,27 @@ def _chunked_cross_entropy():
             grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            # A target's probability can underflow float32 only past a loss of 87 for that token.
+            tiny = torch.finfo(torch.float32).tiny
             for start in range(0, hidden.shape[0], chunk_tokens):
                 h = hidden[start : start + chunk_tokens].to(compute_dtype)
                 target = labels[start : start + chunk_tokens]
-                logits = (h @ weight_c.T).float()
+                logits = h @ weight_c.T
                 if softcap:
-                    capped = torch.tanh(logits / softcap)
+                    capped = torch.tanh(logits.float() / softcap)
                     logits = capped * softcap
-                log_normaliser = torch.logsumexp(logits, dim=-1)
-                total += (log_normaliser - logits.gather(1, target[:, None]).squeeze(1)).sum()
+                # One fused pass from the 16-bit logits to float32 probabilities: the loss (-log p of the
+                # target) and its gradient (p - one_hot) both come from it, where log-sum-exp, subtract and
+                # exp would each read and write the whole float32 chunk.
+                probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+                rows = torch.arange(target.shape[0], device=target.device)
+                total -= probs[rows, target].clamp_min(tiny).log().sum()
                 if not (need_hidden_grad or need_weight_grad):
                     continue
-                # d(loss)/d(logits) = softmax - one_hot, computed in place over the logits.
-                grad_logits = logits.sub_(log_normaliser[:, None]).exp_()
-                grad_logits[torch.arange(target.shape[0], device=target.device), target] -= 1
+                probs[rows, target] -= 1
                 if softcap:
-                    grad_logits *= 1 - capped * capped
-                grad_logits = grad_logits.to(compute_dtype)
+                    probs *= 1 - capped * capped
+                grad_logits = probs.to(compute_dtype)
                 if need_hidden_grad:
                     grad_hidden[start : start + chunk_tokens] = grad_logits @ weight_c
                 if need_weight_grad:
@@ -1640,10 +1647,11 @@ def sft_inputs(run: Run) -> dict:
 
 
 def prepare_numerics(model, precision: Precision) -> None:
-    """The chunked loss everywhere; the fp32 residual stream where training runs in fp16."""
+    """The chunked loss; fused RMSNorms, keeping the residual stream in fp32 where training runs in fp16."""
+    import speed
+
     use_chunked_loss(model)
-    if precision.fp16:
-        keep_residual_stream_in_fp32(model)
+    speed.fuse_rms_norms(model, fp32_residual=precision.fp16)
 
 
 def train_and_save(trainer, run: Run) -> Path:
@@ -1724,13 +1732,32 @@ def trainer_class(run: "Run"):
         return SFTTrainer
     if run.data_args.packing:
         raise UserInputError("--max_tokens_per_batch and --packing both set the batch shape: choose one.")
+    row_tokens = run.data_args.max_seq_length
 
     class TokenBudgetSFTTrainer(SFTTrainer):
         def get_train_dataloader(self):
             from torch.utils.data import DataLoader
 
             dataset = self._remove_unused_columns(self.train_dataset, description="training")
-            sampler = TokenBudgetBatchSampler([len(ids) for ids in dataset["input_ids"]], max_tokens, self.args.seed)
+            lengths = [len(ids) for ids in dataset["input_ids"]]
+            if run.data_args.padding_free:
+                import speed
+
+                features = dataset.to_list()
+                rows = speed.pack_into_rows(lengths, row_tokens)
+                packed = speed.packed_rows(features, speed.record_labels(features, run.collator), rows)
+                sampler = speed.PackedBatches(packed, max(1, max_tokens // row_tokens), self.args.seed)
+                collate = speed.pad_rows(self.tokenizer.pad_token_id, row_tokens)
+                logger.info(
+                    "Padding-free batches: %d records packed into %d rows of %d tokens (%.1f%% filled), "
+                    "%d rows a batch.", len(lengths), len(rows), row_tokens,
+                    100 * speed.packing_summary(lengths, rows, row_tokens)["fill"], sampler.rows_per_batch,
+                )
+                loader = DataLoader(packed, batch_sampler=sampler, collate_fn=collate,
+                                    num_workers=self.args.dataloader_num_workers,
+                                    pin_memory=self.args.dataloader_pin_memory)
+                return self.accelerator.prepare(loader)
+            sampler = TokenBudgetBatchSampler(lengths, max_tokens, self.args.seed)
             logger.info(
                 "Batching by tokens: %d batches of up to %d padded tokens (mean %.1f records a batch).",
                 len(sampler), max_tokens, len(dataset) / len(sampler),

@@ -37,7 +37,7 @@ def test_training_arguments_flags(module, parse):
 
 def test_qlora_defaults(parse):
     model, data, _, lora, training = parse(train_qlora, [])
-    assert training.optim == "paged_adamw_8bit"
+    assert training.optim == "adamw_torch_fused"
     assert training.gradient_checkpointing is True
     assert training.gradient_checkpointing_kwargs == {"use_reentrant": False}
     assert (training.learning_rate, training.max_grad_norm, training.output_dir) == (2e-4, 0.3, "outputs/qlora")
@@ -80,7 +80,7 @@ def test_json_config_with_override(parse, tmp_path):
     assert lora.lora_r == 8, "the command line after the file wins"
     assert (training.learning_rate, training.max_steps) == (3e-4, 7)
     assert training.gradient_checkpointing_kwargs == {"use_reentrant": True}
-    assert training.optim == "paged_adamw_8bit", "script defaults still apply"
+    assert training.optim == "adamw_torch_fused", "script defaults still apply"
 
 
 def test_yaml_config_with_override(parse, tmp_path):

@@ -1,0 +1,257 @@
+"""The fast path (finetuning/speed.py): each piece against the stock computation, in float32 on the CPU."""
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+import speed
+
+
+def small_gemma(layers: int = 2, **overrides) -> Gemma3ForCausalLM:
+    torch.manual_seed(0)
+    config = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=16,
+        attn_implementation="sdpa",
+    )
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**{**config, **overrides}))
+    # Random norm weights: with the initial zeros, (1 + weight) would hide a wrong scale.
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.normal_(0, 0.5)
+    return model
+
+
+# ---------------------------------------------------------------------------
+# RMSNorm
+# ---------------------------------------------------------------------------
+
+
+def test_fused_rms_norm_matches_gemmas_in_value_and_gradient():
+    stock = small_gemma()
+    fused = copy.deepcopy(stock)
+    assert speed.fuse_rms_norms(fused) == 2 * 6 + 1  # 4 per layer + q/k norms, and the final one
+
+    input_ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (stock, fused):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_rms_norm_output_dtype_follows_the_fp32_residual_setting():
+    norm = small_gemma().model.norm  # float32 weights
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    plain, residual = copy.deepcopy(norm), copy.deepcopy(norm)
+    speed.fuse_rms_norms(plain)
+    speed.fuse_rms_norms(residual, fp32_residual=True)
+    assert plain(x).dtype == torch.bfloat16  # as Gemma's: back to the input's dtype
+    assert residual(x).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------
+# LoRA on a 4-bit base
+# ---------------------------------------------------------------------------
+
+
+def quantized_lora_model(directory, dropout: float):
+    """A tiny Gemma 3 loaded as train_qlora loads it (NF4, bitsandbytes on the CPU), with LoRA adapters on every linear."""
+    from peft import LoraConfig, get_peft_model
+
+    import common
+    import train_qlora
+
+    if not (directory / "config.json").is_file():
+        small_gemma().save_pretrained(directory)
+    model = train_qlora.load_quantized_model(str(directory), common.Precision(False, False, torch.float32, "test"), "sdpa")
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config).train()  # eval mode would let bitsandbytes repack CPU weights
+    torch.manual_seed(0)
+    with torch.no_grad():  # B starts at zero; a random B makes every gradient path of the adapter count
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    return peft_model
+
+
+def lora_loss_and_grads(model, seed: int):
+    input_ids = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(2))
+    model.zero_grad()
+    torch.manual_seed(seed)
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("keep_weight", [False, True])
+def test_fused_lora_4bit_matches_peft_without_dropout(keep_weight, tmp_path):
+    stock = quantized_lora_model(tmp_path, dropout=0.0)
+    fused = copy.deepcopy(stock)
+    assert speed.fuse_lora_4bit(fused, keep_dequantized_weight=keep_weight) == 2 * 7
+
+    stock_loss, stock_grads = lora_loss_and_grads(stock, seed=0)
+    fused_loss, fused_grads = lora_loss_and_grads(fused, seed=0)
+    torch.testing.assert_close(fused_loss, stock_loss, rtol=1e-5, atol=1e-6)
+    assert set(fused_grads) == set(stock_grads) and len(stock_grads) == 2 * 2 * 7
+    for name, grad in stock_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_lora_4bit_dropout_gradients_match_an_autograd_reference(tmp_path):
+    """With dropout the masks differ from peft's draws, so the reference is autograd over the same mask."""
+    model = quantized_lora_model(tmp_path, dropout=0.3)
+    layer = next(m for m in model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A"))
+    speed.fuse_lora_4bit(model, keep_dequantized_weight=False)
+    layer.train()
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(5, a.shape[1], requires_grad=True)
+
+    torch.manual_seed(7)
+    out = layer(x)
+    out.square().sum().backward()
+    fused_grads = [t.grad.clone() for t in (x, a, b)]
+    for t in (x, a, b):
+        t.grad = None
+
+    import bitsandbytes.functional as bnb_functional
+
+    w = bnb_functional.dequantize_4bit(layer.base_layer.weight, layer.base_layer.weight.quant_state)
+    torch.manual_seed(7)
+    dropped, mask = torch.native_dropout(x, 0.3, True)
+    reference = x @ w.t() + layer.scaling["default"] * (dropped @ a.t()) @ b.t()
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    reference.square().sum().backward()
+    for fused, expected in zip(fused_grads, (x.grad, a.grad, b.grad)):
+        torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5)
+    assert not mask.all(), "dropout dropped nothing: the test would not tell"
+
+
+def test_fused_lora_4bit_leaves_disabled_adapters_to_peft(tmp_path):
+    model = quantized_lora_model(tmp_path, dropout=0.0)
+    speed.fuse_lora_4bit(model, keep_dequantized_weight=False)
+    input_ids = torch.randint(3, 300, (1, 12))
+    with torch.no_grad():
+        with_adapter = model(input_ids=input_ids).logits
+        with model.disable_adapter():
+            without = model(input_ids=input_ids).logits
+    assert not torch.allclose(without, with_adapter)
+
+
+def test_fused_lora_4bit_after_an_eval_pass_still_trains_right(tmp_path):
+    """Samples are generated before training (eval mode, no grad): bitsandbytes may repack CPU weights then."""
+    stock = quantized_lora_model(tmp_path, dropout=0.0)
+    fused = copy.deepcopy(stock)
+    speed.fuse_lora_4bit(fused, keep_dequantized_weight=False)
+    input_ids = torch.randint(3, 300, (1, 12))
+    for model in (stock, fused):
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=input_ids)
+        model.train()
+    stock_loss, _ = lora_loss_and_grads(stock, seed=0)
+    fused_loss, _ = lora_loss_and_grads(fused, seed=0)
+    # Both run bitsandbytes' repacked bf16 CPU kernel now; a misread layout would be off by whole units.
+    torch.testing.assert_close(fused_loss, stock_loss, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Packing without cross-attention
+# ---------------------------------------------------------------------------
+
+
+def test_rows_hold_every_record_once_within_the_row_length():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 300) for _ in range(2000)]
+    rows = speed.pack_into_rows(lengths, 512)
+    flat = sorted(i for row in rows for i in row)
+    assert flat == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
+    assert speed.packing_summary(lengths, rows, 512)["fill"] > 0.97
+
+
+def test_packed_loss_and_gradients_equal_the_padded_batchs():
+    """The same records, padded one per row or packed into one row: the same loss, the same gradients."""
+    model = small_gemma(layers=2)
+    torch.manual_seed(3)
+    records = [torch.randint(3, 300, (n,)).tolist() for n in (9, 20, 14)]
+    labels = [list(r) for r in records]
+    labels[1][:6] = [-100] * 6  # a masked prompt
+
+    padded_ids = torch.zeros(3, 20, dtype=torch.long)
+    padded_labels = torch.full((3, 20), -100)
+    mask = torch.zeros(3, 20, dtype=torch.long)
+    for i, (ids, lab) in enumerate(zip(records, labels)):
+        padded_ids[i, : len(ids)] = torch.tensor(ids)
+        padded_labels[i, : len(ids)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    padded = copy.deepcopy(model)
+    loss = padded(input_ids=padded_ids, attention_mask=mask, labels=padded_labels).loss
+    loss.backward()
+
+    features = [{"input_ids": r} for r in records]
+    rows = speed.packed_rows(features, labels, [[0, 1, 2]])
+    batch = speed.pad_rows(pad_token_id=0, row_tokens=48)(rows)
+    assert batch["input_ids"].shape == (1, 48) and "attention_mask" not in batch
+    packed = copy.deepcopy(model)
+    packed_loss = packed(**batch).loss
+    packed_loss.backward()
+
+    torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(padded.named_parameters(), packed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_records_do_not_see_each_other():
+    """Changing the first record of a row changes nothing in the second record's logits."""
+    model = small_gemma(layers=2).eval()
+    first, second = [5] * 10, list(range(20, 32))
+    outputs = []
+    for head in (first, [7] * 10):
+        rows = speed.packed_rows([{"input_ids": head}, {"input_ids": second}], [head, second], [[0, 1]])
+        batch = speed.pad_rows(0, 32)(rows)
+        batch.pop("labels")
+        with torch.no_grad():
+            # No cache: transformers reads packing from the position ids only when there is none (as in training).
+            outputs.append(model(**batch, use_cache=False).logits[0, 10:22])
+    torch.testing.assert_close(outputs[0], outputs[1])
+
+
+def test_record_labels_keep_the_collators_masking(tiny_tokenizer):
+    import common
+
+    records = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
+               {"instruction": "Add 2 and 3.", "input": "", "output": "5"}]
+    texts = [common.format_record(r) for r in records]
+    features = [{"input_ids": tiny_tokenizer(t)["input_ids"]} for t in texts]
+    data_args = common.DataArguments()
+    collator = common.completion_only_collator(tiny_tokenizer, data_args, _Columns(["instruction"]))
+    labels = speed.record_labels(features, collator)
+    for feature, record_labels, record in zip(features, labels, records):
+        assert len(record_labels) == len(feature["input_ids"])
+        learnt = [t for t, label in zip(feature["input_ids"], record_labels) if label != -100]
+        assert record["output"] in tiny_tokenizer.decode(learnt)
+        assert record["instruction"] not in tiny_tokenizer.decode(learnt)
+
+
+class _Columns:
+    def __init__(self, names):
+        self.column_names = names
+
+
+def test_batches_cover_every_row_once_and_change_order_per_epoch():
+    batches = speed.PackedBatches(list(range(10)), rows_per_batch=4, seed=1)
+    first = list(batches)
+    assert len(first) == len(batches) == 3 and [len(b) for b in first] == [4, 4, 2]
+    assert sorted(i for b in first for i in b) == list(range(10))
+    batches.set_epoch(1)
+    assert list(batches) != first
