@@ -775,19 +775,22 @@ def count_parameters(model: "torch.nn.Module") -> tuple[int, int]:
     return trainable, total
 
 
-def log_settings(script: str, training_args, precision: Precision, model, extra: Mapping[str, Any]) -> None:
+def log_settings(script: str, run: "Run", model, extra: Mapping[str, Any]) -> None:
     """One block with what a user needs to know about the run they started."""
+    training_args, precision = run.training_args, run.precision
     trainable, total = count_parameters(model)
-    effective_batch = (
-        training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps
-        * max(1, training_args.world_size)
-    )
+    devices, accumulation = max(1, training_args.world_size), training_args.gradient_accumulation_steps
+    tokens = run.data_args.max_tokens_per_batch
+    if tokens is None:
+        batch = training_args.per_device_train_batch_size
+        effective = f"{batch * accumulation * devices} records = {batch} per device"
+    else:
+        how = "packed without padding" if run.data_args.padding_free else "padded, similar lengths together"
+        effective = f"{tokens * accumulation * devices:,} tokens = {tokens:,} per device ({how})"
     lines = [
         f"{script} settings:",
         f"  precision: {precision.name} ({precision.reason})",
-        f"  effective batch size: {effective_batch} = {training_args.per_device_train_batch_size} per device"
-        f" x {training_args.gradient_accumulation_steps} accumulation x {max(1, training_args.world_size)} device(s)",
+        f"  effective batch: {effective} x {accumulation} accumulation x {devices} device(s)",
         f"  trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
         f"  learning rate: {training_args.learning_rate}, optimizer: {extra.get('optimizer', getattr(training_args.optim, 'value', training_args.optim))}",
         f"  gradient checkpointing: {training_args.gradient_checkpointing}",
@@ -1729,6 +1732,10 @@ def trainer_class(run: "Run"):
 
     max_tokens = run.data_args.max_tokens_per_batch
     if max_tokens is None:
+        logger.info(
+            "Batches of %d records, each padded to the longest. On short records, --max_tokens_per_batch 8192 "
+            "(packed, no padding) trains many times faster: README.md, 'Speed'.", run.training_args.per_device_train_batch_size,
+        )
         return SFTTrainer
     if run.data_args.packing:
         raise UserInputError("--max_tokens_per_batch and --packing both set the batch shape: choose one.")
@@ -1748,6 +1755,7 @@ def trainer_class(run: "Run"):
                 packed = speed.packed_rows(features, speed.record_labels(features, run.collator), rows)
                 sampler = speed.PackedBatches(packed, max(1, max_tokens // row_tokens), self.args.seed)
                 collate = speed.pad_rows(self.tokenizer.pad_token_id, row_tokens)
+                speed.use_varlen_attention()
                 logger.info(
                     "Padding-free batches: %d records packed into %d rows of %d tokens (%.1f%% filled), "
                     "%d rows a batch.", len(lengths), len(rows), row_tokens,

@@ -131,8 +131,7 @@ def main(argv: Sequence[str]) -> Optional[SFTTrainer]:
     galore_weights = sum(p.numel() for p in optimizer.param_groups[0]["params"])
     common.log_settings(
         "GaLore",
-        run.training_args,
-        run.precision,
+        run,
         model,
         {
             "optimizer": "GaLoreAdamW8bit (galore-torch, bitsandbytes 8-bit states)",

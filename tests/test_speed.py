@@ -255,3 +255,56 @@ def test_batches_cover_every_row_once_and_change_order_per_epoch():
     assert sorted(i for b in first for i in b) == list(range(10))
     batches.set_epoch(1)
     assert list(batches) != first
+
+
+def test_record_bounds_cover_every_record_and_the_padding():
+    rows = speed.packed_rows([{"input_ids": [5] * n} for n in (3, 4, 6)], [[5] * n for n in (3, 4, 6)], [[0, 1], [2]])
+    batch = speed.pad_rows(pad_token_id=0, row_tokens=8)(rows)
+    # Row 1: records of 3 and 4, one pad; row 2: a record of 6, two pads.
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 7, 8, 14, 16]
+    assert batch["max_length_q"] == 6 and batch["cu_seq_lens_q"].dtype == torch.int32
+
+
+def varlen_against_masked(device: str, dtype, sliding_window: int, lengths=(300, 700, 24, 1000)):
+    """Loss and gradients of one packed batch through the variable-length kernels and through SDPA with a mask."""
+    model = small_gemma(layers=2, sliding_window=sliding_window).to(device)
+    torch.manual_seed(4)
+    records = [torch.randint(3, 300, (n,)).tolist() for n in lengths]
+    rows = speed.packed_rows([{"input_ids": r} for r in records], records, speed.pack_into_rows(list(lengths), 1024))
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in speed.pad_rows(0, 1024)(rows).items()}
+    results = []
+    for varlen in (False, True):
+        copy_ = copy.deepcopy(model)
+        if varlen:
+            speed.use_varlen_attention()
+        inputs = batch if varlen else {k: v for k, v in batch.items() if not k.startswith(("cu_seq", "max_length"))}
+        with torch.autocast(device, dtype=dtype):
+            loss = copy_(**inputs).loss
+        loss.backward()
+        results.append((loss.detach().float(), {n: p.grad.float() for n, p in copy_.named_parameters()}))
+    return results
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sliding_window", [512, 4096])
+@pytest.mark.parametrize("gpu", ["this", "T4"])
+def test_varlen_attention_matches_masked_sdpa_on_the_gpu(sliding_window, gpu, monkeypatch):
+    if gpu == "T4":  # no flash attention: the memory-efficient kernel, or the mask where a window applies
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    (masked_loss, masked_grads), (varlen_loss, varlen_grads) = varlen_against_masked("cuda", torch.bfloat16, sliding_window)
+    torch.testing.assert_close(varlen_loss, masked_loss, rtol=1e-3, atol=0)
+    for name, grad in masked_grads.items():
+        # Two bf16 kernels that sum in different orders: relative to the gradient's size, not element by element.
+        assert float((varlen_grads[name] - grad).norm() / grad.norm().clamp_min(1e-12)) < 2e-2, name
+
+
+def test_fused_rms_norm_in_bfloat16_stays_within_bfloat16_rounding():
+    stock = small_gemma().model.layers[0].input_layernorm
+    fused = copy.deepcopy(stock)
+    speed.fuse_rms_norms(fused)
+    x = (torch.randn(64, 64) * 3).to(torch.bfloat16)
+    reference = stock(x.float())  # Gemma's norm, all in float32
+    for output in (stock(x), fused(x)):
+        assert output.dtype == torch.bfloat16
+        # Two bf16 roundings (scale and output) at most: within 2 units of bf16's relative precision.
+        torch.testing.assert_close(output.float(), reference, rtol=2 * 2**-8, atol=1e-3)
