@@ -133,13 +133,18 @@ def run_ours(script: str, model: str, data: str, batch: int, steps: int, warmup:
 
     common.train = train
     output_dir = f"/tmp/bench-{script}-{os.getpid()}"
+    # batch None: the script's own batch size and accumulation (its defaults).
+    batch_flags = [] if batch is None else [
+        "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1"]
     module.main([
         "--model_name_or_path", model, "--dataset_name", data, "--output_dir", output_dir, "--overwrite_output_dir",
-        "--max_steps", str(steps), "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
+        "--max_steps", str(steps), *batch_flags,
         "--logging_steps", "1", "--save_strategy", "no", "--num_sample_prompts", "0", "--warmup_ratio", "0", *extra,
     ])
     trainer = holder["trainer"]
-    return {**summarise(holder["result"], warmup, 1, _model_parameters(model)), "loss": trainer.state.log_history[-2].get("loss")}
+    accumulation = trainer.args.gradient_accumulation_steps
+    summary = summarise(holder["result"], warmup, accumulation, _model_parameters(model))
+    return {**summary, "loss": trainer.state.log_history[-2].get("loss")}
 
 
 def _model_parameters(model: str) -> int:
@@ -258,10 +263,12 @@ def main() -> None:
                 kind="ours", method=method, batch=1, extra=[*tokens(budget), "--padding_free", "false"]
             )
     setups.update({
-        "T4 emulation: ours QLoRA defaults": dict(kind="ours", method="qlora", batch=2, t4=True),
+        "T4 emulation: ours QLoRA defaults": dict(kind="ours", method="qlora", batch=None, t4=True),
         "T4 emulation: ours QLoRA, 8k tokens/batch": dict(kind="ours", method="qlora", batch=1, t4=True,
                                                            extra=tokens(8192)),
+        "T4 emulation: ours GaLore defaults": dict(kind="ours", method="galore", batch=None, t4=True),
         "T4 emulation: ours GaLore batch 4": dict(kind="ours", method="galore", batch=4, t4=True),
+        # Packed rows are full: 4 rows of 1,024 real tokens, the "batch 4 x 1,024".
         "T4 emulation: ours GaLore, 4k tokens/batch": dict(kind="ours", method="galore", batch=1, t4=True,
                                                             extra=tokens(4096)),
     })
@@ -297,9 +304,9 @@ def write_results(args, rows) -> None:
     gpu = next((r["gpu"] for _, r in rows if r), "unknown GPU")
     lines = [
         f"\n## {datetime.date.today()} on {gpu}\n",
-        f"`python bench/run_bench.py --config {args.config} --data {args.data} --steps {args.steps} "
-        f"--warmup {args.warmup}`: random-weight gemma-3-1b shapes, Alpaca text, 1,024-token cap, "
-        f"gradient checkpointing; median of {args.steps - args.warmup} steps.\n",
+        f"`python bench/run_bench.py --config {args.config} --model {args.model} --data {args.data} "
+        f"--steps {args.steps} --warmup {args.warmup} --only \"{args.only}\"`: random-weight gemma-3-1b shapes, "
+        f"Alpaca text, 1,024-token cap, gradient checkpointing; median of {args.steps - args.warmup} steps.\n",
         "| setup | real tokens/s | step s | tokens/step | peak GiB | MFU | loss |",
         "|---|---|---|---|---|---|---|",
     ]

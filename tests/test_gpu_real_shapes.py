@@ -142,3 +142,95 @@ def test_chunked_loss_equals_stock_loss_on_real_shapes(real_shape_model):
     assert abs(losses[1] - losses[0]) <= 1e-3 * abs(losses[0]), losses
     relative = (grads[1] - grads[0]).norm() / grads[0].norm()
     assert relative < 2e-2, relative.item()  # bf16 keeps 8 bits of mantissa
+
+
+def _records(count=6, vocab=8000, seed=0):
+    """Records of uneven length with a masked prompt, as instruction data looks after tokenization."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(60, 700, (count,), generator=generator).tolist()
+    records = [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
+    labels = [[-100] * 40 + r[40:] for r in records]
+    return records, labels
+
+
+def _padded(records, labels):
+    width = max(len(r) for r in records)
+    batch = {name: torch.full((len(records), width), fill) for name, fill in
+             (("input_ids", 0), ("labels", -100), ("attention_mask", 0))}
+    for i, (ids, lab) in enumerate(zip(records, labels)):
+        batch["input_ids"][i, : len(ids)] = torch.tensor(ids)
+        batch["labels"][i, : len(ids)] = torch.tensor(lab)
+        batch["attention_mask"][i, : len(ids)] = 1
+    return {k: v.cuda() for k, v in batch.items()}
+
+
+def _packed(records, labels):
+    import speed
+
+    rows = speed.pack_into_rows([len(r) for r in records], 1024)
+    batch = speed.pad_rows(0, 1024)(speed.packed_rows([{"input_ids": r} for r in records], labels, rows))
+    return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _same_answer(stock_loss, fast_loss, stock_grads, fast_grads):
+    assert abs(fast_loss - stock_loss) <= 1e-3 * abs(stock_loss), (stock_loss, fast_loss)
+    for name, grad in stock_grads.items():
+        relative = float((fast_grads[name] - grad).norm() / grad.norm())
+        assert relative < 2e-2, (name, relative)  # bf16 keeps 8 bits of mantissa
+
+
+def test_fast_path_same_answer_as_stock_on_real_shapes(real_shape_model):
+    """GaLore's model: fused norms, chunked loss, packed rows and variable-length attention against stock
+    transformers on the same records (padded, SDPA with a mask, stock loss)."""
+    import speed
+    from transformers import AutoModelForCausalLM
+
+    records, labels = _records()
+    losses, grads = [], []
+    watched = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+               "model.layers.5.self_attn.k_norm.weight", "model.layers.25.mlp.down_proj.weight")
+    for fast in (False, True):
+        model = common.load_causal_lm(str(real_shape_model), False, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+        if fast:
+            common.use_chunked_loss(model)
+            speed.fuse_rms_norms(model)
+            speed.use_varlen_attention()
+        loss = model(**(_packed(records, labels) if fast else _padded(records, labels))).loss
+        loss.backward()
+        losses.append(loss.float().item())
+        parameters = dict(model.named_parameters())
+        grads.append({name: parameters[name].grad.float() for name in watched})
+        del model, parameters
+        torch.cuda.empty_cache()
+    _same_answer(losses[0], losses[1], grads[0], grads[1])
+
+
+def test_fused_lora_4bit_same_answer_as_peft_on_real_shapes(real_shape_model):
+    """QLoRA's layers on the 4-bit base: the fused autograd node against peft + bitsandbytes, in bf16."""
+    import speed
+    import train_qlora
+    from peft import LoraConfig, get_peft_model
+
+    precision = common.Precision(True, False, torch.bfloat16, "test")
+    records, labels = _records(count=4)
+    losses, grads = [], []
+    for fast in (False, True):
+        model = train_qlora.load_quantized_model(str(real_shape_model), precision, "sdpa")
+        torch.manual_seed(0)  # the same adapter initialisation in both runs
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM")).train()
+        with torch.no_grad():  # a non-zero B, the same in both runs, so every adapter path carries gradient
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.02)
+        if fast:
+            assert speed.fuse_lora_4bit(model, keep_dequantized_weight=True) == 26 * 7
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**_padded(records, labels)).loss
+        loss.backward()
+        losses.append(loss.float().item())
+        grads.append({n: p.grad.float() for n, p in model.named_parameters()
+                      if p.requires_grad and ("layers.0." in n or "layers.25." in n)})
+        del model
+        torch.cuda.empty_cache()
+    _same_answer(losses[0], losses[1], grads[0], grads[1])
