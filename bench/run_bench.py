@@ -103,7 +103,8 @@ def summarise(result: dict, warmup: int, accumulation: int, parameters: int) -> 
     tokens = result["tokens"][warmup * accumulation : (warmup + len(steps)) * accumulation]
     tokens_per_second = sum(tokens) / sum(steps)
     gpu = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
+    # Under emulation the arithmetic runs on the bigger GPU: a T4's peak would give a meaningless MFU.
+    peak = None if "emulated" in gpu else next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
     return {
         "tokens_per_second": tokens_per_second,
         "median_step_s": statistics.median(steps),
@@ -295,9 +296,13 @@ def main() -> None:
         rows.append((name, result))
         print(f"{name}: {result['tokens_per_second']:,.0f} tokens/s, step {result['median_step_s']:.3f} s, "
               f"{result['tokens_per_step']:,.0f} tokens/step, peak {result['peak_gib']:.2f} GiB, "
-              f"MFU {100 * (result['mfu'] or 0):.1f}%, loss {result['loss']}  ({time.time() - started:.0f} s)",
+              f"MFU {_percent(result['mfu'])}, loss {result['loss']}  ({time.time() - started:.0f} s)",
               flush=True)
     write_results(args, rows)
+
+
+def _percent(fraction) -> str:
+    return "–" if fraction is None else f"{100 * fraction:.1f}%"
 
 
 def write_results(args, rows) -> None:
@@ -315,7 +320,7 @@ def write_results(args, rows) -> None:
             lines.append(f"| {name} | failed | | | | | |")
         else:
             lines.append(f"| {name} | {r['tokens_per_second']:,.0f} | {r['median_step_s']:.3f} | "
-                         f"{r['tokens_per_step']:,.0f} | {r['peak_gib']:.2f} | {100 * (r['mfu'] or 0):.1f}% | "
+                         f"{r['tokens_per_step']:,.0f} | {r['peak_gib']:.2f} | {_percent(r['mfu'])} | "
                          f"{r['loss']} |")
     with open(args.results, "a") as results:
         results.write("\n".join(lines) + "\n")
