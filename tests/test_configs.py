@@ -75,13 +75,15 @@ def test_config_settings_are_consistent(name):
     assert values["logging_steps"] == 10
     assert values["output_dir"] == f"outputs/{Path(name).stem}"
     expected = {
-        "qlora_t4.yaml": (4, 4, 1024),
-        "qlora_a100.yaml": (16, 1, 2048),
-        "galore_t4.yaml": (4, 2, 1024),
-        "galore_a100.yaml": (8, 1, 2048),
+        "qlora_t4.yaml": (8192, 1, 1024),
+        "qlora_a100.yaml": (32768, 1, 2048),
+        "galore_t4.yaml": (4096, 1, 1024),
+        "galore_a100.yaml": (32768, 1, 2048),
     }[name]
-    assert (values["per_device_train_batch_size"], values["gradient_accumulation_steps"],
+    assert (values["max_tokens_per_batch"], values["gradient_accumulation_steps"],
             values["max_seq_length"]) == expected
+    # Whole rows of --max_seq_length tokens per batch.
+    assert values["max_tokens_per_batch"] % values["max_seq_length"] == 0
 
 
 @pytest.mark.parametrize("name", CONFIGS)
