@@ -208,14 +208,15 @@ def pack_into_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
 
 
 def packed_rows(features: Sequence[dict], labels: Sequence[Sequence[int]], rows: Sequence[Sequence[int]]) -> list[dict]:
-    """Each row's records concatenated: input_ids, labels, and position ids restarting at 0 for every record.
+    """Each row's records concatenated: input_ids, labels, position ids restarting at 0 for every record, and the
+    records' lengths.
 
     The first label of every record is masked: in a packed row it would be
     predicted from the previous record's last token.
     """
     packed = []
     for row in rows:
-        input_ids, row_labels, position_ids = [], [], []
+        input_ids, row_labels, position_ids, lengths = [], [], [], []
         for index in row:
             ids = list(features[index]["input_ids"])
             record_labels = list(labels[index])
@@ -223,7 +224,8 @@ def packed_rows(features: Sequence[dict], labels: Sequence[Sequence[int]], rows:
             input_ids += ids
             row_labels += record_labels
             position_ids += range(len(ids))
-        packed.append({"input_ids": input_ids, "labels": row_labels, "position_ids": position_ids})
+            lengths.append(len(ids))
+        packed.append({"input_ids": input_ids, "labels": row_labels, "position_ids": position_ids, "lengths": lengths})
     return packed
 
 
@@ -289,8 +291,7 @@ def pad_rows(pad_token_id: int, row_tokens: int) -> Callable[[Sequence[dict]], d
             batch["position_ids"][i, :n] = torch.tensor(row["position_ids"])
             # Padding restarts at 0 too: one more "record", after every real token, so none of them can see it.
             batch["position_ids"][i, n:] = torch.arange(row_tokens - n)
-            starts = [j for j, position in enumerate(row["position_ids"]) if position == 0] + [n]
-            lengths += [end - start for start, end in zip(starts, starts[1:])]
+            lengths += row["lengths"]
             if n < row_tokens:
                 lengths.append(row_tokens - n)
         bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
