@@ -78,14 +78,25 @@ def _profiler_callback():
 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == self.start_step:
+                import cProfile
+
                 activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
                 self.profile = torch.profiler.profile(activities=activities)
                 self.profile.__enter__()
+                self.python = cProfile.Profile()  # where the Python side of a step spends its time
+                self.python.enable()
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.profile is not None and state.global_step == self.start_step + 3:
                 torch.cuda.synchronize()
+                self.python.disable()
                 self.profile.__exit__(None, None, None)
+                import io
+                import pstats
+
+                python_stats = io.StringIO()
+                pstats.Stats(self.python, stream=python_stats).sort_stats("tottime").print_stats(40)
+                self.path.with_suffix(".python.txt").write_text(python_stats.getvalue())
                 averages = self.profile.key_averages()
                 self.path.write_text(
                     averages.table(sort_by="self_cuda_time_total", row_limit=45)
@@ -283,7 +294,8 @@ def main() -> None:
         if spec["kind"] == "ours" and args.ours_args:
             spec["extra"] = [*spec.get("extra", []), *args.ours_args.split()]
         if args.profile_dir and spec["kind"] == "ours" and not spec.get("t4"):
-            spec["profile"] = str(args.profile_dir / f"profile_{spec['method']}_b{spec['batch']}.txt")
+            label = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+            spec["profile"] = str(args.profile_dir / f"profile_{label}.txt")
         started = time.time()
         child = subprocess.run([sys.executable, __file__, "--setup", json.dumps(spec)], capture_output=True, text=True)
         line = next((l for l in child.stdout.splitlines() if l.startswith("RESULT ")), None)
