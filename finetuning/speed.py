@@ -112,9 +112,28 @@ def _lora_4bit_forward(stock_forward: Callable, adapter: str, keep_weight: bool)
 
 
 def _dequantize(weight, quant_state, dtype):
-    import bitsandbytes.functional as bnb_functional
+    """bitsandbytes.functional.dequantize_4bit(weight, quant_state).to(dtype), in one kernel.
 
-    return bnb_functional.dequantize_4bit(weight, quant_state).to(dtype)
+    Double quantization stores the blocks' scales (absmax) in 8 bits, and
+    bitsandbytes undoes that on every call: three more kernels and about 0.2 ms
+    of Python a call, 364 calls a step for gemma-3-1b. The base weights are
+    frozen, so the float32 scales are computed once and kept on the quant state
+    (1/16 of the 16-bit weight's size: 44 MB for gemma-3-1b).
+    """
+    import torch
+
+    absmax = getattr(quant_state, "float32_absmax", None)
+    if absmax is None or absmax.device != weight.device:  # QuantState.to() moves only its own tensors
+        import bitsandbytes.functional as bnb_functional
+
+        absmax = quant_state.absmax
+        if quant_state.nested:
+            absmax = bnb_functional.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset
+        absmax = quant_state.float32_absmax = absmax.float()
+    weight = torch.ops.bitsandbytes.dequantize_4bit.default(
+        weight, absmax, quant_state.blocksize, quant_state.quant_type, quant_state.shape, quant_state.dtype
+    )
+    return weight.to(dtype)
 
 
 _CACHE: dict = {}

@@ -308,3 +308,17 @@ def test_fused_rms_norm_in_bfloat16_stays_within_bfloat16_rounding():
         assert output.dtype == torch.bfloat16
         # Two bf16 roundings (scale and output) at most: within 2 units of bf16's relative precision.
         torch.testing.assert_close(output.float(), reference, rtol=2 * 2**-8, atol=1e-3)
+
+
+def test_one_kernel_dequantization_equals_bitsandbytes(tmp_path):
+    """Double-quantized scales undone once and kept: the same weights as bitsandbytes' own dequantize_4bit."""
+    import bitsandbytes.functional as bnb_functional
+
+    model = quantized_lora_model(tmp_path, dropout=0.0)
+    base = next(m for m in model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A")).base_layer
+    state = base.weight.quant_state
+    assert state.nested, "train_qlora uses double quantization: the case worth testing"
+    expected = bnb_functional.dequantize_4bit(base.weight, state).to(torch.float32)
+    for _ in range(2):  # the second call uses the kept scales
+        torch.testing.assert_close(speed._dequantize(base.weight, state, torch.float32), expected, rtol=0, atol=0)
+    assert state.float32_absmax.dtype == torch.float32
