@@ -1451,15 +1451,30 @@ def dry_run_report(records, tokenizer, collator, data_args: DataArguments, train
         * training_args.gradient_accumulation_steps
         * max(1, training_args.world_size),
     }
+    batching = f"Effective batch size: {stats['effective_batch_size']}."
+    if data_args.max_tokens_per_batch and data_args.padding_free:
+        import speed
+
+        # The same packing training will do, on the untruncated lengths cut to the row length.
+        row_tokens = data_args.max_seq_length
+        rows = speed.pack_into_rows([min(n, row_tokens) for n in lengths], row_tokens)
+        fill = speed.packing_summary(lengths, rows, row_tokens)["fill"]
+        micro_batches = math.ceil(len(rows) / max(1, data_args.max_tokens_per_batch // row_tokens))
+        stats["optimizer_steps_per_epoch"] = math.ceil(micro_batches / training_args.gradient_accumulation_steps)
+        batching = (
+            f"Packed without padding: {len(rows)} rows of {row_tokens} tokens ({100 * fill:.1f}% real tokens), "
+            f"{data_args.max_tokens_per_batch:,} tokens a micro-batch: {stats['optimizer_steps_per_epoch']} optimizer "
+            f"steps per epoch at accumulation {training_args.gradient_accumulation_steps}."
+        )
     examples = [render_with_mask(record, tokenizer, collator, data_args.max_seq_length) for record in records.select(range(min(2, len(records))))]
     logger.info(
         "Dry run (no model loaded):\n%s\n"
         "Token lengths: min %d, median %d, 95th percentile %d, max %d; %d of %d records longer than "
-        "--max_seq_length %d.\nEffective batch size: %d.",
+        "--max_seq_length %d.\n%s",
         "\n".join(f"--- example {i} ({'⟦masked⟧ = not learnt' if collator else 'every token learnt'}) ---\n{text}"
                   for i, text in enumerate(examples)),
         stats["min"], stats["median"], stats["p95"], stats["max"], stats["longer_than_max_seq_length"],
-        stats["records"], data_args.max_seq_length, stats["effective_batch_size"],
+        stats["records"], data_args.max_seq_length, batching,
     )
     return {**stats, "examples": examples}
 

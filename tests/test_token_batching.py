@@ -55,3 +55,16 @@ def test_token_batched_training_resumes_to_the_same_weights(tmp_path):
     straight = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     resumed = load_file(str(interrupted / "final" / "model.safetensors"))
     assert all((straight[name] - resumed[name]).abs().max() <= 1e-6 for name in straight)
+
+
+def test_dry_run_predicts_the_packed_runs_step_count(tmp_path, caplog, monkeypatch):
+    flags = ["--smoke", "--max_tokens_per_batch", "1024", "--max_seq_length", "256", "--max_steps", "-1",
+             "--num_train_epochs", "1", "--num_sample_prompts", "0"]
+    caplog.set_level("INFO")
+    reported = {}
+    real_report = common.dry_run_report
+    monkeypatch.setattr(common, "dry_run_report", lambda *args, **kwargs: reported.update(real_report(*args, **kwargs)))
+    assert train_galore.main([*flags, "--dry_run", "--output_dir", str(tmp_path / "dry")]) is None
+    assert "Packed without padding" in caplog.text
+    trainer = train_galore.main([*flags, "--output_dir", str(tmp_path / "run")])
+    assert trainer.state.max_steps == reported["optimizer_steps_per_epoch"] > 1
