@@ -19,12 +19,10 @@ tests/test_speed.py checks each against the stock computation in float32.
 from __future__ import annotations
 
 import bisect
-import logging
+import functools
 import random
 import types
 from typing import Any, Callable, Optional, Sequence
-
-logger = logging.getLogger("finetuning.speed")
 
 
 # ---------------------------------------------------------------------------
@@ -136,12 +134,8 @@ def _dequantize(weight, quant_state, dtype):
     return weight.to(dtype)
 
 
-_CACHE: dict = {}
-
-
+@functools.cache  # built on first use, so importing this module needs no torch
 def _lora_4bit_function():
-    if "lora" in _CACHE:
-        return _CACHE["lora"]
     import torch
 
     class Lora4bitLinear(torch.autograd.Function):
@@ -172,7 +166,6 @@ def _lora_4bit_function():
             ctx.weight, ctx.quant_state, ctx.compute_dtype, ctx.scale, ctx.p = weight, quant_state, compute_dtype, scale, p
             ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
             ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype)
-            ctx.has_bias = bias is not None
             return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
         @staticmethod
@@ -195,7 +188,6 @@ def _lora_4bit_function():
                 grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
             return grad_x, None, None, None, None, grad_a, grad_b, None, None, None
 
-    _CACHE["lora"] = Lora4bitLinear
     return Lora4bitLinear
 
 
@@ -382,7 +374,6 @@ def _varlen_or_sdpa(sdpa: Callable) -> Callable:
             )[0][0]
         return output.reshape(batch, length, heads, head_dim), None
 
-    attention.varlen = True
     return attention
 
 
