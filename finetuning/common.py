@@ -1455,10 +1455,10 @@ def dry_run_report(records, tokenizer, collator, data_args: DataArguments, train
     if data_args.max_tokens_per_batch and data_args.padding_free:
         import speed
 
-        # The same packing training will do, on the untruncated lengths cut to the row length.
+        # The same packing training will do; longer records count as cut to one row, as training cuts them.
         row_tokens = data_args.max_seq_length
-        rows = speed.pack_into_rows([min(n, row_tokens) for n in lengths], row_tokens)
-        fill = speed.packing_summary(lengths, rows, row_tokens)["fill"]
+        rows = speed.pack_into_rows(lengths, row_tokens)
+        fill = speed.row_fill(lengths, rows, row_tokens)
         micro_batches = math.ceil(len(rows) / max(1, data_args.max_tokens_per_batch // row_tokens))
         stats["optimizer_steps_per_epoch"] = math.ceil(micro_batches / training_args.gradient_accumulation_steps)
         batching = (
@@ -1767,26 +1767,24 @@ def trainer_class(run: "Run"):
 
                 features = dataset.to_list()
                 rows = speed.pack_into_rows(lengths, row_tokens)
-                packed = speed.packed_rows(features, speed.record_labels(features, run.collator), rows)
-                sampler = speed.PackedBatches(packed, max(1, max_tokens // row_tokens), self.args.seed)
+                data = speed.packed_rows(features, speed.record_labels(features, run.collator), rows)
+                sampler = speed.PackedBatches(len(data), max(1, max_tokens // row_tokens), self.args.seed)
                 collate = speed.pad_rows(self.tokenizer.pad_token_id, row_tokens)
                 speed.use_varlen_attention()
                 logger.info(
                     "Padding-free batches: %d records packed into %d rows of %d tokens (%.1f%% filled), "
                     "%d rows a batch.", len(lengths), len(rows), row_tokens,
-                    100 * speed.packing_summary(lengths, rows, row_tokens)["fill"], sampler.rows_per_batch,
+                    100 * speed.row_fill(lengths, rows, row_tokens), sampler.rows_per_batch,
                 )
-                loader = DataLoader(packed, batch_sampler=sampler, collate_fn=collate,
-                                    num_workers=self.args.dataloader_num_workers,
-                                    pin_memory=self.args.dataloader_pin_memory)
-                return self.accelerator.prepare(loader)
-            sampler = TokenBudgetBatchSampler(lengths, max_tokens, self.args.seed)
-            logger.info(
-                "Batching by tokens: %d batches of up to %d padded tokens (mean %.1f records a batch).",
-                len(sampler), max_tokens, len(dataset) / len(sampler),
-            )
+            else:
+                data, collate = dataset, self.data_collator
+                sampler = TokenBudgetBatchSampler(lengths, max_tokens, self.args.seed)
+                logger.info(
+                    "Batching by tokens: %d batches of up to %d padded tokens (mean %.1f records a batch).",
+                    len(sampler), max_tokens, len(dataset) / len(sampler),
+                )
             loader = DataLoader(
-                dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                data, batch_sampler=sampler, collate_fn=collate,
                 num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
             )
             return self.accelerator.prepare(loader)

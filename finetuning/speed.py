@@ -22,7 +22,7 @@ import bisect
 import functools
 import random
 import types
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 
 # ---------------------------------------------------------------------------
@@ -219,24 +219,23 @@ def pack_into_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
 
 
 def packed_rows(features: Sequence[dict], labels: Sequence[Sequence[int]], rows: Sequence[Sequence[int]]) -> list[dict]:
-    """Each row's records concatenated: input_ids, labels, position ids restarting at 0 for every record, and the
-    records' lengths.
+    """Each row's records concatenated (input_ids, labels), with the records' lengths, from which `pad_rows`
+    derives the position ids.
 
     The first label of every record is masked: in a packed row it would be
     predicted from the previous record's last token.
     """
     packed = []
     for row in rows:
-        input_ids, row_labels, position_ids, lengths = [], [], [], []
+        input_ids, row_labels, lengths = [], [], []
         for index in row:
             ids = list(features[index]["input_ids"])
             record_labels = list(labels[index])
             record_labels[0] = -100
             input_ids += ids
             row_labels += record_labels
-            position_ids += range(len(ids))
             lengths.append(len(ids))
-        packed.append({"input_ids": input_ids, "labels": row_labels, "position_ids": position_ids, "lengths": lengths})
+        packed.append({"input_ids": input_ids, "labels": row_labels, "lengths": lengths})
     return packed
 
 
@@ -262,8 +261,8 @@ class PackedBatches:
     at step 1.
     """
 
-    def __init__(self, rows: Sequence[dict], rows_per_batch: int, seed: int = 0):
-        self.row_count, self.rows_per_batch, self.seed, self.epoch = len(rows), rows_per_batch, seed, 0
+    def __init__(self, row_count: int, rows_per_batch: int, seed: int = 0):
+        self.row_count, self.rows_per_batch, self.seed, self.epoch = row_count, rows_per_batch, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -292,19 +291,18 @@ def pad_rows(pad_token_id: int, row_tokens: int) -> Callable[[Sequence[dict]], d
         batch = {
             "input_ids": torch.full((len(rows), row_tokens), pad_token_id, dtype=torch.long),
             "labels": torch.full((len(rows), row_tokens), -100, dtype=torch.long),
-            "position_ids": torch.arange(row_tokens).repeat(len(rows), 1),
         }
         lengths = []
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
             batch["input_ids"][i, :n] = torch.tensor(row["input_ids"])
             batch["labels"][i, :n] = torch.tensor(row["labels"])
-            batch["position_ids"][i, :n] = torch.tensor(row["position_ids"])
-            # Padding restarts at 0 too: one more "record", after every real token, so none of them can see it.
-            batch["position_ids"][i, n:] = torch.arange(row_tokens - n)
             lengths += row["lengths"]
+            # Padding is one more "record", after every real token, so none of them can see it.
             if n < row_tokens:
                 lengths.append(row_tokens - n)
+        # Position ids restart at 0 for every record (and the padding).
+        batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths]).view(len(rows), row_tokens)
         bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         batch.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=max(lengths), max_length_k=max(lengths))
         return batch
@@ -377,6 +375,6 @@ def _varlen_or_sdpa(sdpa: Callable) -> Callable:
     return attention
 
 
-def packing_summary(lengths: Sequence[int], rows: Sequence[Sequence[int]], row_tokens: int) -> dict[str, Any]:
-    tokens = sum(min(length, row_tokens) for length in lengths)
-    return {"records": len(lengths), "rows": len(rows), "fill": tokens / max(1, len(rows) * row_tokens)}
+def row_fill(lengths: Sequence[int], rows: Sequence[Sequence[int]], row_tokens: int) -> float:
+    """The share of the rows' tokens that are real (not padding)."""
+    return sum(min(length, row_tokens) for length in lengths) / max(1, len(rows) * row_tokens)

@@ -176,7 +176,7 @@ def test_rows_hold_every_record_once_within_the_row_length():
     flat = sorted(i for row in rows for i in row)
     assert flat == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
-    assert speed.packing_summary(lengths, rows, 512)["fill"] > 0.97
+    assert speed.row_fill(lengths, rows, 512) > 0.97
 
 
 def test_packed_loss_and_gradients_equal_the_padded_batchs():
@@ -249,7 +249,7 @@ class _Columns:
 
 
 def test_batches_cover_every_row_once_and_change_order_per_epoch():
-    batches = speed.PackedBatches(list(range(10)), rows_per_batch=4, seed=1)
+    batches = speed.PackedBatches(10, rows_per_batch=4, seed=1)
     first = list(batches)
     assert len(first) == len(batches) == 3 and [len(b) for b in first] == [4, 4, 2]
     assert sorted(i for b in first for i in b) == list(range(10))
@@ -263,6 +263,7 @@ def test_record_bounds_cover_every_record_and_the_padding():
     # Row 1: records of 3 and 4, one pad; row 2: a record of 6, two pads.
     assert batch["cu_seq_lens_q"].tolist() == [0, 3, 7, 8, 14, 16]
     assert batch["max_length_q"] == 6 and batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 5, 0, 1]]
 
 
 def varlen_against_masked(device: str, dtype, sliding_window: int, lengths=(300, 700, 24, 1000)):
