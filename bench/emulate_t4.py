@@ -17,7 +17,7 @@ import torch
 
 T4_USABLE_GIB = 15.0
 
-logger = logging.getLogger("finetuning.t4")
+logger = logging.getLogger(__name__)
 
 
 def emulate_t4() -> None:
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     spec.loader.exec_module(module)
     emulate_t4()
     torch.cuda.reset_peak_memory_stats()
-    status = module.common.run_cli(module.main, argv[1:])
+    status = module.arguments.run_cli(module.parse_args, module.main, argv[1:])
     peak = torch.cuda.max_memory_allocated() / 2**30
     logger.info("T4 emulation: %s peak GPU memory allocated %.2f GiB (cap %.1f GiB), exit %d", script.name, peak, T4_USABLE_GIB, status)
     return status

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "finetuning"))
-import common  # noqa: E402
+import overrides  # noqa: E402
 
 
 def time_steps(model, input_ids, steps=10, warmup=3):
@@ -54,9 +54,9 @@ def main():
                                     ("chunked loss", False, True), ("both (scripts)", True, True)]:
         model = copy.deepcopy(base).cuda()
         if residual:
-            common.keep_residual_stream_in_fp32(model)
+            overrides.fuse_rms_norms(model, fp32_residual=True)
         if chunked:
-            common.use_chunked_loss(model)
+            overrides.use_chunked_loss(model)
         seconds, peak, loss = time_steps(model, input_ids)
         print(f"{name:16s} step {seconds * 1000:7.1f} ms  peak {peak:6.2f} GiB  loss {loss:.4f}")
         del model

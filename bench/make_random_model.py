@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "finetuning"))
 import common  # noqa: E402
+import smoke  # noqa: E402
 
 
 def main(argv=None) -> Path:
@@ -27,8 +28,8 @@ def main(argv=None) -> Path:
     args = parser.parse_args(argv)
     records = json.loads(args.texts.read_text())
     texts = [common.format_record(record) for record in records]
-    common.build_random_gemma(args.out, texts, vocab_size=args.vocab_size, config_file=args.config)
-    logging.getLogger("finetuning").info("Wrote %s", args.out)
+    smoke.build_random_gemma(args.out, texts, vocab_size=args.vocab_size, config_file=args.config)
+    logging.getLogger(__name__).info("Wrote %s", args.out)
     return args.out
 
 

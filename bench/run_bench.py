@@ -32,26 +32,20 @@ sys.path.insert(0, str(BENCH_DIR))
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "T4": 65e12}
 
 
-def measured(trainer, warmup: int) -> dict:
-    """Wrap the trainer's collator and add a timing callback; the returned dict fills in as training runs."""
+def measuring_callbacks(warmup: int) -> tuple[list, dict]:
+    """Trainer callbacks that time each optimizer step and count its real tokens; the dict fills in as training runs.
+
+    The Trainer counts the tokens itself (`--include_num_input_tokens_seen non_padding`: the attention mask's sum,
+    or the non-padding ids of a padding-free batch), so a step's tokens are the growth of its count.
+    """
     import torch
     from transformers import TrainerCallback
 
     result = {"tokens": [], "step_seconds": []}
-    training_step = trainer.training_step
-    pad_token_id = trainer.tokenizer.pad_token_id
-
-    def counting_step(model, inputs, *args, **kwargs):
-        # Padded batches carry an attention mask; padding-free ones only pad the ends of their rows.
-        if "attention_mask" in inputs:
-            result["tokens"].append(int(inputs["attention_mask"].sum()))
-        else:
-            result["tokens"].append(int((inputs["input_ids"] != pad_token_id).sum()))
-        return training_step(model, inputs, *args, **kwargs)
-
-    trainer.training_step = counting_step
 
     class Timer(TrainerCallback):
+        seen = 0
+
         def on_step_begin(self, args, state, control, **kwargs):
             torch.cuda.synchronize()
             self.start = time.perf_counter()
@@ -59,11 +53,13 @@ def measured(trainer, warmup: int) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             torch.cuda.synchronize()
             result["step_seconds"].append(time.perf_counter() - self.start)
+            result["tokens"].append(state.num_input_tokens_seen - self.seen)
+            self.seen = state.num_input_tokens_seen
 
-    trainer.add_callback(Timer())
+    callbacks = [Timer()]
     if os.environ.get("BENCH_PROFILE"):
-        trainer.add_callback(_profiler_callback()(warmup, Path(os.environ["BENCH_PROFILE"])))
-    return result
+        callbacks.append(_profiler_callback()(warmup, Path(os.environ["BENCH_PROFILE"])))
+    return callbacks, result
 
 
 def _profiler_callback():
@@ -107,11 +103,11 @@ def _profiler_callback():
     return Profiler
 
 
-def summarise(result: dict, warmup: int, accumulation: int, parameters: int) -> dict:
+def summarise(result: dict, warmup: int, parameters: int) -> dict:
     import torch
 
     steps = result["step_seconds"][warmup:]
-    tokens = result["tokens"][warmup * accumulation : (warmup + len(steps)) * accumulation]
+    tokens = result["tokens"][warmup:]
     tokens_per_second = sum(tokens) / sum(steps)
     gpu = torch.cuda.get_device_name()
     # Under emulation the arithmetic runs on the bigger GPU: a T4's peak would give a meaningless MFU.
@@ -132,31 +128,23 @@ def summarise(result: dict, warmup: int, accumulation: int, parameters: int) -> 
 
 
 def run_ours(script: str, model: str, data: str, batch: int, steps: int, warmup: int, extra: list[str]) -> dict:
-    import common
-
     module = __import__(script)
-    holder = {}
-    real_train = common.train
-
-    def train(trainer, resume_from_checkpoint=None):
-        holder["result"] = measured(trainer, warmup)
-        holder["trainer"] = trainer
-        return real_train(trainer, resume_from_checkpoint)
-
-    common.train = train
+    callbacks, result = measuring_callbacks(warmup)
     output_dir = f"/tmp/bench-{script}-{os.getpid()}"
     # batch None: the script's own batch size and accumulation (its defaults).
     batch_flags = [] if batch is None else [
         "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1"]
-    module.main([
+    trainer = module.main(*module.parse_args([
         "--model_name_or_path", model, "--dataset_name", data, "--output_dir", output_dir, "--overwrite_output_dir",
-        "--max_steps", str(steps), *batch_flags,
+        "--max_steps", str(steps), *batch_flags, "--include_num_input_tokens_seen", "non_padding",
         "--logging_steps", "1", "--save_strategy", "no", "--num_sample_prompts", "0", "--warmup_ratio", "0", *extra,
-    ])
-    trainer = holder["trainer"]
-    accumulation = trainer.args.gradient_accumulation_steps
-    summary = summarise(holder["result"], warmup, accumulation, _model_parameters(model))
-    return {**summary, "loss": trainer.state.log_history[-2].get("loss")}
+    ]), callbacks=callbacks)
+    summary = summarise(result, warmup, _model_parameters(model))
+    return {**summary, "loss": _last_loss(trainer)}
+
+
+def _last_loss(trainer):
+    return next((entry["loss"] for entry in reversed(trainer.state.log_history) if "loss" in entry), None)
 
 
 def _model_parameters(model: str) -> int:
@@ -186,7 +174,7 @@ def run_stock(method: str, model: str, data: str, batch: int, steps: int, warmup
     common_args = dict(
         output_dir=f"/tmp/bench-stock-{os.getpid()}", max_steps=steps, per_device_train_batch_size=batch,
         gradient_accumulation_steps=1, gradient_checkpointing=True, bf16=True, logging_steps=1,
-        save_strategy="no", report_to=[], eval_strategy="no", warmup_ratio=0,
+        save_strategy="no", report_to=[], eval_strategy="no", warmup_ratio=0, include_num_input_tokens_seen="non_padding",
     )
     if method == "qlora":
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -206,11 +194,11 @@ def run_stock(method: str, model: str, data: str, batch: int, steps: int, warmup
         return [common.format_record({"instruction": i, "input": x, "output": o})
                 for i, x, o in zip(examples["instruction"], examples["input"], examples["output"])]
 
+    callbacks, result = measuring_callbacks(warmup)
     trainer = SFTTrainer(model=loaded, args=args, train_dataset=records, tokenizer=tokenizer, peft_config=peft,
-                         formatting_func=formatting, max_seq_length=1024, packing=False)
-    result = measured(trainer, warmup)
+                         formatting_func=formatting, max_seq_length=1024, packing=False, callbacks=callbacks)
     trainer.train()
-    return {**summarise(result, warmup, 1, _model_parameters(model)), "loss": trainer.state.log_history[-2].get("loss")}
+    return {**summarise(result, warmup, _model_parameters(model)), "loss": _last_loss(trainer)}
 
 
 def run_setup(spec: dict) -> dict:

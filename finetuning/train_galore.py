@@ -14,21 +14,24 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-import common
+import versions
 
-try:  # before torch/transformers/trl load, so a wrong version is one clear message
-    common.check_versions()
-except common.SetupError as version_error:
-    sys.exit(f"ERROR: {version_error}")
+versions.exit_on_wrong_versions()  # before torch/transformers/trl load, so a wrong version is one clear message
 
 import torch  # noqa: E402
-from bitsandbytes.optim.optimizer import Optimizer2State  # noqa: E402
-from galore_torch import GaLoreAdamW8bit  # noqa: E402
-from galore_torch.galore_projector import GaLoreProjector  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 from trl import SFTTrainer  # noqa: E402
 
-logger = logging.getLogger("finetuning.galore")
+import arguments  # noqa: E402
+import batching  # noqa: E402
+import common  # noqa: E402
+import data  # noqa: E402
+import overrides  # noqa: E402
+import reports  # noqa: E402
+import training  # noqa: E402
+from errors import UserInputError  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 PROJECTION_TYPES = ("std", "reverse_std", "right", "left", "full")
 
@@ -46,58 +49,17 @@ class GaloreArguments:
 
     def __post_init__(self):
         if self.galore_rank < 1:
-            raise common.UserInputError(f"--galore_rank must be 1 or more, got {self.galore_rank}.")
+            raise UserInputError(f"--galore_rank must be 1 or more, got {self.galore_rank}.")
         if self.galore_update_proj_gap < 1:
-            raise common.UserInputError(f"--galore_update_proj_gap must be 1 or more, got {self.galore_update_proj_gap}.")
+            raise UserInputError(f"--galore_update_proj_gap must be 1 or more, got {self.galore_update_proj_gap}.")
         if not self.galore_scale > 0:
-            raise common.UserInputError(f"--galore_scale must be positive, got {self.galore_scale}.")
+            raise UserInputError(f"--galore_scale must be positive, got {self.galore_scale}.")
         if self.galore_proj_type not in PROJECTION_TYPES:
-            raise common.UserInputError(
-                f"--galore_proj_type {self.galore_proj_type!r} is not one of {', '.join(PROJECTION_TYPES)}."
-            )
+            raise UserInputError(f"--galore_proj_type {self.galore_proj_type!r} is not one of {', '.join(PROJECTION_TYPES)}.")
 
-
-class GaLoreAdamW8bitFixed(GaLoreAdamW8bit):
-    """galore-torch's GaLoreAdamW8bit with its bitsandbytes settings bound by keyword.
-
-    galore-torch 1.0 passes `percentile_clipping=100, block_wise=True` to
-    bitsandbytes' Optimizer2State by position. bitsandbytes 0.50 dropped those two
-    parameters, so the values land in `max_unorm=100, skip_zeros=True`. Where a
-    projected gradient is small enough for 32-bit states (under 4,096 values: small
-    layers, low ranks) that update-norm clipping holds the weights almost still;
-    the blockwise 8-bit path of larger ones ignores it, which hides the fault on
-    the real model. Binding by keyword gives what galore-torch meant everywhere: no
-    clipping, blockwise 8-bit states (bitsandbytes' default now).
-    """
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, is_paged=False):
-        Optimizer2State.__init__(
-            self, "adam", params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=8, is_paged=is_paged
-        )
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        if self.is_paged:
-            return super().step(closure)
-        # galore-torch calls torch.cuda.synchronize() after every weight's update. Every
-        # kernel of the step runs on one stream, in order, so nothing needs it unless
-        # the states are paged; on a GPU each call drains the queue (about 340 a step
-        # for gemma-3-1b), and on the CPU (--smoke, the tests) it would fail.
-        synchronize = torch.cuda.synchronize
-        torch.cuda.synchronize = lambda *args, **kwargs: None
-        try:
-            return super().step(closure)
-        finally:
-            torch.cuda.synchronize = synchronize
-
-
-# The optimizer state keeps a GaLoreProjector per weight (its rank, gap, scale and
-# projection matrix: plain values and a tensor). The Trainer reloads checkpoints with
-# torch.load(weights_only=True), which refuses any class not allowed here.
-torch.serialization.add_safe_globals([GaLoreProjector])
 
 TRAINING_DEFAULTS = dict(
-    common.SHARED_TRAINING_DEFAULTS,
+    arguments.SHARED_TRAINING_DEFAULTS,
     output_dir="outputs/galore",
     learning_rate=1e-5,
     # Batch 2 x 1,024 tokens ran out of memory on a 16 GB T4 with the stock loss (TROUBLESHOOTING.md); 1 x 8 is the
@@ -107,55 +69,72 @@ TRAINING_DEFAULTS = dict(
 )
 
 
-def main(argv: Sequence[str]) -> Optional[SFTTrainer]:
-    # Load: every input checked, data and tokenizer first; the model only once all of it passed.
-    run = common.prepare_run(GaloreArguments, argv, TRAINING_DEFAULTS, "GaLore with 8-bit optimizer states (bitsandbytes)")
-    if run.report_args.dry_run:
-        return None
-    galore_args = run.script_args
-    if run.model_args.smoke:
+def parse_args(argv: Sequence[str]) -> tuple:
+    """(model, data, report, galore, training) arguments: the command line, or a config file and flags after it."""
+    return arguments.parse_arguments(GaloreArguments, TRAINING_DEFAULTS, argv)
+
+
+def main(
+    model_args: arguments.ModelArguments,
+    data_args: arguments.DataArguments,
+    report_args: arguments.ReportArguments,
+    galore_args: GaloreArguments,
+    training_args: TrainingArguments,
+    callbacks: Optional[list[TrainerCallback]] = None,
+) -> Optional[SFTTrainer]:
+    # ===== Check: every flag and the machine, before anything loads or is deleted =====
+    arguments.check_arguments(model_args, data_args, training_args)
+    training_args, precision = common.check_machine(
+        model_args, training_args, "GaLore with 8-bit optimizer states (bitsandbytes)", report_args.dry_run)
+    output = None if report_args.dry_run else training.plan_output_dir(training_args, smoke=model_args.smoke)
+    if model_args.smoke:
         galore_args.galore_rank = min(galore_args.galore_rank, 8)  # the tiny model's layers are 64 wide
-    else:
+
+    # ===== Load data and tokenizer: a bad record must not cost a model load =====
+    records, eval_records = data.load_train_and_eval(data_args, training_args.seed)
+    model_path, tokenizer, collator = common.load_tokenizer_for_run(
+        model_args, data_args, training_args, records, report_args.dry_run)
+    if report_args.dry_run:
+        reports.dry_run_report(records, tokenizer, collator, data_args, training_args)
+        return None
+
+    # ===== Load model: every weight trainable; GaLore for the attention and MLP matrices =====
+    if not model_args.smoke:
         torch.cuda.empty_cache()  # a notebook's earlier run may still hold cached blocks
-    model = load_model(run.model_path, run.precision, run.model_args.attn_implementation,
-                       run.model_args.trust_remote_code)
-    common.prepare_numerics(model, run.precision)
-    optimizer = build_optimizer(model, galore_args, run.training_args)
+    model = load_model(model_path, precision, model_args.attn_implementation, model_args.trust_remote_code)
+    optimizer = build_optimizer(model, galore_args, training_args)
 
-    # Format and train
-    trainer = common.trainer_class(run)(
-        model=model,
-        optimizers=(optimizer, None),  # the scheduler is built by the Trainer from --lr_scheduler_type
-        **common.sft_inputs(run),
-    )
+    # ===== Format: SFTTrainer formats and tokenizes the records =====
+    trainer = batching.build_trainer(model, tokenizer, collator, records, eval_records, data_args, training_args,
+                                     callbacks, optimizers=(optimizer, None))  # the Trainer builds the scheduler
+    overrides.enable_fast_path(trainer.model, precision.fp16, data_args.packs_without_padding,
+                               keep_dequantized_weight=False)
     galore_weights = sum(p.numel() for p in optimizer.param_groups[0]["params"])
-    common.log_settings(
-        "GaLore",
-        run,
-        model,
-        {
-            "optimizer": "GaLoreAdamW8bit (galore-torch, bitsandbytes 8-bit states)",
-            "GaLore": f"rank={galore_args.galore_rank}, update_proj_gap={galore_args.galore_update_proj_gap}, "
-            f"scale={galore_args.galore_scale}, proj_type={galore_args.galore_proj_type}, "
-            f"{galore_weights:,} weights projected ({galore_args.galore_target_modules})",
-            "weights": f"{run.precision.torch_dtype}".replace("torch.", "")
-            + (" master weights with fp16 autocast" if run.precision.fp16 else ""),
-            "loss": "answers only" if run.collator else "every token",
-            "records": f"{len(run.records)} train" + (f", {len(run.eval_records)} eval" if run.eval_records else ""),
-            "max_seq_length": run.data_args.max_seq_length,
-        },
-    )
+    reports.log_settings("GaLore", trainer, precision, data_args, collator, records, eval_records, {
+        "optimizer": f"{type(optimizer).__name__} (galore-torch, bitsandbytes 8-bit states)",
+        "GaLore": f"rank={galore_args.galore_rank}, update_proj_gap={galore_args.galore_update_proj_gap}, "
+                  f"scale={galore_args.galore_scale}, proj_type={galore_args.galore_proj_type}, "
+                  f"{galore_weights:,} weights projected ({galore_args.galore_target_modules})",
+        "weights": f"{precision.torch_dtype}".replace("torch.", "")
+                   + (" master weights with fp16 autocast" if precision.fp16 else ""),
+    })
 
-    # Save: the whole model (safetensors) and the tokenizer.
-    final = common.train_and_save(trainer, run)
-    if run.model_args.smoke:
-        common.check_saved_model(AutoModelForCausalLM.from_pretrained, final, run, "model")
+    # ===== Train: the earlier run is deleted only now, after every input has passed =====
+    sample_records = eval_records if eval_records is not None else records
+    samples_before = reports.sample_answers(trainer.model, tokenizer, sample_records, report_args)
+    training.clear_earlier_run(output)
+    train_result = training.train(trainer, output.resume_from)
+
+    # ===== Save: the whole model (safetensors) and the tokenizer =====
+    final = training.save_final(trainer, tokenizer)
+    samples_after = reports.sample_answers(trainer.model, tokenizer, sample_records, report_args)
+    reports.write_reports(trainer, train_result, eval_records, samples_before, samples_after)
+    if model_args.smoke:
+        reports.check_saved_model(AutoModelForCausalLM.from_pretrained, final, tokenizer, records, report_args, "model")
     return trainer
 
 
-def load_model(
-    model_path: str, precision: common.Precision, attn_implementation: str, trust_remote_code: bool = False
-):
+def load_model(model_path: str, precision: common.Precision, attn_implementation: str, trust_remote_code: bool = False):
     # fp16 training keeps fp32 master weights (the loss scaler cannot unscale fp16
     # gradients); with bf16 the weights themselves are bf16, as GaLore's paper trains.
     dtype = torch.bfloat16 if precision.bf16 else torch.float32
@@ -163,27 +142,28 @@ def load_model(
     return model.to("cpu" if precision.name == "fp32" else "cuda")
 
 
-def build_optimizer(model, galore_args: GaloreArguments, training_args) -> GaLoreAdamW8bitFixed:
+def build_optimizer(model, galore_args: GaloreArguments, training_args):
     """GaLore for the 2-D weights of the target linear layers; plain 8-bit AdamW for embeddings and norms."""
     targets = [t.strip() for t in galore_args.galore_target_modules.split(",") if t.strip()]
-    projected, regular = [], []
+    projected = []
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and any(t in module_name for t in targets):
             weight = module.weight
             if galore_args.galore_rank >= min(weight.shape):
-                raise common.UserInputError(
+                raise UserInputError(
                     f"--galore_rank {galore_args.galore_rank} is not below the smaller side of {module_name} "
                     f"{tuple(weight.shape)}: GaLore would save nothing. Use a rank below {min(weight.shape)}."
                 )
             projected.append(weight)
     if not projected:
-        raise common.UserInputError(
+        raise UserInputError(
             f"--galore_target_modules {galore_args.galore_target_modules!r} matches no linear layer of the model. "
             "Gemma 3's are under 'self_attn' and 'mlp'."
         )
     projected_ids = {id(p) for p in projected}
     regular = [p for p in model.parameters() if p.requires_grad and id(p) not in projected_ids]
-    return GaLoreAdamW8bitFixed(
+    optimizer_class = overrides.galore_adamw8bit()
+    return optimizer_class(
         [
             {
                 "params": projected,
@@ -202,4 +182,4 @@ def build_optimizer(model, galore_args: GaloreArguments, training_args) -> GaLor
 
 
 if __name__ == "__main__":
-    sys.exit(common.run_cli(main))
+    sys.exit(arguments.run_cli(parse_args, main))

@@ -15,20 +15,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-import common
-import speed
+import versions
 
-try:  # before torch/transformers/trl load, so a wrong version is one clear message
-    common.check_versions()
-except common.SetupError as version_error:
-    sys.exit(f"ERROR: {version_error}")
+versions.exit_on_wrong_versions()  # before torch/transformers/trl load, so a wrong version is one clear message
 
 import torch  # noqa: E402
 from peft import AutoPeftModelForCausalLM, LoraConfig  # noqa: E402
-from transformers import AutoTokenizer, BitsAndBytesConfig  # noqa: E402
+from transformers import AutoTokenizer, BitsAndBytesConfig, TrainerCallback, TrainingArguments  # noqa: E402
 from trl import SFTTrainer  # noqa: E402
 
-logger = logging.getLogger("finetuning.qlora")
+import arguments  # noqa: E402
+import batching  # noqa: E402
+import common  # noqa: E402
+import data  # noqa: E402
+import overrides  # noqa: E402
+import reports  # noqa: E402
+import training  # noqa: E402
+from errors import UserInputError  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,9 +42,8 @@ class LoraArguments:
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (update scale = alpha / r)."})
     lora_dropout: float = field(
         default=0.0,
-        metadata={"help": "Dropout on the adapter input. 0, as Unsloth's default: 0.05 trained 10 percent fewer "
-                  "tokens/s and took 0.7 GiB more at 32k tokens a batch on an H100 (bench/RESULTS.md). Try 0.05-0.1 "
-                  "on small data sets, where it can curb overfitting."},
+        metadata={"help": "Dropout on the adapter input. 0, as Unsloth's default: 0.05 is slower and takes more "
+                  "memory (bench/RESULTS.md). Try 0.05-0.1 on small data sets, where it can curb overfitting."},
     )
     lora_target_modules: str = field(
         default="all-linear",
@@ -52,11 +56,11 @@ class LoraArguments:
 
     def __post_init__(self):
         if self.lora_r < 1:
-            raise common.UserInputError(f"--lora_r must be 1 or more, got {self.lora_r}.")
+            raise UserInputError(f"--lora_r must be 1 or more, got {self.lora_r}.")
         if self.lora_alpha <= 0:
-            raise common.UserInputError(f"--lora_alpha must be positive, got {self.lora_alpha}.")
+            raise UserInputError(f"--lora_alpha must be positive, got {self.lora_alpha}.")
         if not 0 <= self.lora_dropout < 1:
-            raise common.UserInputError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+            raise UserInputError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
 
     def peft_config(self) -> LoraConfig:
         targets = self.lora_target_modules
@@ -72,10 +76,10 @@ class LoraArguments:
 
 # The settings the troubleshooting log arrived at for a 16 GB T4; every one can be overridden by its flag.
 TRAINING_DEFAULTS = dict(
-    common.SHARED_TRAINING_DEFAULTS,
+    arguments.SHARED_TRAINING_DEFAULTS,
     output_dir="outputs/qlora",
-    # One fused kernel for all adapter weights. The adapters' float32 states are about 100 MB for gemma-3-1b at r16;
-    # bitsandbytes' paged 8-bit AdamW would save 80 MB of that, but waits for the GPU after every one of the 364 tensors.
+    # One fused kernel for all adapter weights; bitsandbytes' paged 8-bit AdamW would save a little memory but waits
+    # for the GPU after every adapter tensor.
     optim="adamw_torch_fused",
     learning_rate=2e-4,
     per_device_train_batch_size=2,
@@ -84,65 +88,67 @@ TRAINING_DEFAULTS = dict(
 )
 
 
-def main(argv: Sequence[str]) -> Optional[SFTTrainer]:
-    # Load: every input checked, data and tokenizer first; the 4-bit model only once all of it passed.
-    run = common.prepare_run(LoraArguments, argv, TRAINING_DEFAULTS, "QLoRA (bitsandbytes 4-bit layers and paged 8-bit AdamW)")
-    if run.report_args.dry_run:
+def parse_args(argv: Sequence[str]) -> tuple:
+    """(model, data, report, lora, training) arguments: the command line, or a config file and flags after it."""
+    return arguments.parse_arguments(LoraArguments, TRAINING_DEFAULTS, argv)
+
+
+def main(
+    model_args: arguments.ModelArguments,
+    data_args: arguments.DataArguments,
+    report_args: arguments.ReportArguments,
+    lora_args: LoraArguments,
+    training_args: TrainingArguments,
+    callbacks: Optional[list[TrainerCallback]] = None,
+) -> Optional[SFTTrainer]:
+    # ===== Check: every flag and the machine, before anything loads or is deleted =====
+    arguments.check_arguments(model_args, data_args, training_args)
+    training_args, precision = common.check_machine(
+        model_args, training_args, "QLoRA (bitsandbytes 4-bit layers)", report_args.dry_run)
+    output = None if report_args.dry_run else training.plan_output_dir(training_args, smoke=model_args.smoke)
+
+    # ===== Load data and tokenizer: a bad record must not cost a model download =====
+    records, eval_records = data.load_train_and_eval(data_args, training_args.seed)
+    model_path, tokenizer, collator = common.load_tokenizer_for_run(
+        model_args, data_args, training_args, records, report_args.dry_run)
+    if report_args.dry_run:
+        reports.dry_run_report(records, tokenizer, collator, data_args, training_args)
         return None
-    lora_args = run.script_args
-    model = load_quantized_model(run.model_path, run.precision, run.model_args.attn_implementation,
-                                 run.model_args.trust_remote_code)
-    common.prepare_numerics(model, run.precision)
 
-    # Format and train: SFTTrainer formats, tokenizes, wraps the model in LoRA and trains.
-    trainer = common.trainer_class(run)(model=model, peft_config=lora_args.peft_config(), **common.sft_inputs(run))
-    fused = speed.fuse_lora_4bit(trainer.model, keep_dequantized_weight=run.training_args.gradient_checkpointing)
-    common.log_settings(
-        "QLoRA",
-        run,
-        trainer.model,
-        {
-            "base weights": f"NF4 4-bit, double quantization, compute in {run.precision.torch_dtype}".replace("torch.", ""),
-            "LoRA": f"r={lora_args.lora_r}, alpha={lora_args.lora_alpha}, targets={lora_args.lora_target_modules}, "
-                    f"{fused} layers on the fused 4-bit path",
-            "loss": "answers only" if run.collator else "every token",
-            "records": f"{len(run.records)} train" + (f", {len(run.eval_records)} eval" if run.eval_records else ""),
-            "max_seq_length": run.data_args.max_seq_length,
-        },
-    )
+    # ===== Load model: 4-bit base weights =====
+    model = load_quantized_model(model_path, precision, model_args.attn_implementation, model_args.trust_remote_code)
 
-    # Save: the adapter and the tokenizer (the base model stays where it came from); merged on request.
-    final = common.train_and_save(trainer, run)
+    # ===== Format: SFTTrainer formats and tokenizes the records and wraps the model in LoRA =====
+    trainer = batching.build_trainer(model, tokenizer, collator, records, eval_records, data_args, training_args,
+                                     callbacks, peft_config=lora_args.peft_config())
+    fast = overrides.enable_fast_path(trainer.model, precision.fp16, data_args.packs_without_padding,
+                                      keep_dequantized_weight=training_args.gradient_checkpointing)
+    reports.log_settings("QLoRA", trainer, precision, data_args, collator, records, eval_records, {
+        "base weights": f"NF4 4-bit, double quantization, compute in {precision.torch_dtype}".replace("torch.", ""),
+        "LoRA": f"r={lora_args.lora_r}, alpha={lora_args.lora_alpha}, targets={lora_args.lora_target_modules}, "
+                f"{fast['fused LoRA-on-4-bit layers']} layers on the fused 4-bit path",
+    })
+
+    # ===== Train: the earlier run is deleted only now, after every input has passed =====
+    sample_records = eval_records if eval_records is not None else records
+    before = reports.sample_answers(trainer.model, tokenizer, sample_records, report_args)
+    training.clear_earlier_run(output)
+    train_result = training.train(trainer, output.resume_from)
+
+    # ===== Save: the adapter and the tokenizer (the base model stays where it came from); merged on request =====
+    final = training.save_final(trainer, tokenizer)
+    after = reports.sample_answers(trainer.model, tokenizer, sample_records, report_args)
+    reports.write_reports(trainer, train_result, eval_records, before, after)
     if lora_args.merge:
-        merged = merge_adapter(final, run.precision)
-        logger.info("Merged the adapter into a 16-bit copy of the base model: %s", merged)
-    if run.model_args.smoke:
-        common.check_saved_model(AutoPeftModelForCausalLM.from_pretrained, final, run, "adapter")
+        logger.info("Merged the adapter into a 16-bit copy of the base model: %s", merge_adapter(final, precision))
+    if model_args.smoke:
+        reports.check_saved_model(AutoPeftModelForCausalLM.from_pretrained, final, tokenizer, records, report_args,
+                                  "adapter")
     return trainer
 
 
-def merge_adapter(adapter_dir: Path, precision: common.Precision) -> Path:
-    """OUTPUT_DIR/merged: the adapter merged into a 16-bit base model, loadable without peft.
-
-    The base is loaded again in 16 bits (on the CPU, so the GPU's memory is not
-    needed): merging into the 4-bit weights would round the update away and
-    leave a model only bitsandbytes can load.
-    """
-    dtype = torch.bfloat16 if precision.bf16 or precision.name == "fp32" else torch.float16
-    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=dtype, device_map={"": "cpu"})
-    merged_model = model.merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-
-    def write(folder: Path) -> None:
-        merged_model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-
-    return common.write_atomically(adapter_dir.parent / "merged", write)
-
-
-def load_quantized_model(
-    model_path: str, precision: common.Precision, attn_implementation: str, trust_remote_code: bool = False
-):
+def load_quantized_model(model_path: str, precision: common.Precision, attn_implementation: str,
+                         trust_remote_code: bool = False):
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -164,5 +170,24 @@ def load_quantized_model(
     )
 
 
+def merge_adapter(adapter_dir: Path, precision: common.Precision) -> Path:
+    """OUTPUT_DIR/merged: the adapter merged into a 16-bit base model, loadable without peft.
+
+    The base is loaded again in 16 bits (on the CPU, so the GPU's memory is not
+    needed): merging into the 4-bit weights would round the update away and
+    leave a model only bitsandbytes can load.
+    """
+    dtype = torch.bfloat16 if precision.bf16 or precision.name == "fp32" else torch.float16
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=dtype, device_map={"": "cpu"})
+    merged_model = model.merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+
+    def write(folder: Path) -> None:
+        merged_model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    return training.write_atomically(adapter_dir.parent / training.MERGED_DIR, write)
+
+
 if __name__ == "__main__":
-    sys.exit(common.run_cli(main))
+    sys.exit(arguments.run_cli(parse_args, main))

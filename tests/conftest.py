@@ -43,11 +43,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def build_tiny_model(directory: Path, texts) -> Path:
-    """common's tiny random Gemma 3 + tokenizer (named build_random_gemma, earlier build_tiny_gemma)."""
-    import common
+    """The smoke run's tiny random Gemma 3 + tokenizer."""
+    import smoke
 
-    build = getattr(common, "build_random_gemma", None) or getattr(common, "build_tiny_gemma")
-    return Path(build(Path(directory), list(texts)))
+    return Path(smoke.build_random_gemma(Path(directory), list(texts)))
 
 
 @pytest.fixture
@@ -78,8 +77,9 @@ def alpaca_path() -> Path:
 def default_texts() -> list[str]:
     """The embedded data set, formatted: what the smoke model's tokenizer is trained on."""
     import common
+    import data
 
-    records = json.loads(common.DEFAULT_DATASET_FILE.read_text(encoding="utf-8"))
+    records = json.loads(data.DEFAULT_DATASET_FILE.read_text(encoding="utf-8"))
     return [common.format_record(record) for record in records]
 
 
@@ -96,26 +96,12 @@ def tiny_tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-class Parsed(Exception):
-    """Raised by the `parse` fixture's spy once a script's main() has parsed its arguments."""
-
-
 @pytest.fixture
-def parse(monkeypatch):
-    """parse(module, argv) -> (model, data, report, method, training): what module.main(argv) parsed, through the
-    script itself (its dataclasses, its defaults), stopping before anything is checked or loaded."""
-    import common
-
-    real = common.parse_arguments
-
-    def spy(*args, **kwargs):
-        raise Parsed(real(*args, **kwargs))
-
-    monkeypatch.setattr(common, "parse_arguments", spy)
+def parse():
+    """parse(module, argv) -> (model, data, report, method, training): what the script parses from argv, with its
+    own dataclasses and defaults; nothing is checked or loaded."""
 
     def run(module, argv):
-        with pytest.raises(Parsed) as info:
-            module.main(list(argv))
-        return info.value.args[0]
+        return module.parse_args([str(a) for a in argv])
 
     return run

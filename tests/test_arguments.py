@@ -7,6 +7,10 @@ import logging
 import pytest
 
 import common
+import arguments
+import data
+import errors
+import training
 import train_galore
 import train_qlora
 
@@ -17,14 +21,14 @@ ids = ["qlora", "galore"]
 
 @pytest.mark.parametrize("module", SCRIPTS, ids=ids)
 def test_unknown_flag(module, parse):
-    with pytest.raises(common.UserInputError, match="--lora_rnk") as info:
+    with pytest.raises(errors.UserInputError, match="--lora_rnk") as info:
         parse(module, ["--lora_rnk", "8"])
     assert "--help" in str(info.value)
 
 
 @pytest.mark.parametrize("arg", [["--evaluation_strategy", "steps"], ["--evaluation_strategy=steps"]])
 def test_renamed_flag_names_the_new_one(arg, parse):
-    with pytest.raises(common.UserInputError, match="use --eval_strategy instead"):
+    with pytest.raises(errors.UserInputError, match="use --eval_strategy instead"):
         parse(train_qlora, arg)
 
 
@@ -42,7 +46,7 @@ def test_qlora_defaults(parse):
     assert training.gradient_checkpointing_kwargs == {"use_reentrant": False}
     assert (training.learning_rate, training.max_grad_norm, training.output_dir) == (2e-4, 0.3, "outputs/qlora")
     assert (lora.lora_r, lora.lora_alpha, lora.lora_target_modules) == (16, 32, "all-linear")
-    assert model.model_name_or_path == common.DEFAULT_MODEL and model.smoke is False
+    assert model.model_name_or_path == arguments.DEFAULT_MODEL and model.smoke is False
     assert data.dataset_name is None and data.max_train_samples is None
 
 
@@ -94,28 +98,28 @@ def test_yaml_config_with_override(parse, tmp_path):
 
 
 def test_missing_config_file(parse, tmp_path):
-    with pytest.raises(common.UserInputError, match="does not exist"):
+    with pytest.raises(errors.UserInputError, match="does not exist"):
         parse(train_qlora, [str(tmp_path / "missing.yaml")])
 
 
 def test_config_file_must_be_a_mapping(parse, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("- lora_r\n- 8\n")
-    with pytest.raises(common.UserInputError, match="mapping"):
+    with pytest.raises(errors.UserInputError, match="mapping"):
         parse(train_qlora, [str(config)])
 
 
 def test_config_file_with_an_unknown_key(parse, tmp_path):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"lora_rank": 8}))
-    with pytest.raises(common.UserInputError, match="--lora_rank"):
+    with pytest.raises(errors.UserInputError, match="--lora_rank"):
         parse(train_qlora, [str(config)])
 
 
 def test_config_file_with_a_renamed_key(parse, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("evaluation_strategy: steps\n")
-    with pytest.raises(common.UserInputError, match="--eval_strategy"):
+    with pytest.raises(errors.UserInputError, match="--eval_strategy"):
         parse(train_qlora, [str(config)])
 
 
@@ -141,28 +145,32 @@ def test_config_file_with_a_renamed_key(parse, tmp_path):
 )
 def test_bad_values_name_the_flag(module, argv, flag):
     # UserInputError, not the SetupError a CPU machine would give later: values are checked first
-    with pytest.raises(common.UserInputError, match=flag.replace("(", r"\(")):
-        module.main(argv)
+    with pytest.raises(errors.UserInputError, match=flag.replace("(", r"\(")):
+        module.main(*module.parse_args(argv))
 
 
-def test_check_training_arguments_directly():
+def test_check_arguments_directly():
     from transformers import TrainingArguments
 
-    with pytest.raises(common.UserInputError, match="--per_device_train_batch_size must be 1 or more, got 0"):
-        common.check_training_arguments(TrainingArguments(output_dir="x", per_device_train_batch_size=0))
-    with pytest.raises(common.UserInputError, match="--learning_rate must be a positive number"):
-        common.check_training_arguments(TrainingArguments(output_dir="x", learning_rate=-1.0))
-    with pytest.raises(common.UserInputError, match="Nothing to train"):
-        common.check_training_arguments(TrainingArguments(output_dir="x", num_train_epochs=0))
-    common.check_training_arguments(TrainingArguments(output_dir="x"))
+    def check(**training):
+        arguments.check_arguments(arguments.ModelArguments(), arguments.DataArguments(),
+                                  TrainingArguments(output_dir="x", **training))
+
+    with pytest.raises(errors.UserInputError, match="--per_device_train_batch_size must be 1 or more, got 0"):
+        check(per_device_train_batch_size=0)
+    with pytest.raises(errors.UserInputError, match="--learning_rate must be a positive number"):
+        check(learning_rate=-1.0)
+    with pytest.raises(errors.UserInputError, match="Nothing to train"):
+        check(num_train_epochs=0)
+    check()
 
 
 # --- run_cli ------------------------------------------------------------------
 
 
 def test_run_cli_bad_flag_returns_2_and_logs(caplog):
-    with caplog.at_level(logging.ERROR, logger="finetuning"):
-        assert common.run_cli(train_qlora.main, ["--lora_rnk", "8"]) == 2
+    with caplog.at_level(logging.ERROR):
+        assert arguments.run_cli(train_qlora.parse_args, train_qlora.main, ["--lora_rnk", "8"]) == 2
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "--lora_rnk" in errors[0].getMessage()
 
@@ -171,18 +179,18 @@ def test_run_cli_setup_error_returns_2(caplog, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with caplog.at_level(logging.ERROR, logger="finetuning"):
-        assert common.run_cli(train_galore.main, ["--output_dir", "unused"]) == 2
+    with caplog.at_level(logging.ERROR):
+        assert arguments.run_cli(train_galore.parse_args, train_galore.main, ["--output_dir", "unused"]) == 2
     assert "CUDA" in caplog.text
 
 
 def test_run_cli_success_and_real_bugs():
     seen = []
-    assert common.run_cli(seen.append, ["--a"]) == 0
+    assert arguments.run_cli(lambda argv: (argv,), seen.append, ["--a"]) == 0
     assert seen == [["--a"]]
 
     def broken(argv):
         raise KeyError("a bug, not a user error")
 
     with pytest.raises(KeyError):  # a bug keeps its traceback
-        common.run_cli(broken, [])
+        arguments.run_cli(lambda argv: (argv,), broken, [])

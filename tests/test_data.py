@@ -6,6 +6,9 @@ import json
 import pytest
 
 import common
+import arguments
+import data
+import errors
 
 RECORDS = [
     {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
@@ -15,7 +18,7 @@ RECORDS = [
 
 
 def load(path=None, **kwargs):
-    return common.load_records(common.DataArguments(dataset_name=None if path is None else str(path), **kwargs))
+    return data.load_records(arguments.DataArguments(dataset_name=None if path is None else str(path), **kwargs))
 
 
 def rows(dataset):
@@ -64,10 +67,10 @@ def test_default_data_set():
     dataset = load()
     assert len(dataset) == 200
     assert {"instruction", "output"} <= set(dataset.column_names)
-    common.validate_records(dataset, "default")
+    data.validate_records(dataset, "default")
     texts = common.formatting_func(dataset[:])
     assert len(texts) == 200 and all(isinstance(t, str) and t for t in texts)
-    assert common.DEFAULT_DATASET_FILE.parent.name == "data" and common.DEFAULT_DATASET_FILE.is_file()
+    assert data.DEFAULT_DATASET_FILE.parent.name == "data" and data.DEFAULT_DATASET_FILE.is_file()
 
 
 def test_max_train_samples_truncates(write_data):
@@ -92,68 +95,68 @@ def test_real_alpaca_file(alpaca_path):
 
 def test_missing_file(tmp_path):
     missing = tmp_path / "nope.json"
-    with pytest.raises(common.UserInputError, match="does not exist") as info:
+    with pytest.raises(errors.UserInputError, match="does not exist") as info:
         load(missing)
     assert str(missing) in str(info.value) and "--dataset_name" in str(info.value)
 
 
 def test_unsupported_suffix(write_data):
     path = write_data("data.txt", "instruction: hi")
-    with pytest.raises(common.UserInputError, match=r"'\.txt'") as info:
+    with pytest.raises(errors.UserInputError, match=r"'\.txt'") as info:
         load(path)
     assert ".jsonl" in str(info.value) and ".parquet" in str(info.value)
 
 
 @pytest.mark.parametrize("name", ["data.json", "data.jsonl", "data.csv"])
 def test_empty_file(write_data, name):
-    with pytest.raises(common.UserInputError, match="is empty"):
+    with pytest.raises(errors.UserInputError, match="is empty"):
         load(write_data(name, b""))
 
 
 def test_empty_list(write_data):
-    with pytest.raises(common.UserInputError, match="holds no records"):
+    with pytest.raises(errors.UserInputError, match="holds no records"):
         load(write_data("data.json", []))
 
 
 def test_malformed_jsonl_line_is_named(write_data):
     lines = [json.dumps(RECORDS[0]), json.dumps(RECORDS[1]), '{"instruction": "x", "output": ', json.dumps(RECORDS[2])]
-    with pytest.raises(common.UserInputError, match=r"line 3 is not valid JSON"):
+    with pytest.raises(errors.UserInputError, match=r"line 3 is not valid JSON"):
         load(write_data("data.jsonl", "\n".join(lines)))
 
 
 def test_malformed_json_list_names_the_line(write_data):
     text = '[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]'
-    with pytest.raises(common.UserInputError, match=r"not valid JSON: line 3"):
+    with pytest.raises(errors.UserInputError, match=r"not valid JSON: line 3"):
         load(write_data("data.json", text))
 
 
 def test_record_missing_output(write_data):
     records = RECORDS[:2] + [{"instruction": "No answer here.", "input": ""}]
-    with pytest.raises(common.UserInputError, match=r"Record 2 of .*no 'output' field"):
+    with pytest.raises(errors.UserInputError, match=r"Record 2 of .*no 'output' field"):
         load(write_data("data.json", records))
 
 
 def test_record_missing_instruction(write_data):
     records = [{"prompt": "hi", "output": "hello"}]
-    with pytest.raises(common.UserInputError, match=r"Record 0 of .*no 'instruction' field") as info:
+    with pytest.raises(errors.UserInputError, match=r"Record 0 of .*no 'instruction' field") as info:
         load(write_data("data.json", records))
     assert "prompt" in str(info.value), "the message lists the fields the record does have"
 
 
 def test_non_string_output(write_data):
-    with pytest.raises(common.UserInputError, match=r"Record 0 of .*'output' field is a int \(5\)"):
+    with pytest.raises(errors.UserInputError, match=r"Record 0 of .*'output' field is a int \(5\)"):
         load(write_data("data.json", [{"instruction": "Add 2 and 3.", "output": 5}]))
 
 
 def test_non_string_input(write_data):
-    with pytest.raises(common.UserInputError, match=r"Record 0 of .*'input' field is a list"):
+    with pytest.raises(errors.UserInputError, match=r"Record 0 of .*'input' field is a list"):
         load(write_data("data.json", [{"instruction": "Sum these.", "input": [1, 2], "output": "3"}]))
 
 
 def test_non_string_in_csv(tmp_path):
     path = tmp_path / "numbers.csv"
     path.write_text("instruction,input,output\nAdd 2 and 3.,,5\nAdd 1 and 1.,,2\n")
-    with pytest.raises(common.UserInputError, match=r"Record 0 of .*'output' field is a int"):
+    with pytest.raises(errors.UserInputError, match=r"Record 0 of .*'output' field is a int"):
         load(path)
 
 
@@ -161,7 +164,7 @@ def test_non_string_in_csv(tmp_path):
 @pytest.mark.parametrize("value", ["", "   \n"])
 def test_blank_record_is_skipped_and_named(write_data, caplog, field, value):
     blank = dict(RECORDS[1], **{field: value})
-    with caplog.at_level("WARNING", logger="finetuning"):
+    with caplog.at_level("WARNING"):
         dataset = load(write_data("data.json", [RECORDS[0], blank, RECORDS[2]]))
     assert rows(dataset) == [RECORDS[0], RECORDS[2]]
     assert "Skipped 1 record" in caplog.text and "record 1" in caplog.text
@@ -169,7 +172,7 @@ def test_blank_record_is_skipped_and_named(write_data, caplog, field, value):
 
 def test_only_blank_records_is_an_error(write_data):
     records = [{"instruction": " ", "output": "x"}, {"instruction": "y", "output": ""}]
-    with pytest.raises(common.UserInputError, match="is blank"):
+    with pytest.raises(errors.UserInputError, match="is blank"):
         load(write_data("data.json", records))
 
 
@@ -180,27 +183,27 @@ def test_max_train_samples_counts_kept_records(write_data):
 
 @pytest.mark.parametrize("record, kind", [("just text", "str"), ([1, 2], "list"), (None, "NoneType")])
 def test_record_that_is_not_an_object(write_data, record, kind):
-    with pytest.raises(common.UserInputError, match=rf"record 1 of .* is a {kind}, not an object"):
+    with pytest.raises(errors.UserInputError, match=rf"record 1 of .* is a {kind}, not an object"):
         load(write_data("data.json", [RECORDS[0], record]))
 
 
 def test_unreadable_csv(write_data):
-    with pytest.raises(common.UserInputError, match="could not be read as csv"):
+    with pytest.raises(errors.UserInputError, match="could not be read as csv"):
         load(write_data("data.csv", 'instruction,output\n"never closed,x\n'))
 
 
 def test_unreachable_hub_data_set():
-    with pytest.raises(common.UserInputError, match="someone/no-such-data-set-for-tests") as info:
+    with pytest.raises(errors.UserInputError, match="someone/no-such-data-set-for-tests") as info:
         load("someone/no-such-data-set-for-tests")
     assert ".jsonl" in str(info.value), "the message offers a local file instead"
 
 
 def test_validate_records_directly():
-    common.validate_records(RECORDS, "inline")
-    with pytest.raises(common.UserInputError, match=r"Record 1 of inline: the 'output' field is a float"):
-        common.validate_records([RECORDS[0], {"instruction": "x", "output": 1.5}], "inline")
-    with pytest.raises(common.UserInputError, match="holds no records"):
-        common.validate_records([], "inline")
+    data.validate_records(RECORDS, "inline")
+    with pytest.raises(errors.UserInputError, match=r"Record 1 of inline: the 'output' field is a float"):
+        data.validate_records([RECORDS[0], {"instruction": "x", "output": 1.5}], "inline")
+    with pytest.raises(errors.UserInputError, match="holds no records"):
+        data.validate_records([], "inline")
 
 
 # --- known bugs (pass once fixed) -----------------------------------------------
@@ -208,7 +211,7 @@ def test_validate_records_directly():
 
 def test_number_among_strings_names_the_record(write_data):
     records = RECORDS[:2] + [{"instruction": "Add 2 and 3.", "input": "", "output": 5}]
-    with pytest.raises(common.UserInputError, match=r"Record 2 of .*'output' field is a int \(5\)"):
+    with pytest.raises(errors.UserInputError, match=r"Record 2 of .*'output' field is a int \(5\)"):
         load(write_data("data.json", records))
 
 

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 import train_galore
 import train_qlora
+import overrides
 
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -20,7 +21,7 @@ def losses(trainer):
 
 def smoke(module, tmp_path_factory, name, *argv):
     output_dir = tmp_path_factory.mktemp(name)
-    trainer = module.main(["--smoke", "--output_dir", str(output_dir), *argv])
+    trainer = module.main(*module.parse_args(["--smoke", "--output_dir", str(output_dir), *argv]))
     return trainer, output_dir
 
 
@@ -94,8 +95,8 @@ def test_qlora_adapter_reloads(qlora_run):
 
 
 def test_qlora_on_real_alpaca_data(alpaca_path, tmp_path):
-    trainer = train_qlora.main(["--smoke", "--output_dir", str(tmp_path), "--dataset_name", str(alpaca_path),
-                                "--max_train_samples", "32"])
+    trainer = train_qlora.main(*train_qlora.parse_args(["--smoke", "--output_dir", str(tmp_path), "--dataset_name", str(alpaca_path),
+                                "--max_train_samples", "32"]))
     assert len(trainer.train_dataset) == 32
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
     logged = losses(trainer)
@@ -104,11 +105,11 @@ def test_qlora_on_real_alpaca_data(alpaca_path, tmp_path):
 
 
 def test_qlora_loss_falls_on_a_fixed_batch(tmp_path):
-    trainer = train_qlora.main([
+    trainer = train_qlora.main(*train_qlora.parse_args([
         "--smoke", "--output_dir", str(tmp_path), "--max_steps", "30", "--learning_rate", "1e-2",
         "--max_train_samples", "8", "--per_device_train_batch_size", "8", "--lr_scheduler_type", "constant",
         "--warmup_ratio", "0", "--lora_dropout", "0",
-    ])
+    ]))
     assert trainer.state.global_step == 30, "the user's --max_steps must survive --smoke"
     assert trainer.args.per_device_train_batch_size == 8
     logged = losses(trainer)
@@ -132,7 +133,7 @@ def test_galore_trains_with_the_fixed_optimizer(galore_run):
     logged = losses(trainer)
     assert len(logged) == 4 and all(math.isfinite(loss) for loss in logged)
     optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-    assert isinstance(optimizer, train_galore.GaLoreAdamW8bitFixed)
+    assert isinstance(optimizer, overrides.galore_adamw8bit())
     assert optimizer.param_groups[0]["rank"] == 8, "--smoke lowers the rank to fit the 64-wide layers"
     assert_one_bos_per_example(trainer)
 

@@ -1,7 +1,7 @@
 """The catalogue of faults: bad inputs, a wrong installation, no GPU, a full disk, leaked secrets.
 
 Each bad input must end in one clear message (UserInputError / SetupError / TrainingFailed
-naming what is wrong, where, and the fix), exit code 2 through common.run_cli with no
+naming what is wrong, where, and the fix), exit code 2 through arguments.run_cli with no
 traceback, and no half-written model (no OUTPUT_DIR/final, no OUTPUT_DIR/.final.partial).
 """
 from __future__ import annotations
@@ -21,10 +21,15 @@ import torch
 import transformers
 
 import common
+import arguments
+import data
+import errors
+import training
+import versions
 import train_galore
 import train_qlora
 
-REPO_ROOT = common.PROJECT_DIR.parent
+REPO_ROOT = versions.PROJECT_DIR.parent
 SCRIPTS = {"qlora": train_qlora, "galore": train_galore}
 ENOSPC_MESSAGE = "No space left on device"
 
@@ -35,14 +40,14 @@ ENOSPC_MESSAGE = "No space left on device"
 def fails_cleanly(module, argv, caplog, output_dir: Path) -> str:
     """Run main() through run_cli; it must return 2 with one error line, no traceback, no model. Returns the message."""
     caplog.clear()
-    exit_code = common.run_cli(module.main, [str(a) for a in argv])
+    exit_code = arguments.run_cli(module.parse_args, module.main, [str(a) for a in argv])
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert exit_code == 2, f"expected exit code 2, got {exit_code}; log:\n{caplog.text[-3000:]}"
     assert len(errors) == 1, [r.getMessage() for r in errors]
-    assert errors[0].name == "finetuning"
+    assert errors[0].name == "arguments"  # run_cli's one message
     assert "Traceback" not in caplog.text
-    assert not (output_dir / common.FINAL_DIR).exists(), "a failed run left OUTPUT_DIR/final"
-    assert not (output_dir / f".{common.FINAL_DIR}.partial").exists(), "a failed run left a half-written final"
+    assert not (output_dir / training.FINAL_DIR).exists(), "a failed run left OUTPUT_DIR/final"
+    assert not (output_dir / f".{training.FINAL_DIR}.partial").exists(), "a failed run left a half-written final"
     return errors[0].getMessage()
 
 
@@ -131,8 +136,8 @@ def test_some_records_longer_than_max_seq_length_still_train(tmp_path):
     records = [{"instruction": "Say hi", "output": "Hi"} for _ in range(6)]
     records += [{"instruction": random_words(rng, 30), "output": random_words(rng, 60)} for _ in range(2)]
     data = write_jsonl(tmp_path / "data.jsonl", records)
-    trainer = train_galore.main(smoke_argv(tmp_path / "out", "--dataset_name", data, "--max_seq_length", 16,
-                                           "--max_steps", 2))
+    trainer = train_galore.main(*train_galore.parse_args(smoke_argv(tmp_path / "out", "--dataset_name", data, "--max_seq_length", 16,
+                                           "--max_steps", 2)))
     assert trainer.state.global_step == 2 and (tmp_path / "out" / "final" / "model.safetensors").is_file()
 
 
@@ -144,7 +149,7 @@ def _fp32():
 
 
 def test_unreachable_hub_model_explains_the_gate_and_the_token():
-    with pytest.raises(common.UserInputError) as info:
+    with pytest.raises(errors.UserInputError) as info:
         common.load_tokenizer("google/gemma-3-does-not-exist")
     message = str(info.value)
     assert "google/gemma-3-does-not-exist" in message and "HF_TOKEN" in message and "license" in message
@@ -168,7 +173,7 @@ def test_model_path_that_does_not_exist_through_main(script, tmp_path, caplog, m
 def earlier_run(tmp_path_factory):
     """A finished GaLore smoke run: checkpoint-2, checkpoint-4 and final. Copy it before changing it."""
     out = tmp_path_factory.mktemp("earlier") / "out"
-    train_galore.main(smoke_argv(out, "--save_strategy", "steps", "--save_steps", 2))
+    train_galore.main(*train_galore.parse_args(smoke_argv(out, "--save_strategy", "steps", "--save_steps", 2)))
     assert {p.name for p in out.iterdir()} >= {"checkpoint-2", "checkpoint-4", "final"}
     return out
 
@@ -183,7 +188,7 @@ def test_earlier_run_is_refused(earlier_run, tmp_path, caplog):
     out = copy_of(earlier_run, tmp_path)
     final_weights = (out / "final" / "model.safetensors").read_bytes()
     caplog.clear()
-    exit_code = common.run_cli(train_galore.main, smoke_argv(out, "--overwrite_output_dir", "False"))
+    exit_code = arguments.run_cli(train_galore.parse_args, train_galore.main, smoke_argv(out, "--overwrite_output_dir", "False"))
     assert exit_code == 2 and "Traceback" not in caplog.text
     [error] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     for words in (str(out), "checkpoint-2", "--resume_from_checkpoint latest", "--overwrite_output_dir", "--output_dir"):
@@ -196,13 +201,13 @@ def test_any_earlier_output_is_refused(leftover, tmp_path):
     out = tmp_path / "out"
     (out / leftover).mkdir(parents=True)
     args = transformers.TrainingArguments(output_dir=str(out), overwrite_output_dir=False, report_to=[])
-    with pytest.raises(common.UserInputError, match=leftover):
-        common.prepare_output_dir(args)
+    with pytest.raises(errors.UserInputError, match=leftover):
+        training.plan_output_dir(args)
 
 
 def test_earlier_run_is_overwritten_with_overwrite_output_dir(earlier_run, tmp_path):
     out = copy_of(earlier_run, tmp_path)
-    trainer = train_galore.main(smoke_argv(out, "--overwrite_output_dir", "--seed", 7, "--max_steps", 2))
+    trainer = train_galore.main(*train_galore.parse_args(smoke_argv(out, "--overwrite_output_dir", "--seed", 7, "--max_steps", 2)))
     assert trainer.state.global_step == 2
     assert json.loads((out / "final" / "config.json").read_text())
     assert (out / "final" / "model.safetensors").read_bytes() != (earlier_run / "final" / "model.safetensors").read_bytes()
@@ -210,11 +215,11 @@ def test_earlier_run_is_overwritten_with_overwrite_output_dir(earlier_run, tmp_p
 
 def test_overwrite_output_dir_removes_the_earlier_runs_checkpoints(earlier_run, tmp_path):
     out = copy_of(earlier_run, tmp_path)  # checkpoint-2, checkpoint-4, final
-    train_galore.main(smoke_argv(out, "--overwrite_output_dir", "--max_steps", 2, "--save_strategy", "steps",
-                                 "--save_steps", 1, "--save_total_limit", 10))
+    train_galore.main(*train_galore.parse_args(smoke_argv(out, "--overwrite_output_dir", "--max_steps", 2, "--save_strategy", "steps",
+                                 "--save_steps", 1, "--save_total_limit", 10)))
     checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-1", "checkpoint-2"], checkpoints
-    assert common.latest_complete_checkpoint(out) == str(out / "checkpoint-2")
+    assert training.latest_complete_checkpoint(out) == str(out / "checkpoint-2")
 
 
 def test_earlier_run_is_resumed_with_resume_from_checkpoint_latest(earlier_run, tmp_path, caplog):
@@ -222,9 +227,9 @@ def test_earlier_run_is_resumed_with_resume_from_checkpoint_latest(earlier_run, 
     (out / "checkpoint-6").mkdir()  # cut off mid-save: no trainer_state.json; must not be chosen
     (out / "checkpoint-6" / "model.safetensors").write_bytes(b"\0" * 10)
     shutil.rmtree(out / "checkpoint-4")
-    caplog.set_level(logging.INFO, logger="finetuning")
-    trainer = train_galore.main(smoke_argv(out, "--overwrite_output_dir", "False", "--resume_from_checkpoint", "latest",
-                                           "--max_steps", 4, "--save_strategy", "steps", "--save_steps", 2))
+    caplog.set_level(logging.INFO)
+    trainer = train_galore.main(*train_galore.parse_args(smoke_argv(out, "--overwrite_output_dir", "False", "--resume_from_checkpoint", "latest",
+                                           "--max_steps", 4, "--save_strategy", "steps", "--save_steps", 2)))
     assert f"Resuming from the latest complete checkpoint, {out / 'checkpoint-2'}" in caplog.text
     assert trainer.state.global_step == 4
     assert (out / "final" / "model.safetensors").is_file()
@@ -284,7 +289,7 @@ def test_hub_token_cut_short_is_rejected_without_echoing_it(tmp_path, caplog):
     argv = smoke_argv(out, "--hub_tok", "hf_cmdlineSECRET0123", "--max_steps", 1, "--save_strategy", "steps",
                       "--save_steps", 1)
     caplog.clear()
-    exit_code = common.run_cli(train_galore.main, argv)
+    exit_code = arguments.run_cli(train_galore.parse_args, train_galore.main, argv)
     leaked = [str(p) for p in out.rglob("*") if p.is_file() and b"hf_cmdlineSECRET0123" in p.read_bytes()]
     assert not leaked, f"the token given on the command line was saved in {leaked}"
     assert exit_code == 2 and "--hub_tok" in caplog.text
@@ -306,7 +311,7 @@ def test_hub_token_flag_points_to_hf_token(argv, tmp_path, caplog):
 
 
 def test_trust_remote_code_is_off_by_default():
-    assert common.ModelArguments().trust_remote_code is False
+    assert arguments.ModelArguments().trust_remote_code is False
     # What the scripts actually pass to transformers is checked in test_auto_find_batch_size_runs.
 
 
@@ -318,11 +323,11 @@ def test_trust_remote_code_is_off_by_default():
     ("bitsandbytes", None, "found not installed"),
 ])
 def test_wrong_version_is_one_message_with_the_fix(package, planted, shown):
-    pins = common.read_pins()
-    installed = {name: pins[common._normalise(name)] for name in common.CHECKED_PACKAGES}
+    pins = versions.read_pins()
+    installed = {name: pins[versions.normalise(name)] for name in versions.CHECKED_PACKAGES}
     installed[package] = planted
-    with pytest.raises(common.SetupError) as info:
-        common.check_versions(installed=installed)
+    with pytest.raises(errors.SetupError) as info:
+        versions.check_versions(installed=installed)
     message = str(info.value)
     assert f"{package}: {shown}, need {pins[package]}" in message
     assert "pip install -r" in message and f"{package}=={pins[package]}" in message
@@ -345,7 +350,7 @@ runpy.run_path("finetuning/{script}.py", run_name="__main__")
 def test_wrong_version_stops_the_script_before_torch_loads(script, package, planted):
     code = VERSION_PROBE.format(planted=planted, package=package, script=script)
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    need = common.read_pins()[package]
+    need = versions.read_pins()[package]
     assert result.returncode != 0
     assert f"{package}: found {planted}, need {need}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
@@ -408,11 +413,11 @@ def test_full_disk_while_saving_a_checkpoint(script, tmp_path, caplog, monkeypat
     for words in ("disk", ENOSPC_MESSAGE, "--save_total_limit", "--save_steps", "--resume_from_checkpoint",
                   str(out / "checkpoint-2")):
         assert words in message, (words, message)
-    assert common.latest_complete_checkpoint(out) == str(out / "checkpoint-2")
+    assert training.latest_complete_checkpoint(out) == str(out / "checkpoint-2")
 
     # With space again, the advised resume finishes the run.
     monkeypatch.undo()
-    trainer = SCRIPTS[script].main(argv + ["--resume_from_checkpoint", "latest"])
+    trainer = SCRIPTS[script].main(*SCRIPTS[script].parse_args(argv + ["--resume_from_checkpoint", "latest"]))
     assert trainer.state.global_step == 4
     assert (out / "final").is_dir() and not (out / ".final.partial").exists()
 
@@ -567,7 +572,7 @@ def test_auto_find_batch_size_runs(script, tmp_path, monkeypatch):
 
     spy(transformers.AutoTokenizer)
     spy(transformers.AutoModelForCausalLM)
-    trainer = SCRIPTS[script].main(smoke_argv(tmp_path / "out", "--auto_find_batch_size", samples=True))
+    trainer = SCRIPTS[script].main(*SCRIPTS[script].parse_args(smoke_argv(tmp_path / "out", "--auto_find_batch_size", samples=True)))
     assert trainer.args.auto_find_batch_size
     assert trainer.state.global_step == 4
     weights = "adapter_model.safetensors" if script == "qlora" else "model.safetensors"

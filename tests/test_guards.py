@@ -6,7 +6,10 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
+import arguments
 import common
+import errors
+import training
 
 
 def tiny_trainer(model_dir, tokenizer, output_dir, **args):
@@ -26,8 +29,8 @@ def test_nan_loss_stops_training_with_advice(tiny_model_dir, tiny_tokenizer, tmp
     with torch.no_grad():
         trainer.model.model.norm.weight.fill_(float("nan"))
 
-    with pytest.raises(common.TrainingFailed, match="--learning_rate") as error:
-        common.train(trainer)
+    with pytest.raises(errors.TrainingFailed, match="--learning_rate") as error:
+        training.train(trainer)
 
     assert "step 1" in str(error.value)  # stopped at the first logged step, not after all 6
     assert trainer.state.global_step == 1
@@ -35,7 +38,7 @@ def test_nan_loss_stops_training_with_advice(tiny_model_dir, tiny_tokenizer, tmp
 
 def test_finite_training_is_untouched(tiny_model_dir, tiny_tokenizer, tmp_path):
     trainer = tiny_trainer(tiny_model_dir, tiny_tokenizer, tmp_path)
-    common.train(trainer)
+    training.train(trainer)
     assert trainer.state.global_step == 6
 
 
@@ -49,8 +52,8 @@ def test_out_of_memory_names_the_settings_and_the_checkpoint(tiny_model_dir, tin
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
 
     monkeypatch.setattr(trainer, "train", out_of_memory)
-    with pytest.raises(common.TrainingFailed) as error:
-        common.train(trainer)
+    with pytest.raises(errors.TrainingFailed) as error:
+        training.train(trainer)
     message = str(error.value)
     for advice in ("--per_device_train_batch_size", "--max_seq_length", "--gradient_checkpointing",
                    "--auto_find_batch_size", "checkpoint-40"):
@@ -60,8 +63,8 @@ def test_out_of_memory_names_the_settings_and_the_checkpoint(tiny_model_dir, tin
 
 
 def test_run_cli_turns_a_training_failure_into_exit_code_2(caplog):
-    def failing_main(argv):
-        raise common.TrainingFailed("The training loss became nan at step 3")
+    def failing_main(*parsed):
+        raise errors.TrainingFailed("The training loss became nan at step 3")
 
-    assert common.run_cli(failing_main, []) == 2
+    assert arguments.run_cli(lambda argv: (), failing_main, []) == 2
     assert "nan at step 3" in caplog.text

@@ -22,10 +22,12 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import training
+import versions
 import train_galore
 import train_qlora
 
-REPO_ROOT = common.PROJECT_DIR.parent
+REPO_ROOT = versions.PROJECT_DIR.parent
 WEIGHTS = {"qlora": "adapter_model.safetensors", "galore": "model.safetensors"}
 SCRIPTS = {"qlora": train_qlora, "galore": train_galore}
 
@@ -51,7 +53,7 @@ RESUME_ARGV = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "
 def test_resume_gives_the_uninterrupted_result(script, tmp_path):
     module = SCRIPTS[script]
     whole = tmp_path / "whole"
-    module.main(["--smoke", "--output_dir", str(whole), *RESUME_ARGV])
+    module.main(*module.parse_args(["--smoke", "--output_dir", str(whole), *RESUME_ARGV]))
     assert (whole / "checkpoint-3" / "trainer_state.json").is_file() and (whole / "final").is_dir()
 
     for how in ("latest", "checkpoint-3"):
@@ -61,8 +63,8 @@ def test_resume_gives_the_uninterrupted_result(script, tmp_path):
         shutil.rmtree(cut / "checkpoint-6")
         shutil.rmtree(cut / "final")
         resume_from = "latest" if how == "latest" else str(cut / "checkpoint-3")
-        trainer = module.main(["--smoke", "--output_dir", str(cut), *RESUME_ARGV, "--overwrite_output_dir", "False",
-                               "--resume_from_checkpoint", resume_from])
+        trainer = module.main(*module.parse_args(["--smoke", "--output_dir", str(cut), *RESUME_ARGV, "--overwrite_output_dir", "False",
+                               "--resume_from_checkpoint", resume_from]))
         assert trainer.state.global_step == 6
         trained = [e["step"] for e in trainer.state.log_history if "loss" in e]
         assert trained[-3:] == [4, 5, 6], f"steps 4-6 are trained again after resuming ({how}): {trained}"
@@ -78,7 +80,7 @@ class Killed(BaseException):
 
 
 def test_kill_while_replacing_an_existing_final_leaves_it_absent_or_complete(tiny_model_dir, tmp_path, monkeypatch):
-    final = tmp_path / "out" / common.FINAL_DIR
+    final = tmp_path / "out" / training.FINAL_DIR
     shutil.copytree(tiny_model_dir, final)  # the earlier run's complete final
     real_rmtree = shutil.rmtree
     killed = []
@@ -93,7 +95,7 @@ def test_kill_while_replacing_an_existing_final_leaves_it_absent_or_complete(tin
 
     monkeypatch.setattr(shutil, "rmtree", rmtree_killed_midway)
     try:
-        common.write_atomically(final, lambda folder: shutil.copytree(tiny_model_dir, folder))
+        training.write_atomically(final, lambda folder: shutil.copytree(tiny_model_dir, folder))
     except Killed:
         pass
     monkeypatch.undo()
@@ -180,7 +182,7 @@ def check_what_the_kill_left(output_dir: Path) -> dict:
     checkpoints = sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
     incomplete = [p.name for p in checkpoints if state_of(p) is None]
     complete = [p for p in checkpoints if state_of(p) is not None]
-    latest = common.latest_complete_checkpoint(output_dir)
+    latest = training.latest_complete_checkpoint(output_dir)
     if latest is None:
         assert not complete, f"complete checkpoints {complete} were not found"
     else:
@@ -197,16 +199,16 @@ def check_what_the_kill_left(output_dir: Path) -> dict:
             shutil.copytree(checkpoint, planted / checkpoint.name)
         (planted / latest.name / "trainer_state.json").unlink()
         expected = str(planted / complete[-2].name) if len(complete) > 1 else None
-        assert common.latest_complete_checkpoint(planted) == expected
+        assert training.latest_complete_checkpoint(planted) == expected
         shutil.rmtree(planted)
-    final = output_dir / common.FINAL_DIR
+    final = output_dir / training.FINAL_DIR
     if final.exists():
         loads(final)  # written to .final.partial and renamed: complete or absent
     return {
         "latest": latest.name if latest else None,
         "incomplete": incomplete,
         "final": "complete" if final.exists() else "absent",
-        "partial_final": (output_dir / f".{common.FINAL_DIR}.partial").exists(),
+        "partial_final": (output_dir / f".{training.FINAL_DIR}.partial").exists(),
     }
 
 
@@ -264,7 +266,7 @@ def test_sigkill_at_a_random_moment_then_resume(seed, kill_runs):
     if left["latest"]:
         assert f"Resuming from the latest complete checkpoint, {out / left['latest']}" in log
     assert state_of(out / "checkpoint-12")["global_step"] == 12
-    assert not (out / f".{common.FINAL_DIR}.partial").exists()
+    assert not (out / f".{training.FINAL_DIR}.partial").exists()
     loads(out / "final")
     difference = assert_same_weights(kill_runs["reference"], out / "final" / WEIGHTS[KILL_SCRIPT])
     print(f"\nseed {seed}: kill at {outcome['event']} + {outcome['delay'] * 1000:.0f} ms ({outcome['when']}); "

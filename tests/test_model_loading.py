@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import common
+import errors
+import overrides
 import train_galore
 import train_qlora
 
@@ -24,12 +26,12 @@ def test_load_tokenizer_rejects_pad_equal_to_eos(tiny_model_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.save_pretrained(tmp_path)
-    with pytest.raises(common.UserInputError, match="padding token"):
+    with pytest.raises(errors.UserInputError, match="padding token"):
         common.load_tokenizer(str(tmp_path))
 
 
 def test_load_tokenizer_unreachable_hub_id_explains_access():
-    with pytest.raises(common.UserInputError, match="HF_TOKEN") as info:
+    with pytest.raises(errors.UserInputError, match="HF_TOKEN") as info:
         common.load_tokenizer("google/no-such-gemma-for-tests")
     assert "google/no-such-gemma-for-tests" in str(info.value)
 
@@ -45,7 +47,7 @@ def test_unreadable_local_model_path_is_a_user_error(loader, where, tmp_path):
         "qlora_model": lambda: train_qlora.load_quantized_model(str(path), CPU, "eager"),
         "galore_model": lambda: train_galore.load_model(str(path), CPU, "eager"),
     }[loader]
-    with pytest.raises(common.UserInputError, match="--model_name_or_path") as info:
+    with pytest.raises(errors.UserInputError, match="--model_name_or_path") as info:
         load()
     assert str(path) in str(info.value)
 
@@ -79,7 +81,7 @@ def galore_model(tiny_model_dir):
 
 def test_build_optimizer_projects_the_attention_and_mlp_weights(galore_model):
     optimizer = train_galore.build_optimizer(galore_model, galore_args(), TRAINING)
-    assert isinstance(optimizer, train_galore.GaLoreAdamW8bitFixed)
+    assert isinstance(optimizer, overrides.galore_adamw8bit())
     projected, regular = optimizer.param_groups
     assert projected["rank"] == 8 and projected["proj_type"] == "std"
     layers = galore_model.config.num_hidden_layers
@@ -94,10 +96,10 @@ def test_build_optimizer_projects_the_attention_and_mlp_weights(galore_model):
 
 
 def test_build_optimizer_rejects_a_rank_as_large_as_the_layer(galore_model):
-    with pytest.raises(common.UserInputError, match="--galore_rank 64"):
+    with pytest.raises(errors.UserInputError, match="--galore_rank 64"):
         train_galore.build_optimizer(galore_model, galore_args(galore_rank=64), TRAINING)
 
 
 def test_build_optimizer_rejects_targets_matching_nothing(galore_model):
-    with pytest.raises(common.UserInputError, match="--galore_target_modules 'attention'"):
+    with pytest.raises(errors.UserInputError, match="--galore_target_modules 'attention'"):
         train_galore.build_optimizer(galore_model, galore_args(galore_target_modules="attention"), TRAINING)

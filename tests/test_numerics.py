@@ -9,6 +9,7 @@ import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 import common
+import overrides
 
 
 def small_gemma(**overrides) -> Gemma3ForCausalLM:
@@ -42,7 +43,7 @@ def loss_and_grads(model, **kwargs):
 def test_chunked_loss_matches_stock_loss_and_gradients(softcap, chunk_tokens):
     stock = small_gemma(final_logit_softcapping=softcap)
     chunked = copy.deepcopy(stock)
-    assert common.use_chunked_loss(chunked, chunk_tokens=chunk_tokens)
+    assert overrides.use_chunked_loss(chunked, chunk_tokens=chunk_tokens)
 
     stock_loss, stock_grads = loss_and_grads(stock)
     chunked_loss, chunked_grads = loss_and_grads(chunked)
@@ -57,7 +58,7 @@ def test_chunked_loss_matches_stock_loss_and_gradients(softcap, chunk_tokens):
 def test_chunked_loss_divides_by_the_trainers_token_count_under_accumulation():
     stock = small_gemma()
     chunked = copy.deepcopy(stock)
-    common.use_chunked_loss(chunked, chunk_tokens=16)
+    overrides.use_chunked_loss(chunked, chunk_tokens=16)
     count = torch.tensor(250)
     stock_loss, _ = loss_and_grads(stock, num_items_in_batch=count)
     chunked_loss, _ = loss_and_grads(chunked, num_items_in_batch=count)
@@ -66,7 +67,7 @@ def test_chunked_loss_divides_by_the_trainers_token_count_under_accumulation():
 
 def test_chunked_loss_without_gradients_and_returns_no_logits():
     model = small_gemma()
-    common.use_chunked_loss(model)
+    overrides.use_chunked_loss(model)
     input_ids, labels = batch()
     with torch.no_grad():
         output = model(input_ids=input_ids, labels=labels)
@@ -109,8 +110,8 @@ def test_stock_fp16_paths_go_nan_where_ours_stays_finite():
 
     # Ours: the scripts' fp16 path (fp32 weights, fp16 autocast, fp32 residual stream, chunked loss).
     ours = copy.deepcopy(reference)
-    assert common.keep_residual_stream_in_fp32(ours) == 2 * 4 + 1 + 2 * 2  # 4 per layer, final, q/k norms
-    common.use_chunked_loss(ours)
+    assert overrides.fuse_rms_norms(ours, fp32_residual=True) == 2 * 4 + 1 + 2 * 2  # 4 per layer, final, q/k norms
+    overrides.use_chunked_loss(ours)
     with torch.autocast("cpu", dtype=torch.float16):
         loss = ours(input_ids=input_ids, labels=labels).loss
     loss.backward()
@@ -122,7 +123,7 @@ def test_stock_fp16_paths_go_nan_where_ours_stays_finite():
 def test_fp32_residual_patch_changes_nothing_in_float32():
     stock = small_gemma()
     patched = copy.deepcopy(stock)
-    common.keep_residual_stream_in_fp32(patched)
+    overrides.fuse_rms_norms(patched, fp32_residual=True)
     stock_loss, stock_grads = loss_and_grads(stock)
     patched_loss, patched_grads = loss_and_grads(patched)
     assert torch.equal(stock_loss, patched_loss)

@@ -7,8 +7,10 @@ import random
 import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+import arguments
+import batching
+import overrides
 
-import speed
 
 
 def small_gemma(layers: int = 2, **overrides) -> Gemma3ForCausalLM:
@@ -35,7 +37,7 @@ def small_gemma(layers: int = 2, **overrides) -> Gemma3ForCausalLM:
 def test_fused_rms_norm_matches_gemmas_in_value_and_gradient():
     stock = small_gemma()
     fused = copy.deepcopy(stock)
-    assert speed.fuse_rms_norms(fused) == 2 * 6 + 1  # 4 per layer + q/k norms, and the final one
+    assert overrides.fuse_rms_norms(fused) == 2 * 6 + 1  # 4 per layer + q/k norms, and the final one
 
     input_ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(1))
     results = []
@@ -52,8 +54,8 @@ def test_fused_rms_norm_output_dtype_follows_the_fp32_residual_setting():
     norm = small_gemma().model.norm  # float32 weights
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     plain, residual = copy.deepcopy(norm), copy.deepcopy(norm)
-    speed.fuse_rms_norms(plain)
-    speed.fuse_rms_norms(residual, fp32_residual=True)
+    overrides.fuse_rms_norms(plain)
+    overrides.fuse_rms_norms(residual, fp32_residual=True)
     assert plain(x).dtype == torch.bfloat16  # as Gemma's: back to the input's dtype
     assert residual(x).dtype == torch.float32
 
@@ -96,7 +98,7 @@ def lora_loss_and_grads(model, seed: int):
 def test_fused_lora_4bit_matches_peft_without_dropout(keep_weight, tmp_path):
     stock = quantized_lora_model(tmp_path, dropout=0.0)
     fused = copy.deepcopy(stock)
-    assert speed.fuse_lora_4bit(fused, keep_dequantized_weight=keep_weight) == 2 * 7
+    assert overrides.fuse_lora_4bit(fused, keep_dequantized_weight=keep_weight) == 2 * 7
 
     stock_loss, stock_grads = lora_loss_and_grads(stock, seed=0)
     fused_loss, fused_grads = lora_loss_and_grads(fused, seed=0)
@@ -111,7 +113,7 @@ def test_fused_lora_4bit_dropout_gradients_match_an_autograd_reference(tmp_path)
     """With dropout the masks differ from peft's draws, so the reference is autograd over the same mask."""
     model = quantized_lora_model(tmp_path, dropout=0.3)
     layer = next(m for m in model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A"))
-    speed.fuse_lora_4bit(model, keep_dequantized_weight=False)
+    overrides.fuse_lora_4bit(model, keep_dequantized_weight=False)
     layer.train()
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     x = torch.randn(5, a.shape[1], requires_grad=True)
@@ -138,7 +140,7 @@ def test_fused_lora_4bit_dropout_gradients_match_an_autograd_reference(tmp_path)
 
 def test_fused_lora_4bit_leaves_disabled_adapters_to_peft(tmp_path):
     model = quantized_lora_model(tmp_path, dropout=0.0)
-    speed.fuse_lora_4bit(model, keep_dequantized_weight=False)
+    overrides.fuse_lora_4bit(model, keep_dequantized_weight=False)
     input_ids = torch.randint(3, 300, (1, 12))
     with torch.no_grad():
         with_adapter = model(input_ids=input_ids).logits
@@ -151,7 +153,7 @@ def test_fused_lora_4bit_after_an_eval_pass_still_trains_right(tmp_path):
     """Samples are generated before training (eval mode, no grad): bitsandbytes may repack CPU weights then."""
     stock = quantized_lora_model(tmp_path, dropout=0.0)
     fused = copy.deepcopy(stock)
-    speed.fuse_lora_4bit(fused, keep_dequantized_weight=False)
+    overrides.fuse_lora_4bit(fused, keep_dequantized_weight=False)
     input_ids = torch.randint(3, 300, (1, 12))
     for model in (stock, fused):
         model.eval()
@@ -172,11 +174,11 @@ def test_fused_lora_4bit_after_an_eval_pass_still_trains_right(tmp_path):
 def test_rows_hold_every_record_once_within_the_row_length():
     rng = random.Random(0)
     lengths = [rng.randint(5, 300) for _ in range(2000)]
-    rows = speed.pack_into_rows(lengths, 512)
+    rows = batching.pack_into_rows(lengths, 512)
     flat = sorted(i for row in rows for i in row)
     assert flat == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
-    assert speed.row_fill(lengths, rows, 512) > 0.97
+    assert batching.row_fill(lengths, rows, 512) > 0.97
 
 
 def test_packed_loss_and_gradients_equal_the_padded_batchs():
@@ -199,8 +201,8 @@ def test_packed_loss_and_gradients_equal_the_padded_batchs():
     loss.backward()
 
     features = [{"input_ids": r} for r in records]
-    rows = speed.packed_rows(features, labels, [[0, 1, 2]])
-    batch = speed.pad_rows(pad_token_id=0, row_tokens=48)(rows)
+    rows = batching.packed_rows(features, labels, [[0, 1, 2]])
+    batch = batching.pad_rows(pad_token_id=0, row_tokens=48)(rows)
     assert batch["input_ids"].shape == (1, 48) and "attention_mask" not in batch
     packed = copy.deepcopy(model)
     packed_loss = packed(**batch).loss
@@ -217,8 +219,8 @@ def test_packed_records_do_not_see_each_other():
     first, second = [5] * 10, list(range(20, 32))
     outputs = []
     for head in (first, [7] * 10):
-        rows = speed.packed_rows([{"input_ids": head}, {"input_ids": second}], [head, second], [[0, 1]])
-        batch = speed.pad_rows(0, 32)(rows)
+        rows = batching.packed_rows([{"input_ids": head}, {"input_ids": second}], [head, second], [[0, 1]])
+        batch = batching.pad_rows(0, 32)(rows)
         batch.pop("labels")
         with torch.no_grad():
             # No cache: transformers reads packing from the position ids only when there is none (as in training).
@@ -233,9 +235,9 @@ def test_record_labels_keep_the_collators_masking(tiny_tokenizer):
                {"instruction": "Add 2 and 3.", "input": "", "output": "5"}]
     texts = [common.format_record(r) for r in records]
     features = [{"input_ids": tiny_tokenizer(t)["input_ids"]} for t in texts]
-    data_args = common.DataArguments()
+    data_args = arguments.DataArguments()
     collator = common.completion_only_collator(tiny_tokenizer, data_args, _Columns(["instruction"]))
-    labels = speed.record_labels(features, collator)
+    labels = batching.record_labels(features, collator)
     for feature, record_labels, record in zip(features, labels, records):
         assert len(record_labels) == len(feature["input_ids"])
         learnt = [t for t, label in zip(feature["input_ids"], record_labels) if label != -100]
@@ -249,7 +251,7 @@ class _Columns:
 
 
 def test_batches_cover_every_row_once_and_change_order_per_epoch():
-    batches = speed.PackedBatches(10, rows_per_batch=4, seed=1)
+    batches = batching.PackedBatches(10, rows_per_batch=4, seed=1)
     first = list(batches)
     assert len(first) == len(batches) == 3 and [len(b) for b in first] == [4, 4, 2]
     assert sorted(i for b in first for i in b) == list(range(10))
@@ -258,8 +260,8 @@ def test_batches_cover_every_row_once_and_change_order_per_epoch():
 
 
 def test_record_bounds_cover_every_record_and_the_padding():
-    rows = speed.packed_rows([{"input_ids": [5] * n} for n in (3, 4, 6)], [[5] * n for n in (3, 4, 6)], [[0, 1], [2]])
-    batch = speed.pad_rows(pad_token_id=0, row_tokens=8)(rows)
+    rows = batching.packed_rows([{"input_ids": [5] * n} for n in (3, 4, 6)], [[5] * n for n in (3, 4, 6)], [[0, 1], [2]])
+    batch = batching.pad_rows(pad_token_id=0, row_tokens=8)(rows)
     # Row 1: records of 3 and 4, one pad; row 2: a record of 6, two pads.
     assert batch["cu_seq_lens_q"].tolist() == [0, 3, 7, 8, 14, 16]
     assert batch["max_length_q"] == 6 and batch["cu_seq_lens_q"].dtype == torch.int32
@@ -271,13 +273,13 @@ def varlen_against_masked(device: str, dtype, sliding_window: int, lengths=(300,
     model = small_gemma(layers=2, sliding_window=sliding_window).to(device)
     torch.manual_seed(4)
     records = [torch.randint(3, 300, (n,)).tolist() for n in lengths]
-    rows = speed.packed_rows([{"input_ids": r} for r in records], records, speed.pack_into_rows(list(lengths), 1024))
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in speed.pad_rows(0, 1024)(rows).items()}
+    rows = batching.packed_rows([{"input_ids": r} for r in records], records, batching.pack_into_rows(list(lengths), 1024))
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batching.pad_rows(0, 1024)(rows).items()}
     results = []
     for varlen in (False, True):
         copy_ = copy.deepcopy(model)
         if varlen:
-            speed.use_varlen_attention()
+            overrides.use_varlen_attention()
         inputs = batch if varlen else {k: v for k, v in batch.items() if not k.startswith(("cu_seq", "max_length"))}
         with torch.autocast(device, dtype=dtype):
             loss = copy_(**inputs).loss
@@ -302,7 +304,7 @@ def test_varlen_attention_matches_masked_sdpa_on_the_gpu(sliding_window, gpu, mo
 def test_fused_rms_norm_in_bfloat16_stays_within_bfloat16_rounding():
     stock = small_gemma().model.layers[0].input_layernorm
     fused = copy.deepcopy(stock)
-    speed.fuse_rms_norms(fused)
+    overrides.fuse_rms_norms(fused)
     x = (torch.randn(64, 64) * 3).to(torch.bfloat16)
     reference = stock(x.float())  # Gemma's norm, all in float32
     for output in (stock(x), fused(x)):
@@ -321,5 +323,5 @@ def test_one_kernel_dequantization_equals_bitsandbytes(tmp_path):
     assert state.nested, "train_qlora uses double quantization: the case worth testing"
     expected = bnb_functional.dequantize_4bit(base.weight, state).to(torch.float32)
     for _ in range(2):  # the second call uses the kept scales
-        torch.testing.assert_close(speed._dequantize(base.weight, state, torch.float32), expected, rtol=0, atol=0)
+        torch.testing.assert_close(overrides.dequantize_4bit(base.weight, state, torch.float32), expected, rtol=0, atol=0)
     assert state.float32_absmax.dtype == torch.float32

@@ -7,12 +7,16 @@ import pytest
 from safetensors.torch import load_file
 
 import common
+import arguments
+import batching
+import errors
+import reports
 import train_galore
 
 
 def test_every_record_once_and_no_batch_over_budget():
     lengths = [random.Random(i).randint(5, 300) for i in range(500)]
-    sampler = common.TokenBudgetBatchSampler(lengths, max_tokens=1024, seed=1)
+    sampler = batching.TokenBudgetBatchSampler(lengths, max_tokens=1024, seed=1)
     for epoch in range(2):
         sampler.set_epoch(epoch)
         batches = list(sampler)
@@ -29,29 +33,30 @@ def test_every_record_once_and_no_batch_over_budget():
 
 def test_order_changes_per_epoch_and_is_reproducible():
     lengths = list(range(10, 210))
-    first = common.TokenBudgetBatchSampler(lengths, 800, seed=3)
-    again = common.TokenBudgetBatchSampler(lengths, 800, seed=3)
+    first = batching.TokenBudgetBatchSampler(lengths, 800, seed=3)
+    again = batching.TokenBudgetBatchSampler(lengths, 800, seed=3)
     assert list(first) == list(again)
     first.set_epoch(1)
     assert list(first) != list(again)
 
 
-def test_budget_below_max_seq_length_is_refused():
-    with pytest.raises(common.UserInputError, match="--max_tokens_per_batch"):
-        common.DataArguments(max_seq_length=1024, max_tokens_per_batch=512)
+def test_budget_below_max_seq_length_is_refused(parse):
+    model, data, _, _, training = parse(train_galore, ["--max_seq_length", "1024", "--max_tokens_per_batch", "512"])
+    with pytest.raises(errors.UserInputError, match="--max_tokens_per_batch 512 must be at least --max_seq_length"):
+        arguments.check_arguments(model, data, training)
 
 
 def test_token_batched_training_resumes_to_the_same_weights(tmp_path):
     flags = ["--smoke", "--max_tokens_per_batch", "1024", "--max_steps", "6", "--save_strategy", "steps",
              "--save_steps", "3", "--seed", "3", "--learning_rate", "1e-3", "--num_sample_prompts", "0"]
-    train_galore.main([*flags, "--output_dir", str(tmp_path / "straight")])
+    train_galore.main(*train_galore.parse_args([*flags, "--output_dir", str(tmp_path / "straight")]))
     interrupted = tmp_path / "interrupted"
-    train_galore.main([*flags, "--output_dir", str(interrupted)])
+    train_galore.main(*train_galore.parse_args([*flags, "--output_dir", str(interrupted)]))
     for leftover in ("checkpoint-6", "final"):
         import shutil
 
         shutil.rmtree(interrupted / leftover)
-    train_galore.main([*flags, "--output_dir", str(interrupted), "--resume_from_checkpoint", "latest"])
+    train_galore.main(*train_galore.parse_args([*flags, "--output_dir", str(interrupted), "--resume_from_checkpoint", "latest"]))
     straight = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     resumed = load_file(str(interrupted / "final" / "model.safetensors"))
     assert all((straight[name] - resumed[name]).abs().max() <= 1e-6 for name in straight)
@@ -62,9 +67,9 @@ def test_dry_run_predicts_the_packed_runs_step_count(tmp_path, caplog, monkeypat
              "--num_train_epochs", "1", "--num_sample_prompts", "0"]
     caplog.set_level("INFO")
     reported = {}
-    real_report = common.dry_run_report
-    monkeypatch.setattr(common, "dry_run_report", lambda *args, **kwargs: reported.update(real_report(*args, **kwargs)))
-    assert train_galore.main([*flags, "--dry_run", "--output_dir", str(tmp_path / "dry")]) is None
+    real_report = reports.dry_run_report
+    monkeypatch.setattr(reports, "dry_run_report", lambda *args, **kwargs: reported.update(real_report(*args, **kwargs)))
+    assert train_galore.main(*train_galore.parse_args([*flags, "--dry_run", "--output_dir", str(tmp_path / "dry")])) is None
     assert "Packed without padding" in caplog.text
-    trainer = train_galore.main([*flags, "--output_dir", str(tmp_path / "run")])
+    trainer = train_galore.main(*train_galore.parse_args([*flags, "--output_dir", str(tmp_path / "run")]))
     assert trainer.state.max_steps == reported["optimizer_steps_per_epoch"] > 1

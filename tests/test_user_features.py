@@ -11,6 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import reports
+import arguments
+import data
+import errors
 import train_galore
 import train_qlora
 from conftest import REPO_ROOT
@@ -33,7 +37,7 @@ SHAREGPT = [
 
 
 def load(path, **data_flags):
-    return common.load_records(common.DataArguments(dataset_name=str(path), **data_flags))
+    return data.load_records(arguments.DataArguments(dataset_name=str(path), **data_flags))
 
 
 def test_chat_records_render_like_the_tokenizers_chat_template(write_data, tiny_tokenizer):
@@ -69,7 +73,7 @@ def test_plain_text_records_and_renamed_columns(write_data):
     ({"prompt": "x", "reply": "y"}, "--instruction_column"),
 ])
 def test_bad_chat_records_name_the_record_and_turn(write_data, record, message):
-    with pytest.raises(common.UserInputError, match=message):
+    with pytest.raises(errors.UserInputError, match=message):
         load(write_data("bad.json", [record]))
 
 
@@ -80,7 +84,7 @@ def test_one_bos_and_a_pad_that_is_not_eos(tiny_tokenizer):
 
 
 def collator_for(tokenizer, records, **flags):
-    return common.completion_only_collator(tokenizer, common.DataArguments(**flags), records)
+    return common.completion_only_collator(tokenizer, arguments.DataArguments(**flags), records)
 
 
 def test_response_only_loss_masks_prompts_and_keeps_every_answer(write_data, tiny_tokenizer):
@@ -97,7 +101,7 @@ def test_response_only_loss_masks_prompts_and_keeps_every_answer(write_data, tin
 
 def test_packing_with_response_only_loss_is_refused(write_data, tiny_tokenizer):
     records = load(write_data("chat.json", CHAT))
-    with pytest.raises(common.UserInputError, match="--completion_only_loss false"):
+    with pytest.raises(errors.UserInputError, match="--completion_only_loss false"):
         collator_for(tiny_tokenizer, records, packing=True)
 
 
@@ -105,16 +109,16 @@ def test_a_data_set_whose_answers_are_all_cut_off_is_an_error(tmp_path):
     long_prompt = " ".join(["word"] * 400)
     data = tmp_path / "long.json"
     data.write_text(json.dumps([{"instruction": long_prompt + f" {i}", "output": "short"} for i in range(4)]))
-    with pytest.raises(common.UserInputError, match="--max_seq_length"):
-        train_qlora.main(["--smoke", "--output_dir", str(tmp_path / "out"), "--dataset_name", str(data),
-                          "--max_seq_length", "64"])
+    with pytest.raises(errors.UserInputError, match="--max_seq_length"):
+        train_qlora.main(*train_qlora.parse_args(["--smoke", "--output_dir", str(tmp_path / "out"), "--dataset_name", str(data),
+                          "--max_seq_length", "64"]))
     assert not (tmp_path / "out" / "final").exists()
 
 
 def test_eval_split_metrics_plot_and_samples(tmp_path):
     out = tmp_path / "run"
-    trainer = train_galore.main(["--smoke", "--output_dir", str(out), "--eval_split_ratio", "0.25",
-                                 "--eval_strategy", "steps", "--eval_steps", "2", "--num_sample_prompts", "2"])
+    trainer = train_galore.main(*train_galore.parse_args(["--smoke", "--output_dir", str(out), "--eval_split_ratio", "0.25",
+                                 "--eval_strategy", "steps", "--eval_steps", "2", "--num_sample_prompts", "2"]))
     metrics = json.loads((out / "metrics.json").read_text())
     assert math.isclose(metrics["eval_perplexity"], math.exp(metrics["eval_loss"]), rel_tol=1e-6)
     assert metrics["global_step"] == 4 and "train_loss" in metrics
@@ -126,7 +130,7 @@ def test_eval_split_metrics_plot_and_samples(tmp_path):
 
 def test_merge_writes_a_16_bit_model_that_loads_without_peft(tmp_path):
     out = tmp_path / "run"
-    train_qlora.main(["--smoke", "--output_dir", str(out), "--merge", "--num_sample_prompts", "0"])
+    train_qlora.main(*train_qlora.parse_args(["--smoke", "--output_dir", str(out), "--merge", "--num_sample_prompts", "0"]))
     merged = load_file(str(out / "merged" / "model.safetensors"))
     assert not any("lora" in name for name in merged)
     assert {w.dtype for w in merged.values()} == {torch.bfloat16}
@@ -151,8 +155,8 @@ def test_dry_run_loads_no_model_and_reports(tmp_path, caplog, monkeypatch):
 
     monkeypatch.setattr(train_qlora, "load_quantized_model", no_model)
     caplog.set_level("INFO")
-    assert train_qlora.main(["--smoke", "--dry_run", "--output_dir", str(tmp_path / "out"),
-                             "--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "5"]) is None
+    assert train_qlora.main(*train_qlora.parse_args(["--smoke", "--dry_run", "--output_dir", str(tmp_path / "out"),
+                             "--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "5"])) is None
     report = caplog.text
     assert "⟦" in report and "Effective batch size: 15" in report and "95th percentile" in report
     assert not (tmp_path / "out" / "final").exists()
@@ -163,9 +167,9 @@ def test_tensorboard_is_used_when_installed(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "tensorboard" else real(name))
-    assert common.default_report_to() == "tensorboard"
+    assert arguments.default_report_to() == "tensorboard"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "tensorboard" else real(name))
-    assert common.default_report_to() == "none"
+    assert arguments.default_report_to() == "none"
 
 
 @pytest.mark.parametrize("installed", [True, False])
@@ -176,8 +180,8 @@ def test_runs_log_to_tensorboard_by_default_when_it_is_installed(installed, tiny
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name: (object() if installed else None) if name == "tensorboard" else real(name))
     seen = {}
-    monkeypatch.setattr(common, "dry_run_report", lambda records, tokenizer, collator, data_args, training_args:
+    monkeypatch.setattr(reports, "dry_run_report", lambda records, tokenizer, collator, data_args, training_args:
                         seen.setdefault("report_to", training_args.report_to))
     # A dry run needs no GPU; a smoke run would turn reporting off.
-    train_galore.main(["--dry_run", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path)])
+    train_galore.main(*train_galore.parse_args(["--dry_run", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path)]))
     assert ("tensorboard" in seen["report_to"]) is installed

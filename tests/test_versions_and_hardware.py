@@ -10,16 +10,20 @@ import pytest
 import torch
 
 import common
+import train_galore
+import data
+import errors
+import versions
 
-REPO_ROOT = common.PROJECT_DIR.parent
+REPO_ROOT = versions.PROJECT_DIR.parent
 
 
 # --- versions ---------------------------------------------------------------
 
 
 def test_wrong_version_names_package_versions_and_fix():
-    with pytest.raises(common.SetupError) as info:
-        common.check_versions(packages=("trl", "peft"), installed={"trl": "0.9.0", "peft": "0.21.2"},
+    with pytest.raises(errors.SetupError) as info:
+        versions.check_versions(packages=("trl", "peft"), installed={"trl": "0.9.0", "peft": "0.21.2"},
                               pins={"trl": "0.8.6", "peft": "0.21.2"})
     message = str(info.value)
     assert "trl: found 0.9.0, need 0.8.6" in message
@@ -29,45 +33,45 @@ def test_wrong_version_names_package_versions_and_fix():
 
 
 def test_missing_package_says_not_installed():
-    with pytest.raises(common.SetupError, match="bitsandbytes: found not installed, need 0.50.2"):
-        common.check_versions(packages=("bitsandbytes",), installed={"bitsandbytes": None},
+    with pytest.raises(errors.SetupError, match="bitsandbytes: found not installed, need 0.50.2"):
+        versions.check_versions(packages=("bitsandbytes",), installed={"bitsandbytes": None},
                               pins={"bitsandbytes": "0.50.2"})
 
 
 def test_every_problem_in_one_message():
-    with pytest.raises(common.SetupError) as info:
-        common.check_versions(packages=("trl", "transformers"), installed={"trl": "0.7.0", "transformers": "5.0.0"},
+    with pytest.raises(errors.SetupError) as info:
+        versions.check_versions(packages=("trl", "transformers"), installed={"trl": "0.7.0", "transformers": "5.0.0"},
                               pins={"trl": "0.8.6", "transformers": "4.57.6"})
     assert "pip install trl==0.8.6 transformers==4.57.6" in str(info.value)
 
 
 def test_names_are_normalised_against_the_pins():
     # requirements.txt may spell galore_torch / Galore-Torch; pins are keyed by the normalised name
-    common.check_versions(packages=("galore-torch",), installed={"galore-torch": "1.0"}, pins={"galore-torch": "1.0"})
-    pins = common.read_pins()
+    versions.check_versions(packages=("galore-torch",), installed={"galore-torch": "1.0"}, pins={"galore-torch": "1.0"})
+    pins = versions.read_pins()
     assert all(name == name.lower() and "_" not in name for name in pins)
 
 
 def test_matching_versions_pass():
-    common.check_versions(packages=("trl",), installed={"trl": "0.8.6"}, pins={"trl": "0.8.6"})
+    versions.check_versions(packages=("trl",), installed={"trl": "0.8.6"}, pins={"trl": "0.8.6"})
 
 
 def test_this_environment_matches_the_pins():
-    common.check_versions()  # the venv the tests run in is the pinned set
+    versions.check_versions()  # the venv the tests run in is the pinned set
 
 
 def test_pins():
-    pins = common.read_pins()
+    pins = versions.read_pins()
     assert pins["trl"] == "0.8.6"
     assert re.fullmatch(r"4\.57\.\d+", pins["transformers"])
-    missing = [name for name in common.CHECKED_PACKAGES if common._normalise(name) not in pins]
+    missing = [name for name in versions.CHECKED_PACKAGES if versions.normalise(name) not in pins]
     assert not missing, f"CHECKED_PACKAGES without a pin in requirements.txt: {missing}"
 
 
 def test_torch_is_not_pinned_exactly():
-    lines = [line.split("#", 1)[0].strip() for line in common.REQUIREMENTS_FILE.read_text().splitlines()]
+    lines = [line.split("#", 1)[0].strip() for line in versions.REQUIREMENTS_FILE.read_text().splitlines()]
     assert not [line for line in lines if re.match(r"torch\s*==", line, re.I)], "Colab's CUDA torch must not be replaced"
-    assert "torch" not in common.read_pins()
+    assert "torch" not in versions.read_pins()
 
 
 SCRIPT_RUNS = {
@@ -115,7 +119,7 @@ def no_gpu(monkeypatch):
 
 
 def test_require_cuda_without_a_gpu(no_gpu):
-    with pytest.raises(common.SetupError) as info:
+    with pytest.raises(errors.SetupError) as info:
         common.require_cuda("QLoRA training")
     message = str(info.value)
     for word in ("QLoRA training", "CUDA", "Colab", "--smoke"):
@@ -124,7 +128,7 @@ def test_require_cuda_without_a_gpu(no_gpu):
 
 def test_require_cuda_on_a_mac(no_gpu, monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    with pytest.raises(common.SetupError, match="MPS") as info:
+    with pytest.raises(errors.SetupError, match="MPS") as info:
         common.require_cuda("X")
     assert "Apple" in str(info.value)
 
@@ -141,12 +145,12 @@ def fail_if_called(*args, **kwargs):
 @pytest.mark.parametrize("script", ["train_qlora", "train_galore"])
 def test_main_checks_cuda_before_loading_anything(script, no_gpu, monkeypatch, tmp_path):
     module = __import__(script)
-    monkeypatch.setattr(common, "load_records", fail_if_called)
+    monkeypatch.setattr(data, "load_train_and_eval", fail_if_called)
     monkeypatch.setattr(common, "load_tokenizer", fail_if_called)
     argv = ["--model_name_or_path", str(tmp_path / "no_model"), "--dataset_name", str(tmp_path / "no_data.json"),
             "--output_dir", str(tmp_path / "out")]
-    with pytest.raises(common.SetupError, match="--smoke"):
-        module.main(argv)
+    with pytest.raises(errors.SetupError, match="--smoke"):
+        module.main(*module.parse_args(argv))
     assert not (tmp_path / "out").exists()
 
 
@@ -192,6 +196,6 @@ def test_fp16_flag_is_honoured_on_a_bf16_gpu(gpu):
 
 def test_bf16_flag_on_a_gpu_without_bf16(gpu):
     gpu("Tesla T4", bf16=False)
-    with pytest.raises(common.UserInputError, match="--bf16") as info:
+    with pytest.raises(errors.UserInputError, match="--bf16") as info:
         common.choose_precision(flags(bf16=True), on_cpu=False)
     assert "Tesla T4" in str(info.value)

@@ -1,0 +1,330 @@
+"""The arguments both scripts take: dataclasses, command line and config files, defaults, and the checks that
+span several flags. Also `run_cli`, which turns a user's mistake into one message and exit code 2."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import transformers
+from transformers import HfArgumentParser, TrainingArguments
+
+from errors import SetupError, TrainingFailed, UserInputError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "google/gemma-3-1b-it"
+DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=DEFAULT_MODEL,
+        metadata={"help": "A hub id or a local folder with a causal LM (config.json + weights)."},
+    )
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={"help": "Attention kernel: 'sdpa' (PyTorch's fused attention; Gemma 3 has no attention softcapping "
+                  "that would need 'eager'), 'eager' or 'flash_attention_2'."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run Python code shipped with the model. Off: Gemma needs none, and it runs anything."},
+    )
+    smoke: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the whole pipeline on the CPU with a tiny random Gemma 3 (no download, under a minute): "
+            "load, format, train a few steps, save, reload, generate. Writes to its own folder unless --output_dir "
+            "is given on the command line, and never replaces a run it did not write."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "A hub data set id, or a local .json/.jsonl/.csv/.parquet file of instruction/input/output "
+            "records. Default: the small data set shipped with the toolkit."
+        },
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Which split of a hub data set to train on."})
+    max_seq_length: int = field(
+        default=1024, metadata={"help": "Longest training sequence in tokens; longer ones are cut."}
+    )
+    max_train_samples: Optional[int] = field(
+        default=None, metadata={"help": "Train on the first N records only (for quick tries)."}
+    )
+    data_format: str = field(
+        default="auto",
+        metadata={"help": "alpaca (instruction/input/output), chat (messages), sharegpt (conversations), text, "
+                  "or auto: told by the first record's fields."},
+    )
+    instruction_column: str = field(default="instruction", metadata={"help": "Column holding the instruction."})
+    input_column: str = field(default="input", metadata={"help": "Column holding the optional input."})
+    output_column: str = field(default="output", metadata={"help": "Column holding the answer."})
+    messages_column: str = field(default="messages", metadata={"help": "Column holding chat messages."})
+    text_column: str = field(default="text", metadata={"help": "Column holding plain training text."})
+    completion_only_loss: bool = field(
+        default=True,
+        metadata={"help": "Learn from the answers only (prompt tokens masked out of the loss). "
+                  "Off: learn the prompts too. Plain-text data has no prompt and always trains on everything."},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack several records into each --max_seq_length block (trl's ConstantLengthDataset). "
+                  "Needs --completion_only_loss false, and packed records attend to each other."},
+    )
+    max_tokens_per_batch: Optional[int] = field(
+        default=None,
+        metadata={"help": "Batch by tokens instead of records: each micro-batch holds as many records as fit this "
+                  "many tokens. A step's fixed cost is then spread over many short records; "
+                  "--per_device_train_batch_size is ignored for training."},
+    )
+    padding_free: bool = field(
+        default=True,
+        metadata={"help": "With --max_tokens_per_batch: pack records into rows of --max_seq_length tokens with no "
+                  "padding between them, each record attending only to itself (position ids restart per record). "
+                  "False: batches of records of similar length, padded."},
+    )
+    eval_split_ratio: float = field(
+        default=0.0, metadata={"help": "Hold out this share of the records (e.g. 0.05) to measure eval loss and perplexity."}
+    )
+    eval_file: Optional[str] = field(
+        default=None, metadata={"help": "A separate file of evaluation records (same formats as --dataset_name)."}
+    )
+
+    def __post_init__(self):
+        if self.max_seq_length < 16:
+            raise UserInputError(
+                f"--max_seq_length {self.max_seq_length} is too small: a prompt and an answer need at least "
+                "a few dozen tokens. Use 512 to 2048."
+            )
+        if self.data_format not in DATA_FORMATS:
+            raise UserInputError(f"--data_format {self.data_format!r} is not one of {', '.join(DATA_FORMATS)}.")
+        if not 0 <= self.eval_split_ratio < 1:
+            raise UserInputError(f"--eval_split_ratio must be in [0, 1), got {self.eval_split_ratio}. Typical: 0.05.")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise UserInputError(f"--max_train_samples must be 1 or more, got {self.max_train_samples}.")
+
+    @property
+    def packs_without_padding(self) -> bool:
+        """Batches of packed rows, each record attending only to itself (variable-length attention)."""
+        return self.max_tokens_per_batch is not None and self.padding_free
+
+
+@dataclass
+class ReportArguments:
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Load and format the data, show two examples with the masked part marked, token-length "
+                  "statistics and the effective batch size; load no model weights, train nothing."},
+    )
+    num_sample_prompts: int = field(
+        default=3, metadata={"help": "Prompts answered before and after training, written to samples.md (0: none)."}
+    )
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of each sample answer, in tokens."})
+
+
+# Training defaults both scripts share; each script adds its own. Every one can be overridden by its flag.
+SHARED_TRAINING_DEFAULTS = dict(
+    lr_scheduler_type="cosine",
+    warmup_ratio=0.03,
+    num_train_epochs=1,
+    # Batches of similar lengths: real instruction data is short and uneven, and padding is wasted compute.
+    group_by_length=True,
+    gradient_checkpointing=True,
+    # Non-reentrant checkpointing works with frozen 4-bit inputs without enable_input_require_grads tricks.
+    gradient_checkpointing_kwargs={"use_reentrant": False},
+    logging_steps=10,
+    # The Trainer's filter logs a NaN step's loss as the running average (0.0 at the first step), which hides
+    # exactly what the NaN guard (training.StopOnNonFiniteLoss) looks for.
+    logging_nan_inf_filter=False,
+    save_strategy="steps",
+    save_steps=200,
+    save_total_limit=2,
+    eval_strategy="no",
+)
+
+# A smoke run's own defaults (a few CPU steps on a slice of the data); flags the user gave still win.
+SMOKE_DEFAULTS = dict(
+    max_steps=4,
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=1,
+    logging_steps=1,
+    save_strategy="no",
+    gradient_checkpointing=False,
+    max_train_samples=64,
+    max_seq_length=256,
+    # A smoke run is a check: the next one replaces it (never a run it did not write: training.plan_output_dir).
+    overwrite_output_dir=True,
+    sample_max_new_tokens=8,
+)
+# Config-file keys a smoke run ignores: it writes to its own folder, never to a real run's.
+SMOKE_IGNORES_FROM_CONFIG = ("output_dir", "overwrite_output_dir")
+
+# Flags users bring from older tutorials; transformers 4.46 renamed or removed them.
+RENAMED_FLAGS = {
+    "--evaluation_strategy": "--eval_strategy",
+    "--max_seq_len": "--max_seq_length",
+    "--model_name": "--model_name_or_path",
+    "--dataset": "--dataset_name",
+    "--no_cuda": "--use_cpu",
+    # A token on the command line ends up in shell history, notebooks and training_args.bin.
+    "--hub_token": "the HF_TOKEN environment variable (or a Colab secret named HF_TOKEN)",
+}
+
+
+class _Parser(HfArgumentParser):
+    def error(self, message):  # argparse would print the whole usage and raise SystemExit
+        raise UserInputError(f"{message}. Run with --help to list every flag.")
+
+
+def parse_arguments(script_arguments: type, defaults: Mapping[str, Any], argv: Sequence[str]) -> tuple:
+    """(model, data, report, script, training) arguments from the command line, or a .json/.yaml config file
+    given first with flags after it that override it.
+
+    An unknown flag is an error; a flag known under another name says which.
+    `defaults` are the script's own defaults for TrainingArguments fields.
+    """
+    argv = [str(arg) for arg in argv]
+    config: dict = {}
+    if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
+        config, argv = read_config_file(Path(argv[0])), argv[1:]
+    for arg in _config_argv(config) + argv:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--"):
+            flag = "--" + flag[2:].replace("-", "_")  # HfArgumentParser also takes --hub-token
+        if flag in RENAMED_FLAGS:
+            raise UserInputError(f"{flag} is not a flag of this toolkit: use {RENAMED_FLAGS[flag]} instead.")
+    parser = _Parser((ModelArguments, DataArguments, ReportArguments, script_arguments, TrainingArguments),
+                     allow_abbrev=False)
+    parser.set_defaults(report_to=default_report_to(), **defaults)
+    parsed = _parse(parser, _config_argv(config) + argv)
+    if parsed[0].smoke:
+        config = {key: value for key, value in config.items() if key not in SMOKE_IGNORES_FROM_CONFIG}
+        parser.set_defaults(**SMOKE_DEFAULTS, output_dir=f"{defaults['output_dir']}-smoke")
+        parsed = _parse(parser, _config_argv(config) + argv)
+    return parsed
+
+
+def _parse(parser, argv: list[str]) -> tuple:
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(
+            args=argv, look_for_args_file=False, return_remaining_strings=True
+        )
+    except UserInputError:
+        raise
+    except ValueError as e:
+        raise UserInputError(f"{e}. Run with --help to list every flag.") from e
+    if unknown:  # named without their values, which may be secrets
+        flags = [a.split("=", 1)[0] for a in unknown if a.startswith("-")] or ["(a value without a flag)"]
+        raise UserInputError(f"Unknown flag(s): {', '.join(flags)}. Run with --help to list every flag.")
+    return tuple(parsed)
+
+
+def read_config_file(config_file: Path) -> dict:
+    """A config file's keys (flag names without the dashes) and values."""
+    if not config_file.is_file():
+        raise UserInputError(f"Config file {config_file} does not exist.")
+    text = config_file.read_text()
+    try:
+        if config_file.suffix == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except (ValueError, ImportError) as e:
+        raise UserInputError(f"Config file {config_file} could not be read: {e}") from e
+    if not isinstance(values, dict):
+        raise UserInputError(f"Config file {config_file} must hold a mapping of flag names to values.")
+    return {str(key).replace("-", "_"): value for key, value in values.items()}
+
+
+def _config_argv(config: Mapping[str, Any]) -> list[str]:
+    """A config file's keys as flags, so the command line after it can override them."""
+    argv = []
+    for key, value in config.items():
+        if isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def default_report_to() -> str:
+    """TensorBoard logs where tensorboard is installed (Colab has it), none otherwise."""
+    return "tensorboard" if importlib.util.find_spec("tensorboard") is not None else "none"
+
+
+# ---------------------------------------------------------------------------
+# Checks that span several flags: run first in each script's main, before anything loads
+# ---------------------------------------------------------------------------
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """Reject values and combinations that would only fail (or waste GPU time) later."""
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        value = getattr(training_args, name)
+        if value < 1:
+            raise UserInputError(f"--{name} must be 1 or more, got {value}.")
+    if not training_args.learning_rate > 0 or not math.isfinite(training_args.learning_rate):
+        raise UserInputError(
+            f"--learning_rate must be a positive number, got {training_args.learning_rate}. "
+            "Typical: 2e-4 for QLoRA, 1e-5 for GaLore."
+        )
+    if training_args.max_steps == 0 or (training_args.max_steps < 0 and training_args.num_train_epochs <= 0):
+        raise UserInputError("Nothing to train: set --max_steps to 1 or more, or --num_train_epochs above 0.")
+    if data_args.eval_split_ratio and data_args.eval_file:
+        raise UserInputError("Give either --eval_split_ratio or --eval_file, not both.")
+    if data_args.max_tokens_per_batch is not None:
+        if data_args.packing:
+            raise UserInputError("--max_tokens_per_batch and --packing both set the batch shape: choose one.")
+        if data_args.max_tokens_per_batch < data_args.max_seq_length:
+            raise UserInputError(
+                f"--max_tokens_per_batch {data_args.max_tokens_per_batch} must be at least --max_seq_length "
+                f"{data_args.max_seq_length}, or the longest records fit no batch."
+            )
+    if training_args.eval_strategy == "no" and (data_args.eval_split_ratio or data_args.eval_file):
+        logger.info("Evaluation data given and --eval_strategy no: evaluating once, after training.")
+
+
+def smoke_settings(training_args: TrainingArguments) -> TrainingArguments:
+    """A smoke run trains on the CPU in fp32, whatever GPU flags came with it."""
+    return dataclasses.replace(training_args, use_cpu=True, bf16=False, fp16=False, report_to=[])
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
+    transformers.utils.logging.set_verbosity_warning()
+
+
+def run_cli(parse: Callable[[Sequence[str]], tuple], main: Callable[..., Any], argv: Optional[Sequence[str]] = None) -> int:
+    """Parse, then run a script's main(); a problem the user can fix is one message and exit code 2, not a traceback."""
+    setup_logging()
+    try:
+        main(*parse(sys.argv[1:] if argv is None else list(argv)))
+    except (UserInputError, SetupError, TrainingFailed) as e:
+        logger.error("%s", e)
+        return 2
+    return 0

@@ -1,0 +1,288 @@
+"""From formatted records to training batches: the response-only loss mask, length checks, and batches by
+tokens, padded or packed without padding, served by an SFTTrainer subclass."""
+from __future__ import annotations
+
+import bisect
+import logging
+import random
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+from trl import SFTTrainer
+
+from arguments import DataArguments
+from common import formatting_func
+from data import data_source
+from errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------
+# Examples that keep their answers
+# ---------------------------------------------------------------------------
+
+
+def check_trainable_labels(tokenized, collator, source: str) -> None:
+    """After tokenization: every example must keep some answer tokens, or training would see a zero loss."""
+    if collator is None:
+        return
+    template = list(collator.response_token_ids)
+    width = len(template)
+    without = 0
+    for ids in tokenized["input_ids"]:
+        # A template that ends the sequence leaves no answer token after it.
+        found = any(
+            token == template[0] and ids[i : i + width] == template
+            for i, token in enumerate(ids[: len(ids) - width])
+        )
+        if not found:  # the answer was cut off (or there is none): every label would be masked
+            without += 1
+    if without == len(tokenized):
+        raise UserInputError(
+            f"In every example of {source} the answer lies past --max_seq_length (or is missing), so the "
+            "response-only loss would mask every token and train on nothing. Raise --max_seq_length, shorten the "
+            "prompts, or learn the whole text with --completion_only_loss false."
+        )
+    if without:
+        logger.warning(
+            "%d of %d examples lose their whole answer to --max_seq_length and will teach nothing.",
+            without, len(tokenized),
+        )
+
+
+# ---------------------------------------------------------------------------
+# Batches by tokens
+# ---------------------------------------------------------------------------
+
+
+class TokenBudgetBatchSampler:
+    """Batches of records of similar length, each within a budget of padded tokens.
+
+    Every training step costs the GPU a fixed amount of launch overhead (about 0.7 s
+    for gemma-3-1b on an H100, bench/RESULTS.md) whatever its size; short
+    instruction records in fixed-size batches leave it idle. The batches are formed
+    once (a seeded shuffle, then length-sorted windows cut greedily to the budget),
+    so their count is exact for the scheduler; only their order changes per epoch.
+    The fullest batch comes first, so an out-of-memory error shows at step 1.
+    """
+
+    def __init__(self, lengths: Sequence[int], max_tokens: int, seed: int = 0, window: int = 1024):
+        order = list(range(len(lengths)))
+        random.Random(seed).shuffle(order)
+        self.batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda i: lengths[i], reverse=True)
+            batch, longest = [], 0
+            for index in chunk:
+                if batch and max(longest, lengths[index]) * (len(batch) + 1) > max_tokens:
+                    self.batches.append(batch)
+                    batch, longest = [], 0
+                batch.append(index)
+                longest = max(longest, lengths[index])
+            if batch:
+                self.batches.append(batch)
+        self.padded_tokens = [max(lengths[i] for i in b) * len(b) for b in self.batches]
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        order = list(range(len(self.batches)))
+        random.Random(self.seed * 1000003 + self.epoch).shuffle(order)
+        fullest = max(order, key=lambda i: self.padded_tokens[i])
+        order.remove(fullest)
+        for index in [fullest, *order]:
+            yield self.batches[index]
+
+
+def pack_into_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
+    """Record indices grouped into rows of at most `row_tokens` tokens: best-fit decreasing bin packing.
+
+    Each record goes to the fullest row it still fits in, longest records first,
+    so rows come out nearly full (a few per cent of padding for instruction data).
+    """
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (tokens left, row number), sorted
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        length = min(lengths[index], row_tokens)
+        at = bisect.bisect_left(free, (length, -1))
+        if at < len(free):
+            left, row = free.pop(at)
+        else:
+            left, row = row_tokens, len(rows)
+            rows.append([])
+        rows[row].append(index)
+        if left - length > 0:
+            bisect.insort(free, (left - length, row))
+    return rows
+
+
+def packed_rows(features: Sequence[dict], labels: Sequence[Sequence[int]], rows: Sequence[Sequence[int]]) -> list[dict]:
+    """Each row's records concatenated (input_ids, labels), with the records' lengths, from which `pad_rows`
+    derives the position ids.
+
+    The first label of every record is masked: in a packed row it would be
+    predicted from the previous record's last token.
+    """
+    packed = []
+    for row in rows:
+        input_ids, row_labels, lengths = [], [], []
+        for index in row:
+            ids = list(features[index]["input_ids"])
+            record_labels = list(labels[index])
+            record_labels[0] = -100
+            input_ids += ids
+            row_labels += record_labels
+            lengths.append(len(ids))
+        packed.append({"input_ids": input_ids, "labels": row_labels, "lengths": lengths})
+    return packed
+
+
+def record_labels(features: Sequence[dict], collator: Optional[Callable], chunk: int = 256) -> list[list[int]]:
+    """Each record's labels as the collator sets them (answers only, say), unpadded; the input ids where it is None."""
+    if collator is None:
+        return [list(f["input_ids"]) for f in features]
+    labels = []
+    for start in range(0, len(features), chunk):
+        part = [{"input_ids": f["input_ids"], "attention_mask": [1] * len(f["input_ids"])}
+                for f in features[start : start + chunk]]
+        batch = collator(part)
+        for row_labels, row_mask in zip(batch["labels"], batch["attention_mask"]):
+            labels.append(row_labels[row_mask.bool()].tolist())
+    return labels
+
+
+class PackedBatches:
+    """Batches of packed rows for a DataLoader's batch_sampler: rows shuffled per epoch, the fullest batch first.
+
+    Every batch but the last has the same number of rows, padded to the same
+    length, so memory is the same at every step and an out-of-memory error shows
+    at step 1.
+    """
+
+    def __init__(self, row_count: int, rows_per_batch: int, seed: int = 0):
+        self.row_count, self.rows_per_batch, self.seed, self.epoch = row_count, rows_per_batch, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.row_count // self.rows_per_batch)
+
+    def __iter__(self):
+        order = list(range(self.row_count))
+        random.Random(self.seed * 1000003 + self.epoch).shuffle(order)
+        # A short remainder goes last, so the first step has the full shape.
+        for start in range(0, self.row_count, self.rows_per_batch):
+            yield order[start : start + self.rows_per_batch]
+
+
+def pad_rows(pad_token_id: int, row_tokens: int) -> Callable[[Sequence[dict]], dict]:
+    """Collate packed rows to one [rows, row_tokens] shape. Padding gets label -100 and position ids of its own.
+
+    The batch also carries each record's bounds in the flattened batch
+    (`cu_seq_lens_q/k`, `max_length_q/k`, transformers' names for them), which
+    overrides.use_varlen_attention hands to a variable-length attention kernel.
+    """
+
+    def collate(rows: Sequence[dict]) -> dict:
+        batch = {
+            "input_ids": torch.full((len(rows), row_tokens), pad_token_id, dtype=torch.long),
+            "labels": torch.full((len(rows), row_tokens), -100, dtype=torch.long),
+        }
+        lengths = []
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            batch["input_ids"][i, :n] = torch.tensor(row["input_ids"])
+            batch["labels"][i, :n] = torch.tensor(row["labels"])
+            lengths += row["lengths"]
+            # Padding is one more "record", after every real token, so none of them can see it.
+            if n < row_tokens:
+                lengths.append(row_tokens - n)
+        # Position ids restart at 0 for every record (and the padding).
+        batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths]).view(len(rows), row_tokens)
+        bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        batch.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=max(lengths), max_length_k=max(lengths))
+        return batch
+
+    return collate
+
+
+def row_fill(lengths: Sequence[int], rows: Sequence[Sequence[int]], row_tokens: int) -> float:
+    """The share of the rows' tokens that are real (not padding)."""
+    return sum(min(length, row_tokens) for length in lengths) / max(1, len(rows) * row_tokens)
+
+
+# ---------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------
+
+
+def build_trainer(model, tokenizer, collator, records, eval_records, data_args: DataArguments, training_args,
+                  callbacks=None, **kwargs) -> SFTTrainer:
+    """trl's SFTTrainer on the records (it formats and tokenizes them), batching by tokens where asked.
+
+    Stops when every tokenized example lost its answer to --max_seq_length.
+    """
+    inputs = dict(
+        model=model, args=training_args, train_dataset=records, eval_dataset=eval_records, tokenizer=tokenizer,
+        formatting_func=formatting_func, max_seq_length=data_args.max_seq_length, packing=data_args.packing,
+        data_collator=collator, callbacks=callbacks, **kwargs,
+    )
+    if data_args.max_tokens_per_batch is None:
+        logger.info(
+            "Batches of %d records, each padded to the longest. On short records, --max_tokens_per_batch 8192 "
+            "(packed, no padding) trains many times faster: README.md, 'Speed'.", training_args.per_device_train_batch_size,
+        )
+        trainer = SFTTrainer(**inputs)
+    else:
+        trainer = TokenBudgetSFTTrainer(data_args=data_args, response_collator=collator, **inputs)
+    if not data_args.packing:
+        check_trainable_labels(trainer.train_dataset, collator, data_source(data_args))
+    return trainer
+
+
+class TokenBudgetSFTTrainer(SFTTrainer):
+    """SFTTrainer whose training batches hold --max_tokens_per_batch tokens: packed rows, or padded records."""
+
+    def __init__(self, *args, data_args: DataArguments, response_collator, **kwargs):
+        self.max_tokens = data_args.max_tokens_per_batch
+        self.row_tokens = data_args.max_seq_length
+        self.padding_free = data_args.padding_free
+        self.response_collator = response_collator
+        super().__init__(*args, **kwargs)
+
+    def get_train_dataloader(self):
+        # trl 0.8.6 leaves only the tokenized columns; anything else would not collate.
+        dataset = self.train_dataset.select_columns(
+            [c for c in ("input_ids", "attention_mask") if c in self.train_dataset.column_names])
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        if self.padding_free:
+            features = dataset.to_list()
+            rows = pack_into_rows(lengths, self.row_tokens)
+            data = packed_rows(features, record_labels(features, self.response_collator), rows)
+            sampler = PackedBatches(len(data), max(1, self.max_tokens // self.row_tokens), self.args.seed)
+            collate = pad_rows(self.tokenizer.pad_token_id, self.row_tokens)
+            logger.info(
+                "Padding-free batches: %d records packed into %d rows of %d tokens (%.1f%% filled), "
+                "%d rows a batch.", len(lengths), len(rows), self.row_tokens,
+                100 * row_fill(lengths, rows, self.row_tokens), sampler.rows_per_batch,
+            )
+        else:
+            data, collate = dataset, self.data_collator
+            sampler = TokenBudgetBatchSampler(lengths, self.max_tokens, self.args.seed)
+            logger.info(
+                "Batching by tokens: %d batches of up to %d padded tokens (mean %.1f records a batch).",
+                len(sampler), self.max_tokens, len(dataset) / len(sampler),
+            )
+        loader = DataLoader(
+            data, batch_sampler=sampler, collate_fn=collate,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)

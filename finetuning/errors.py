@@ -1,0 +1,16 @@
+"""The failures a user can act on. `arguments.run_cli` turns each into one logged message and exit code 2;
+anything else is a bug and keeps its traceback. Standard library only: the version check raises these before
+torch loads."""
+from __future__ import annotations
+
+
+class UserInputError(ValueError):
+    """Something the user gave (a flag, a file, a record) cannot work; the message says how to fix it."""
+
+
+class SetupError(RuntimeError):
+    """The installation or the machine cannot run this; the message says what to install or where to run."""
+
+
+class TrainingFailed(RuntimeError):
+    """Training cannot go on (NaN loss, out of memory, full disk); the message says what to change and what was saved."""

@@ -1,0 +1,147 @@
+"""Two autograd Functions of the fast path, plain torch: the loss without the full logits, and a LoRA layer on a
+4-bit base as one node. overrides.py installs them into the model; tests/test_speed.py and tests/test_numerics.py
+check each against the stock computation in float32."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def chunked_causal_lm_loss(hidden, weight, labels, softcap=None, num_items_in_batch=None, chunk_tokens=None):
+    """Next-token cross-entropy of `hidden @ weight.T`, the same value as transformers' ForCausalLMLoss.
+
+    The mean over unmasked tokens, or the sum divided by `num_items_in_batch` (the
+    Trainer's count over all accumulated micro-batches) when given.
+    """
+    shift_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(hidden.device)
+    kept = (shift_labels != -100).nonzero().squeeze(1)
+    if num_items_in_batch is None:
+        divisor = max(int(kept.numel()), 1)
+    else:
+        divisor = num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+    if chunk_tokens is None:
+        chunk_tokens = max(64, 2**29 // (4 * weight.shape[0]))  # about 512 MiB of fp32 logits a chunk
+    return ChunkedCrossEntropy.apply(
+        shift_hidden.index_select(0, kept), weight, shift_labels.index_select(0, kept), softcap, divisor, chunk_tokens
+    )
+
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Loss and its gradients in one pass over vocabulary chunks, as fused linear cross-entropy kernels do.
+
+    The gradients are computed in the forward pass, chunk by chunk, so no chunk
+    of logits has to be kept or recomputed for the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, softcap, divisor, chunk_tokens):
+        need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # Under autocast the matrix products run in its dtype, as nn.Linear's would.
+        if torch.is_autocast_enabled(hidden.device.type):
+            compute_dtype = torch.get_autocast_dtype(hidden.device.type)
+        else:
+            compute_dtype = hidden.dtype
+        weight_c = weight.to(compute_dtype)
+        grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # A target's probability can underflow float32 only past a loss of 87 for that token.
+        tiny = torch.finfo(torch.float32).tiny
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            h = hidden[start : start + chunk_tokens].to(compute_dtype)
+            target = labels[start : start + chunk_tokens]
+            logits = h @ weight_c.T
+            if softcap:
+                capped = torch.tanh(logits.float() / softcap)
+                logits = capped * softcap
+            # One fused pass from the 16-bit logits to float32 probabilities: the loss (-log p of the
+            # target) and its gradient (p - one_hot) both come from it, where log-sum-exp, subtract and
+            # exp would each read and write the whole float32 chunk.
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            rows = torch.arange(target.shape[0], device=target.device)
+            total -= probs[rows, target].clamp_min(tiny).log().sum()
+            if not (need_hidden_grad or need_weight_grad):
+                continue
+            probs[rows, target] -= 1
+            if softcap:
+                probs *= 1 - capped * capped
+            grad_logits = probs.to(compute_dtype)
+            if need_hidden_grad:
+                grad_hidden[start : start + chunk_tokens] = grad_logits @ weight_c
+            if need_weight_grad:
+                grad_weight += grad_logits.T @ h
+        ctx.divisor = divisor
+        ctx.save_for_backward(
+            grad_hidden if need_hidden_grad else None,
+            grad_weight.to(weight.dtype) if need_weight_grad else None,
+        )
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_output / ctx.divisor
+        return (
+            grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None,
+            grad_weight * scale.to(grad_weight.dtype) if grad_weight is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+
+class Lora4bitLinear(torch.autograd.Function):
+    """y = x W^T + b + scale * dropout(x) A^T B^T, W stored in 4 bits; the same value and gradients as peft + bitsandbytes.
+
+    As peft under autocast: products run in the base layer's compute dtype;
+    adapter gradients come back in the adapters' own dtype (float32).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, quant_state, dequantize, compute_dtype, bias, lora_a, lora_b, scale, p, keep_weight):
+        xc = x.to(compute_dtype)
+        w = dequantize(weight, quant_state, compute_dtype)
+        a, b = lora_a.to(compute_dtype), lora_b.to(compute_dtype)
+        x2d = xc.reshape(-1, xc.shape[-1])
+        if p > 0:
+            dropped, mask = torch.native_dropout(x2d, p, True)
+        else:
+            dropped, mask = x2d, None
+        xa = dropped @ a.t()
+        # The adapter's product first, then the base product adds onto it inside the GEMM: one pass over the
+        # output fewer than adding afterwards.
+        out = (xa * scale) @ b.t()
+        if bias is not None:
+            out += bias.to(compute_dtype)
+        out = torch.addmm(out, x2d, w.t())
+        ctx.save_for_backward(dropped, xa, mask, a, b, w if keep_weight else None)
+        ctx.weight, ctx.quant_state, ctx.dequantize = weight, quant_state, dequantize
+        ctx.compute_dtype, ctx.scale, ctx.p = compute_dtype, scale, p
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype)
+        return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dropped, xa, mask, a, b, w = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.compute_dtype)
+        grad_x = grad_a = grad_b = None
+        g_b = (g @ b).mul_(ctx.scale)  # d loss / d (x A^T), through B and the scale
+        if ctx.needs_input_grad[7]:
+            grad_b = (g.t() @ xa).mul_(ctx.scale).to(ctx.adapter_dtypes[1])
+        if ctx.needs_input_grad[6]:
+            grad_a = (g_b.t() @ dropped).to(ctx.adapter_dtypes[0])
+        if ctx.needs_input_grad[0]:
+            if w is None:
+                w = ctx.dequantize(ctx.weight, ctx.quant_state, ctx.compute_dtype)
+            grad_x = g_b @ a
+            if mask is not None:
+                grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - ctx.p))
+            grad_x = torch.addmm(grad_x, g, w)
+            grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+        return grad_x, None, None, None, None, None, grad_a, grad_b, None, None, None

@@ -1,0 +1,380 @@
+"""Every place where the toolkit reaches into torch, transformers, peft, bitsandbytes or galore-torch internals.
+
+| # | what is overridden | target, as pinned | why | checked against the stock path by |
+|---|---|---|---|---|
+| 1 | `Gemma3RMSNorm.forward` of each norm instance: one fused `rms_norm` call; float32 output under fp16 | transformers 4.57 `Gemma3RMSNorm(dim, eps)`, torch >= 2.4 `rms_norm` | about ten element-wise kernels a norm, 157 norms; Gemma 3's residual stream overflows float16 (transformers issue 36822) | tests/test_speed.py::test_fused_rms_norm_*, tests/test_numerics.py (fp16 overflow) |
+| 2 | peft `lora.bnb.Linear4bit.forward` of each layer: `fused.Lora4bitLinear` | peft 0.21, bitsandbytes 0.50 (`torch.ops.bitsandbytes.dequantize_4bit`, `QuantState.absmax/nested/state2/offset`) | one autograd node instead of several; the 4-bit weight dequantized once | tests/test_speed.py::test_fused_lora_4bit_*, tests/test_gpu_real_shapes.py |
+| 3 | an attribute `float32_absmax` written onto each bitsandbytes `QuantState` | bitsandbytes 0.50 | double quantization's scales undone once per frozen layer, not at every call | tests/test_speed.py::test_dequantize_* |
+| 4 | transformers' `AttentionInterface["sdpa"]`, for the whole process: packed rows go to `torch.ops.aten._flash_attention_forward` / `_efficient_attention_forward` (private), all else to the stock SDPA function | transformers 4.57 `sdpa_attention_forward`; the two aten schemas' argument names | a packed row's records attend only to themselves without a row x row mask | tests/test_speed.py::test_varlen_*, tests/test_gpu_real_shapes.py |
+| 5 | the causal LM's `forward` (instance attribute): the loss from the hidden states in vocabulary chunks (`fused.ChunkedCrossEntropy`) | transformers 4.57 Gemma 3: `model.model` returns `last_hidden_state`, `lm_head` a plain Linear | the 262k-vocabulary logits are a step's largest tensor | tests/test_numerics.py::test_chunked_loss_* |
+| 6 | `torch.backends.cuda.enable_cudnn_sdp(False)`, for the whole process | torch >= 2.5 on Hopper | cuDNN's attention builds a plan per batch shape on the CPU, about 18 ms a call | bench/run_bench.py (speed only; the other SDPA kernels give the same answer) |
+| 7 | `GaLoreAdamW8bit.__init__` skipped to bind bitsandbytes' `Optimizer2State` by keyword; `torch.cuda.synchronize` a no-op inside `step` | galore-torch 1.0, bitsandbytes 0.50 (`optim_bits`, `is_paged` keywords) | galore-torch passes two settings by position that bitsandbytes 0.50 reads as `max_unorm=100, skip_zeros=True`; a GPU sync after every weight | tests/test_galore_optimizer.py |
+| 8 | `torch.serialization.add_safe_globals([GaLoreProjector])` | torch >= 2.4 | the Trainer resumes with `torch.load(weights_only=True)`, which refuses GaLore's projector state | tests/test_kill_resume.py (GaLore resume) |
+
+Each install checks its target first (a version prefix and the names it touches). Where the target is not what
+it expects, it leaves the stock path in place and logs one line saying so: a library that moved costs speed,
+never a crash. `enable_fast_path` is the one call that switches 1-6 on; the scripts make it explicitly in main().
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import types
+from typing import Callable, Optional
+
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+import fused
+from versions import installed_version
+
+logger = logging.getLogger(__name__)
+
+# The versions each override was written and tested against (version prefixes).
+TESTED = {"transformers": "4.57.", "peft": "0.21.", "bitsandbytes": "0.50.", "galore-torch": "1.0"}
+
+
+def _version_ok(package: str, what: str) -> bool:
+    found = installed_version(package)
+    if found is not None and found.startswith(TESTED[package]):
+        return True
+    logger.warning("%s: written for %s %s*, found %s; using the stock path.", what, package, TESTED[package], found)
+    return False
+
+
+def _has(target, names, what: str) -> bool:
+    missing = [name for name in names if not hasattr(target, name)]
+    if missing:
+        logger.warning("%s: %s has no %s; using the stock path.", what, getattr(target, "__name__", target), missing)
+    return not missing
+
+
+def enable_fast_path(model, fp16: bool, padding_free: bool, keep_dequantized_weight: bool) -> dict:
+    """Switch on overrides 1-6 for `model` (the trainer's model, peft-wrapped or not). Returns what was changed.
+
+    `fp16`: keep the residual stream in float32 (fp16 training). `padding_free`: batches of packed rows
+    (variable-length attention). `keep_dequantized_weight`: see fuse_lora_4bit.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    changed = {
+        "chunked loss": use_chunked_loss(causal_lm),
+        "fused RMSNorms": fuse_rms_norms(model, fp32_residual=fp16),
+        "fused LoRA-on-4-bit layers": fuse_lora_4bit(model, keep_dequantized_weight),
+        "variable-length attention": padding_free and use_varlen_attention(),
+    }
+    if getattr(causal_lm.config, "_attn_implementation", None) == "sdpa" and _has(
+            torch.backends.cuda, ["enable_cudnn_sdp"], "cuDNN attention off"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    logger.info("Fast path: %s", ", ".join(f"{name} {value}" for name, value in changed.items()))
+    return changed
+
+
+# ---------------------------------------------------------------------------
+# 1. RMSNorm
+# ---------------------------------------------------------------------------
+
+
+def fuse_rms_norms(model, fp32_residual: bool = False) -> int:
+    """Compute every Gemma3RMSNorm with one fused `rms_norm` call. Returns how many were changed.
+
+    Gemma's norm is `x / rms(x) * (1 + weight)` in float32, cast back to the
+    input's dtype. With `fp32_residual` (fp16 training) the output keeps the
+    promoted dtype of input and weight, so float32 weights give a float32 residual
+    stream: Gemma 3's residual grows past float16's 65,504 (transformers issue
+    36822), and the norms are where it would be cast down.
+    """
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    what = "fused RMSNorm"
+    if not (_version_ok("transformers", what) and _has(torch.nn.functional, ["rms_norm"], what)):
+        return 0
+    if list(inspect.signature(Gemma3RMSNorm.__init__).parameters) != ["self", "dim", "eps"]:
+        logger.warning("%s: Gemma3RMSNorm's constructor changed; using the stock path.", what)
+        return 0
+    rms_norm = torch.nn.functional.rms_norm
+
+    def forward(self, x):
+        if fp32_residual:
+            output = rms_norm(x.float(), (x.shape[-1],), self.weight.float() + 1.0, self.eps)
+            return output.to(torch.promote_types(x.dtype, self.weight.dtype))
+        # The fused kernel computes in float32 inside, so a 16-bit input needs no float32 copy in and out (those
+        # copies were 12% of a QLoRA step's GPU time). The one difference from Gemma's: the scale (1 + weight) is
+        # rounded to 16 bits before the product, not after; a 16-bit add rounds its exact sum once.
+        return rms_norm(x, (x.shape[-1],), (self.weight + 1.0).to(x.dtype), self.eps)
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, Gemma3RMSNorm):
+            module.forward = types.MethodType(forward, module)
+            changed += 1
+    return changed
+
+
+# ---------------------------------------------------------------------------
+# 2-3. LoRA on a 4-bit base layer
+# ---------------------------------------------------------------------------
+
+
+def fuse_lora_4bit(model, keep_dequantized_weight: bool) -> int:
+    """Run every peft LoRA layer on a bitsandbytes 4-bit base through fused.Lora4bitLinear. Returns how many.
+
+    `keep_dequantized_weight`: save the dequantized weight for the backward pass
+    instead of dequantizing it again. Under gradient checkpointing only the
+    recomputed layer's weights are held at a time (tens of MB); without it, every
+    layer's would be, so the scripts pass their --gradient_checkpointing setting.
+    Layers with more than one active adapter, a DoRA or other variant, or merged
+    weights keep peft's own forward.
+    """
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear4bit)]
+    what = "fused LoRA on 4-bit"
+    if not layers or not (_version_ok("peft", what) and _version_ok("bitsandbytes", what)
+                          and _has(torch.ops.bitsandbytes, ["dequantize_4bit"], what)):
+        return 0
+    changed = 0
+    for module in layers:
+        if len(module.active_adapters) != 1:
+            continue
+        adapter = module.active_adapters[0]
+        if adapter not in module.lora_A or adapter in getattr(module, "lora_variant", {}):
+            continue
+        module.forward = types.MethodType(_lora_4bit_forward(module.forward, adapter, keep_dequantized_weight), module)
+        changed += 1
+    return changed
+
+
+def _lora_4bit_forward(stock_forward: Callable, adapter: str, keep_weight: bool) -> Callable:
+    def forward(self, x, *args, **kwargs):
+        base = self.base_layer
+        # bitsandbytes repacks CPU weights for its inference kernel on a first no-grad call; dequantize_4bit
+        # does not read that layout.
+        repacked = getattr(base.weight.quant_state, "packing_format_for_cpu", False)
+        if args or kwargs or self.disable_adapters or self.merged or repacked:
+            return stock_forward(x, *args, **kwargs)
+        p = getattr(self.lora_dropout[adapter], "p", 0.0) if self.training else 0.0  # nn.Identity where 0
+        return fused.Lora4bitLinear.apply(
+            x, base.weight, base.weight.quant_state, dequantize_4bit, base.compute_dtype or x.dtype, base.bias,
+            self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], p, keep_weight,
+        )
+
+    return forward
+
+
+def dequantize_4bit(weight, quant_state, dtype):
+    """bitsandbytes.functional.dequantize_4bit(weight, quant_state).to(dtype), in one kernel.
+
+    Double quantization stores the blocks' scales (absmax) in 8 bits, and
+    bitsandbytes undoes that on every call: three more kernels and about 0.2 ms
+    of Python a call, 364 calls a step for gemma-3-1b. The base weights are
+    frozen, so the float32 scales are computed once and kept on the quant state
+    (1/16 of the 16-bit weight's size: 44 MB for gemma-3-1b).
+    """
+    absmax = getattr(quant_state, "float32_absmax", None)
+    if absmax is None or absmax.device != weight.device:  # QuantState.to() moves only its own tensors
+        import bitsandbytes.functional as bnb_functional
+
+        absmax = quant_state.absmax
+        if quant_state.nested:
+            absmax = bnb_functional.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset
+        absmax = quant_state.float32_absmax = absmax.float()
+    weight = torch.ops.bitsandbytes.dequantize_4bit.default(
+        weight, absmax, quant_state.blocksize, quant_state.quant_type, quant_state.shape, quant_state.dtype
+    )
+    return weight.to(dtype)
+
+
+# ---------------------------------------------------------------------------
+# 4. Variable-length attention for packed rows
+# ---------------------------------------------------------------------------
+
+# The argument names the calls below pass by keyword; a torch whose private ops changed them keeps stock SDPA.
+FLASH_ARGUMENTS = ("query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal",
+                   "return_debug_mask", "scale", "window_size_left", "window_size_right")
+EFFICIENT_ARGUMENTS = ("query", "key", "value", "bias", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                       "max_seqlen_k", "dropout_p", "custom_mask_type", "scale")
+
+
+def _schema_has(op_name: str, names) -> bool:
+    op = getattr(torch.ops.aten, op_name, None)
+    try:
+        found = {argument.name for argument in op.default._schema.arguments}
+    except (AttributeError, RuntimeError):
+        found = set()
+    missing = set(names) - found
+    if missing:
+        logger.warning("variable-length attention: torch.ops.aten.%s lacks %s; using stock SDPA with a mask.",
+                       op_name, sorted(missing))
+    return not missing
+
+
+@functools.cache  # once per process: the registration is process-wide
+def use_varlen_attention() -> bool:
+    """Run attention over packed batches record by record, with PyTorch's variable-length kernels.
+
+    transformers' SDPA path sees a packed row as one sequence under a
+    block-diagonal mask: it computes all row_tokens x row_tokens scores and masks
+    most away. The variable-length kernels take the records' bounds
+    (`cu_seq_lens_q`, from batching.pad_rows) and compute only each record's own
+    causal triangle. Flash attention where the GPU has it (Ampere or newer,
+    16-bit), the memory-efficient kernel on other GPUs (T4); batches without
+    bounds, the CPU, and sliding windows the memory-efficient kernel cannot
+    express keep transformers' SDPA with its mask. Registered under "sdpa", so
+    nothing else changes. Returns whether it was registered.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations import sdpa_attention
+
+    what = "variable-length attention"
+    if not (_version_ok("transformers", what) and _has(sdpa_attention, ["sdpa_attention_forward"], what)
+            and _schema_has("_flash_attention_forward", FLASH_ARGUMENTS)
+            and _schema_has("_efficient_attention_forward", EFFICIENT_ARGUMENTS)):
+        return False
+    AttentionInterface.register("sdpa", _varlen_or_sdpa(sdpa_attention.sdpa_attention_forward))
+    return True
+
+
+def _varlen_or_sdpa(sdpa: Callable) -> Callable:
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
+        output = _varlen(query, key, value, dropout, scaling, sliding_window, kwargs)
+        if output is None:
+            return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                        sliding_window=sliding_window, **kwargs)
+        return output, None
+
+    return attention
+
+
+def _varlen(query, key, value, dropout, scaling, sliding_window, kwargs) -> Optional[torch.Tensor]:
+    """The packed batch's attention output, [batch, length, heads, dim]; None where stock SDPA must run."""
+    bounds, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if bounds is None or not query.is_cuda or dropout:
+        return None
+    batch, heads, length, head_dim = query.shape
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    window_applies = sliding_window is not None and longest > sliding_window
+    flash = torch.cuda.get_device_capability(query.device)[0] >= 8 and head_dim <= 256 and head_dim % 8 == 0
+    if not flash and window_applies:
+        return None
+
+    def tokens_first(states):  # [batch, heads, length, dim] -> [batch * length, heads, dim]
+        return states.transpose(1, 2).reshape(batch * length, states.shape[1], head_dim).to(dtype)
+
+    q, k, v = tokens_first(query), tokens_first(key), tokens_first(value)
+    bounds = bounds.to(device=query.device, dtype=torch.int32)
+    if flash:
+        # Gemma's window: a token sees itself and the sliding_window - 1 tokens before it.
+        window = dict(window_size_left=sliding_window - 1, window_size_right=0) if window_applies else {}
+        output = torch.ops.aten._flash_attention_forward(
+            query=q, key=k, value=v, cum_seq_q=bounds, cum_seq_k=bounds, max_q=longest, max_k=longest,
+            dropout_p=0.0, is_causal=True, return_debug_mask=False, scale=scaling, **window,
+        )[0]
+    else:
+        # The memory-efficient kernel wants as many key/value heads as query heads.
+        repeat = heads // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        output = torch.ops.aten._efficient_attention_forward(
+            query=q[None], key=k[None], value=v[None], bias=None, cu_seqlens_q=bounds, cu_seqlens_k=bounds,
+            max_seqlen_q=longest, max_seqlen_k=longest, dropout_p=0.0, custom_mask_type=1, scale=scaling,
+        )[0][0]
+    return output.reshape(batch, length, heads, head_dim)
+
+
+# ---------------------------------------------------------------------------
+# 5. The chunked loss
+# ---------------------------------------------------------------------------
+
+
+def use_chunked_loss(causal_lm: torch.nn.Module, chunk_tokens: Optional[int] = None) -> bool:
+    """Compute the training loss from the hidden states in chunks, never holding the full logits.
+
+    Gemma's 262,144-token vocabulary makes the logits the largest tensor of a step
+    (1 GiB in fp32 per 1,024 tokens, and cross_entropy keeps several copies). The
+    chunked loss also skips positions whose label is masked (padding). Returns
+    False, leaving the model as it was, where the output layer is not a plain
+    Linear (a quantized one, say) or the model has no `model` that returns hidden states.
+    """
+    lm_head = causal_lm.get_output_embeddings()
+    if type(lm_head) is not torch.nn.Linear or lm_head.bias is not None:
+        logger.warning("Output layer is %s, not a plain Linear: using the stock loss.", type(lm_head).__name__)
+        return False
+    if not (_version_ok("transformers", "chunked loss") and _has(causal_lm, ["model"], "chunked loss")):
+        return False
+    stock_forward = causal_lm.forward
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+
+    def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
+        if labels is None or kwargs.get("logits_to_keep") or kwargs.get("return_dict") is False:
+            return stock_forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        outputs = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        loss = fused.chunked_causal_lm_loss(
+            outputs.last_hidden_state, lm_head.weight, labels, softcap, num_items_in_batch, chunk_tokens
+        )
+        return CausalLMOutputWithPast(loss=loss, past_key_values=outputs.past_key_values)
+
+    causal_lm.forward = forward
+    return True
+
+
+# ---------------------------------------------------------------------------
+# 7-8. The GaLore 8-bit optimizer
+# ---------------------------------------------------------------------------
+
+
+def galore_adamw8bit() -> type:
+    """GaLoreAdamW8bitFixed where galore-torch and bitsandbytes are the pinned ones, else stock GaLoreAdamW8bit;
+    and GaLore's projector allowed in checkpoints (override 8)."""
+    from bitsandbytes.optim.optimizer import Optimizer2State
+    from galore_torch import GaLoreAdamW8bit
+    from galore_torch.galore_projector import GaLoreProjector
+
+    if _has(torch.serialization, ["add_safe_globals"], "GaLore checkpoints"):
+        # The optimizer state keeps a GaLoreProjector per weight (plain values and a tensor).
+        torch.serialization.add_safe_globals([GaLoreProjector])
+    what = "GaLore 8-bit settings by keyword"
+    keywords = inspect.signature(Optimizer2State.__init__).parameters
+    if not (_version_ok("galore-torch", what) and _version_ok("bitsandbytes", what)
+            and {"optim_bits", "is_paged"} <= set(keywords)):
+        return GaLoreAdamW8bit
+    return _galore_fixed(GaLoreAdamW8bit, Optimizer2State)
+
+
+@functools.cache
+def _galore_fixed(stock: type, optimizer_2_state: type) -> type:
+    class GaLoreAdamW8bitFixed(stock):
+        """galore-torch's GaLoreAdamW8bit with its bitsandbytes settings bound by keyword.
+
+        galore-torch 1.0 passes `percentile_clipping=100, block_wise=True` to
+        bitsandbytes' Optimizer2State by position. bitsandbytes 0.50 dropped those two
+        parameters, so the values land in `max_unorm=100, skip_zeros=True`. Where a
+        projected gradient is small enough for 32-bit states (under 4,096 values: small
+        layers, low ranks) that update-norm clipping holds the weights almost still;
+        the blockwise 8-bit path of larger ones ignores it, which hides the fault on
+        the real model. Binding by keyword gives what galore-torch meant everywhere: no
+        clipping, blockwise 8-bit states (bitsandbytes' default now).
+        """
+
+        def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, is_paged=False):
+            optimizer_2_state.__init__(
+                self, "adam", params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=8,
+                is_paged=is_paged,
+            )
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            if self.is_paged:
+                return super().step(closure)
+            # galore-torch calls torch.cuda.synchronize() after every weight's update. Every kernel of the step
+            # runs on one stream, in order, so nothing needs it unless the states are paged; on a GPU each call
+            # drains the queue (about 340 a step for gemma-3-1b), and on the CPU it would fail.
+            synchronize = torch.cuda.synchronize
+            torch.cuda.synchronize = lambda *args, **kwargs: None
+            try:
+                return super().step(closure)
+            finally:
+                torch.cuda.synchronize = synchronize
+
+    return GaLoreAdamW8bitFixed
