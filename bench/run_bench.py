@@ -134,11 +134,13 @@ def run_ours(script: str, model: str, data: str, batch: int, steps: int, warmup:
     # batch None: the script's own batch size and accumulation (its defaults).
     batch_flags = [] if batch is None else [
         "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1"]
-    trainer = module.main(*module.parse_args([
+    *parsed, training_args = module.parse_args([
         "--model_name_or_path", model, "--dataset_name", data, "--output_dir", output_dir, "--overwrite_output_dir",
-        "--max_steps", str(steps), *batch_flags, "--include_num_input_tokens_seen", "non_padding",
+        "--max_steps", str(steps), *batch_flags,
         "--logging_steps", "1", "--save_strategy", "no", "--num_sample_prompts", "0", "--warmup_ratio", "0", *extra,
-    ]), callbacks=callbacks)
+    ])
+    training_args.include_num_input_tokens_seen = "non_padding"  # the flag parses as a bool only
+    trainer = module.main(*parsed, training_args, callbacks=callbacks)
     summary = summarise(result, warmup, _model_parameters(model))
     return {**summary, "loss": _last_loss(trainer)}
 

@@ -193,7 +193,7 @@ def dequantize_4bit(weight, quant_state, dtype):
 FLASH_ARGUMENTS = ("query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal",
                    "return_debug_mask", "scale", "window_size_left", "window_size_right")
 EFFICIENT_ARGUMENTS = ("query", "key", "value", "bias", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
-                       "max_seqlen_k", "dropout_p", "custom_mask_type", "scale")
+                       "max_seqlen_k", "dropout_p", "custom_mask_type", "compute_log_sumexp", "scale")
 
 
 def _schema_has(op_name: str, names) -> bool:
@@ -278,7 +278,8 @@ def _varlen(query, key, value, dropout, scaling, sliding_window, kwargs) -> Opti
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         output = torch.ops.aten._efficient_attention_forward(
             query=q[None], key=k[None], value=v[None], bias=None, cu_seqlens_q=bounds, cu_seqlens_k=bounds,
-            max_seqlen_q=longest, max_seqlen_k=longest, dropout_p=0.0, custom_mask_type=1, scale=scaling,
+            max_seqlen_q=longest, max_seqlen_k=longest, dropout_p=0.0, custom_mask_type=1,
+            compute_log_sumexp=True, scale=scaling,  # the backward pass needs the log-sum-exp
         )[0][0]
     return output.reshape(batch, length, heads, head_dim)
 
