@@ -298,6 +298,11 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
                 f"--max_tokens_per_batch {data_args.max_tokens_per_batch} must be at least --max_seq_length "
                 f"{data_args.max_seq_length}, or the longest records fit no batch."
             )
+    if training_args.eval_strategy != "no" and not (data_args.eval_split_ratio or data_args.eval_file):
+        raise UserInputError(
+            f"--eval_strategy {training_args.eval_strategy.value} needs evaluation records: add --eval_split_ratio "
+            "0.05 (hold out 5% of the records) or --eval_file FILE, or set --eval_strategy no."
+        )
     if training_args.eval_strategy == "no" and (data_args.eval_split_ratio or data_args.eval_file):
         logger.info("Evaluation data given and --eval_strategy no: evaluating once, after training.")
 

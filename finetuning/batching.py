@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from trl import SFTTrainer
 
 from arguments import DataArguments
-from common import formatting_func
+from common import RunData, formatting_func
 from data import data_source
 from errors import UserInputError
 
@@ -224,16 +224,17 @@ def row_fill(lengths: Sequence[int], rows: Sequence[Sequence[int]], row_tokens: 
 # ---------------------------------------------------------------------------
 
 
-def build_trainer(model, tokenizer, collator, records, eval_records, data_args: DataArguments, training_args,
-                  callbacks=None, **kwargs) -> SFTTrainer:
+def build_trainer(model, loaded: RunData, data_args: DataArguments, training_args, callbacks=None,
+                  **kwargs) -> SFTTrainer:
     """trl's SFTTrainer on the records (it formats and tokenizes them), batching by tokens where asked.
 
     Stops when every tokenized example lost its answer to --max_seq_length.
     """
+    collator = loaded.collator
     inputs = dict(
-        model=model, args=training_args, train_dataset=records, eval_dataset=eval_records, tokenizer=tokenizer,
-        formatting_func=formatting_func, max_seq_length=data_args.max_seq_length, packing=data_args.packing,
-        data_collator=collator, callbacks=callbacks, **kwargs,
+        model=model, args=training_args, train_dataset=loaded.records, eval_dataset=loaded.eval_records,
+        tokenizer=loaded.tokenizer, formatting_func=formatting_func, max_seq_length=data_args.max_seq_length,
+        packing=data_args.packing, data_collator=collator, callbacks=callbacks, **kwargs,
     )
     if data_args.max_tokens_per_batch is None:
         logger.info(

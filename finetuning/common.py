@@ -14,8 +14,10 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DataCollatorForCompletionOnlyLM
 
+import data
 import smoke
-from arguments import DataArguments, ModelArguments, smoke_settings
+import training
+from arguments import DataArguments, ModelArguments, ReportArguments, check_arguments, smoke_settings
 from data import INPUT_FIELD, INSTRUCTION_FIELD, OUTPUT_FIELD, data_source
 from errors import SetupError, UserInputError
 from versions import environment_summary
@@ -129,19 +131,31 @@ def _model_not_found_message(model_name_or_path: str, error: Exception) -> str:
     )
 
 
-def load_tokenizer_for_run(model_args: ModelArguments, data_args: DataArguments, training_args, records,
-                           dry_run: bool) -> tuple:
-    """(model path, tokenizer, loss-mask collator) for a run. Under --smoke the tiny model is built first, with a
-    tokenizer trained on the run's records. Stops where every record is longer than --max_seq_length (a dry run
-    reports the lengths instead)."""
+@dataclass
+class RunData:
+    """What the load step hands on: the records, the tokenizer and its loss mask, and where the model is."""
+
+    records: Any
+    eval_records: Any
+    tokenizer: Any
+    collator: Any
+    model_path: str
+
+
+def load_data_and_tokenizer(model_args: ModelArguments, data_args: DataArguments, report_args: ReportArguments,
+                            training_args) -> RunData:
+    """The records, then the tokenizer (under --smoke the tiny model is built first, its tokenizer trained on the
+    records) and the loss mask. Stops where every record is longer than --max_seq_length, except in a dry run,
+    whose report shows the lengths."""
+    records, eval_records = data.load_train_and_eval(data_args, training_args.seed)
     model_path = model_args.model_name_or_path
     if model_args.smoke:
         model_path = smoke.smoke_model(training_args.output_dir, [format_example(record) for record in records])
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
     collator = completion_only_collator(tokenizer, data_args, records)
-    if not dry_run:
+    if not report_args.dry_run:
         check_lengths(records, tokenizer, data_args.max_seq_length, data_source(data_args))
-    return model_path, tokenizer, collator
+    return RunData(records, eval_records, tokenizer, collator, model_path)
 
 
 def completion_only_collator(tokenizer, data_args: DataArguments, records):
@@ -282,14 +296,19 @@ def choose_precision(training_args: transformers.TrainingArguments, on_cpu: bool
     return Precision(False, True, torch.float16, f"the {gpu} has no bfloat16, so float16 with loss scaling")
 
 
-def check_machine(model_args: ModelArguments, training_args, gpu_feature: str, dry_run: bool) -> tuple:
-    """(training arguments with the precision set, the precision): a smoke run on the CPU in fp32; otherwise a
-    CUDA GPU, unless this is a dry run, which loads no model."""
+def check_run(model_args: ModelArguments, data_args: DataArguments, report_args: ReportArguments, training_args,
+              gpu_feature: str) -> tuple:
+    """Every flag, the machine and the output dir, before anything loads; nothing is deleted here.
+
+    Returns (training arguments with the precision set, the precision, the output plan; None for a dry run).
+    """
+    check_arguments(model_args, data_args, training_args)
     if model_args.smoke:
         training_args = smoke_settings(training_args)
-    elif not dry_run:
+    elif not report_args.dry_run:
         require_cuda(gpu_feature)
+    output = None if report_args.dry_run else training.plan_output_dir(training_args, smoke=model_args.smoke)
     use_colab_token()
-    precision = choose_precision(training_args, on_cpu=model_args.smoke or dry_run)
+    precision = choose_precision(training_args, on_cpu=model_args.smoke or report_args.dry_run)
     logger.info("Environment: %s", environment_summary())
-    return dataclasses.replace(training_args, bf16=precision.bf16, fp16=precision.fp16), precision
+    return dataclasses.replace(training_args, bf16=precision.bf16, fp16=precision.fp16), precision, output

@@ -14,7 +14,7 @@ import torch
 from arguments import DataArguments, ReportArguments
 from batching import pack_into_rows, row_fill
 from common import token_lengths
-from common import Precision, format_example, format_prompt
+from common import Precision, RunData, format_example, format_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +30,8 @@ def count_parameters(model: "torch.nn.Module") -> tuple[int, int]:
     return trainable, total
 
 
-def log_settings(script: str, trainer, precision: Precision, data_args: DataArguments, collator, records,
-                 eval_records, extra: Mapping[str, Any]) -> None:
+def log_settings(script: str, trainer, precision: Precision, data_args: DataArguments, loaded: RunData,
+                 extra: Mapping[str, Any]) -> None:
     """One block with what a user needs to know about the run they started."""
     model, training_args = trainer.model, trainer.args
     trainable, total = count_parameters(model)
@@ -55,14 +55,16 @@ def log_settings(script: str, trainer, precision: Precision, data_args: DataArgu
     ]
     lines += [f"  {k}: {v}" for k, v in extra.items() if k != "optimizer"]
     lines += [
-        f"  loss: {'answers only' if collator else 'every token'}",
-        f"  records: {len(records)} train" + (f", {len(eval_records)} eval" if eval_records is not None else ""),
+        f"  loss: {'answers only' if loaded.collator else 'every token'}",
+        f"  records: {len(loaded.records)} train"
+        + (f", {len(loaded.eval_records)} eval" if loaded.eval_records is not None else ""),
     ]
     logger.info("\n".join(lines))
 
 
-def dry_run_report(records, tokenizer, collator, data_args: DataArguments, training_args) -> dict:
+def dry_run_report(loaded: RunData, data_args: DataArguments, training_args) -> dict:
     """What training would see, without loading the model: logged, and returned for tests."""
+    records, tokenizer, collator = loaded.records, loaded.tokenizer, loaded.collator
     lengths = token_lengths(records, tokenizer)
     ordered = sorted(lengths)
     stats = {
@@ -145,26 +147,31 @@ def generate_samples(model, tokenizer, records, count: int, max_new_tokens: int)
     return samples
 
 
-def check_saved_model(load, final: Path, tokenizer, records, report_args: ReportArguments, what: str) -> None:
+def check_saved_model(load, final: Path, loaded: RunData, report_args: ReportArguments, what: str) -> None:
     """The smoke run's last step: what was saved loads back and generates."""
     reloaded = load(final, dtype=torch.float32)
-    sample = generate_samples(reloaded, tokenizer, records, 1, report_args.sample_max_new_tokens)[0]
+    sample = generate_samples(reloaded, loaded.tokenizer, loaded.records, 1, report_args.sample_max_new_tokens)[0]
     logger.info("Smoke run passed: the saved %s loads and generates: %r", what, sample["answer"])
 
 
-def sample_answers(model, tokenizer, records, report_args: ReportArguments) -> list[dict]:
-    """The --num_sample_prompts answers for samples.md (none where it is 0)."""
+def sample_answers(model, loaded: RunData, report_args: ReportArguments) -> list[dict]:
+    """Answers to the first --num_sample_prompts prompts (of the eval records where there are any), for samples.md."""
     if not report_args.num_sample_prompts:
         return []
-    return generate_samples(model, tokenizer, records, report_args.num_sample_prompts, report_args.sample_max_new_tokens)
+    records = loaded.eval_records if loaded.eval_records is not None else loaded.records
+    return generate_samples(model, loaded.tokenizer, records, report_args.num_sample_prompts,
+                            report_args.sample_max_new_tokens)
 
 
-def write_reports(trainer, train_result, eval_records, samples_before: list[dict], samples_after: list[dict]) -> dict:
+def write_reports(trainer, train_result, loaded: RunData, report_args: ReportArguments,
+                  samples_before: list[dict]) -> dict:
     """metrics.json (the Trainer's train metrics, eval loss and perplexity), trainer_state.json, loss_curve.png and
-    samples.md in the output directory; returns the metrics."""
+    samples.md (the answers before training beside the trained model's) in the output directory; returns the
+    metrics."""
     output_dir = Path(trainer.args.output_dir)
+    samples_after = sample_answers(trainer.model, loaded, report_args)
     metrics = dict(train_result.metrics)
-    if eval_records is not None:
+    if loaded.eval_records is not None:
         evaluation = trainer.evaluate()
         metrics.update(evaluation)
         metrics["eval_perplexity"] = math.exp(min(evaluation["eval_loss"], 50.0))

@@ -23,9 +23,9 @@ from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArgument
 from trl import SFTTrainer  # noqa: E402
 
 import arguments  # noqa: E402
+from arguments import DataArguments, ModelArguments, ReportArguments  # noqa: E402
 import batching  # noqa: E402
 import common  # noqa: E402
-import data  # noqa: E402
 import overrides  # noqa: E402
 import reports  # noqa: E402
 import training  # noqa: E402
@@ -69,68 +69,50 @@ TRAINING_DEFAULTS = dict(
 )
 
 
-def parse_args(argv: Sequence[str]) -> tuple:
-    """(model, data, report, galore, training) arguments: the command line, or a config file and flags after it."""
-    return arguments.parse_arguments(GaloreArguments, TRAINING_DEFAULTS, argv)
-
-
-def main(
-    model_args: arguments.ModelArguments,
-    data_args: arguments.DataArguments,
-    report_args: arguments.ReportArguments,
-    galore_args: GaloreArguments,
-    training_args: TrainingArguments,
-    callbacks: Optional[list[TrainerCallback]] = None,
-) -> Optional[SFTTrainer]:
-    # ===== Check: every flag and the machine, before anything loads or is deleted =====
-    arguments.check_arguments(model_args, data_args, training_args)
-    training_args, precision = common.check_machine(
-        model_args, training_args, "GaLore with 8-bit optimizer states (bitsandbytes)", report_args.dry_run)
-    output = None if report_args.dry_run else training.plan_output_dir(training_args, smoke=model_args.smoke)
+def main(model_args: ModelArguments, data_args: DataArguments, report_args: ReportArguments, galore_args: GaloreArguments,
+         training_args: TrainingArguments, callbacks: Optional[list[TrainerCallback]] = None) -> Optional[SFTTrainer]:
+    # ===== Check: every flag, the machine and the output dir; nothing loads and nothing is deleted yet =====
+    training_args, precision, output = common.check_run(
+        model_args, data_args, report_args, training_args, "GaLore with 8-bit optimizer states (bitsandbytes)")
     if model_args.smoke:
         galore_args.galore_rank = min(galore_args.galore_rank, 8)  # the tiny model's layers are 64 wide
 
     # ===== Load data and tokenizer: a bad record must not cost a model load =====
-    records, eval_records = data.load_train_and_eval(data_args, training_args.seed)
-    model_path, tokenizer, collator = common.load_tokenizer_for_run(
-        model_args, data_args, training_args, records, report_args.dry_run)
+    loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
     if report_args.dry_run:
-        reports.dry_run_report(records, tokenizer, collator, data_args, training_args)
+        reports.dry_run_report(loaded, data_args, training_args)
         return None
 
     # ===== Load model: every weight trainable; GaLore for the attention and MLP matrices =====
     if not model_args.smoke:
         torch.cuda.empty_cache()  # a notebook's earlier run may still hold cached blocks
-    model = load_model(model_path, precision, model_args.attn_implementation, model_args.trust_remote_code)
+    model = load_model(loaded.model_path, precision, model_args.attn_implementation, model_args.trust_remote_code)
     optimizer = build_optimizer(model, galore_args, training_args)
 
     # ===== Format: SFTTrainer formats and tokenizes the records =====
-    trainer = batching.build_trainer(model, tokenizer, collator, records, eval_records, data_args, training_args,
-                                     callbacks, optimizers=(optimizer, None))  # the Trainer builds the scheduler
+    trainer = batching.build_trainer(model, loaded, data_args, training_args, callbacks,
+                                     optimizers=(optimizer, None))  # the Trainer builds the scheduler
     overrides.enable_fast_path(trainer.model, precision.fp16, data_args.packs_without_padding,
                                keep_dequantized_weight=False)
-    galore_weights = sum(p.numel() for p in optimizer.param_groups[0]["params"])
-    reports.log_settings("GaLore", trainer, precision, data_args, collator, records, eval_records, {
+    reports.log_settings("GaLore", trainer, precision, data_args, loaded, {
         "optimizer": f"{type(optimizer).__name__} (galore-torch, bitsandbytes 8-bit states)",
         "GaLore": f"rank={galore_args.galore_rank}, update_proj_gap={galore_args.galore_update_proj_gap}, "
                   f"scale={galore_args.galore_scale}, proj_type={galore_args.galore_proj_type}, "
-                  f"{galore_weights:,} weights projected ({galore_args.galore_target_modules})",
+                  f"{sum(p.numel() for p in optimizer.param_groups[0]['params']):,} weights projected "
+                  f"({galore_args.galore_target_modules})",
         "weights": f"{precision.torch_dtype}".replace("torch.", "")
                    + (" master weights with fp16 autocast" if precision.fp16 else ""),
     })
 
-    # ===== Train: the earlier run is deleted only now, after every input has passed =====
-    sample_records = eval_records if eval_records is not None else records
-    samples_before = reports.sample_answers(trainer.model, tokenizer, sample_records, report_args)
-    training.clear_earlier_run(output)
-    train_result = training.train(trainer, output.resume_from)
+    # ===== Train: an earlier run that --overwrite_output_dir replaces is deleted only now =====
+    samples_before = reports.sample_answers(trainer.model, loaded, report_args)
+    train_result = training.train(trainer, output)
 
     # ===== Save: the whole model (safetensors) and the tokenizer =====
-    final = training.save_final(trainer, tokenizer)
-    samples_after = reports.sample_answers(trainer.model, tokenizer, sample_records, report_args)
-    reports.write_reports(trainer, train_result, eval_records, samples_before, samples_after)
+    final = training.save_final(trainer, loaded.tokenizer)
+    reports.write_reports(trainer, train_result, loaded, report_args, samples_before)
     if model_args.smoke:
-        reports.check_saved_model(AutoModelForCausalLM.from_pretrained, final, tokenizer, records, report_args, "model")
+        reports.check_saved_model(AutoModelForCausalLM.from_pretrained, final, loaded, report_args, "model")
     return trainer
 
 
@@ -179,6 +161,11 @@ def build_optimizer(model, galore_args: GaloreArguments, training_args):
         eps=training_args.adam_epsilon,
         weight_decay=training_args.weight_decay,
     )
+
+
+def parse_args(argv: Sequence[str]) -> tuple:
+    """(model, data, report, galore, training) arguments: the command line, or a config file and flags after it."""
+    return arguments.parse_arguments(GaloreArguments, TRAINING_DEFAULTS, argv)
 
 
 if __name__ == "__main__":

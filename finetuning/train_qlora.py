@@ -25,9 +25,9 @@ from transformers import AutoTokenizer, BitsAndBytesConfig, TrainerCallback, Tra
 from trl import SFTTrainer  # noqa: E402
 
 import arguments  # noqa: E402
+from arguments import DataArguments, ModelArguments, ReportArguments  # noqa: E402
 import batching  # noqa: E402
 import common  # noqa: E402
-import data  # noqa: E402
 import overrides  # noqa: E402
 import reports  # noqa: E402
 import training  # noqa: E402
@@ -88,62 +88,44 @@ TRAINING_DEFAULTS = dict(
 )
 
 
-def parse_args(argv: Sequence[str]) -> tuple:
-    """(model, data, report, lora, training) arguments: the command line, or a config file and flags after it."""
-    return arguments.parse_arguments(LoraArguments, TRAINING_DEFAULTS, argv)
-
-
-def main(
-    model_args: arguments.ModelArguments,
-    data_args: arguments.DataArguments,
-    report_args: arguments.ReportArguments,
-    lora_args: LoraArguments,
-    training_args: TrainingArguments,
-    callbacks: Optional[list[TrainerCallback]] = None,
-) -> Optional[SFTTrainer]:
-    # ===== Check: every flag and the machine, before anything loads or is deleted =====
-    arguments.check_arguments(model_args, data_args, training_args)
-    training_args, precision = common.check_machine(
-        model_args, training_args, "QLoRA (bitsandbytes 4-bit layers)", report_args.dry_run)
-    output = None if report_args.dry_run else training.plan_output_dir(training_args, smoke=model_args.smoke)
+def main(model_args: ModelArguments, data_args: DataArguments, report_args: ReportArguments, lora_args: LoraArguments,
+         training_args: TrainingArguments, callbacks: Optional[list[TrainerCallback]] = None) -> Optional[SFTTrainer]:
+    # ===== Check: every flag, the machine and the output dir; nothing loads and nothing is deleted yet =====
+    training_args, precision, output = common.check_run(
+        model_args, data_args, report_args, training_args, "QLoRA (bitsandbytes 4-bit layers)")
 
     # ===== Load data and tokenizer: a bad record must not cost a model download =====
-    records, eval_records = data.load_train_and_eval(data_args, training_args.seed)
-    model_path, tokenizer, collator = common.load_tokenizer_for_run(
-        model_args, data_args, training_args, records, report_args.dry_run)
+    loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
     if report_args.dry_run:
-        reports.dry_run_report(records, tokenizer, collator, data_args, training_args)
+        reports.dry_run_report(loaded, data_args, training_args)
         return None
 
-    # ===== Load model: 4-bit base weights =====
-    model = load_quantized_model(model_path, precision, model_args.attn_implementation, model_args.trust_remote_code)
+    # ===== Load model: 4-bit NF4 base weights =====
+    model = load_quantized_model(loaded.model_path, precision, model_args.attn_implementation,
+                                 model_args.trust_remote_code)
 
     # ===== Format: SFTTrainer formats and tokenizes the records and wraps the model in LoRA =====
-    trainer = batching.build_trainer(model, tokenizer, collator, records, eval_records, data_args, training_args,
-                                     callbacks, peft_config=lora_args.peft_config())
+    trainer = batching.build_trainer(model, loaded, data_args, training_args, callbacks,
+                                     peft_config=lora_args.peft_config())
     fast = overrides.enable_fast_path(trainer.model, precision.fp16, data_args.packs_without_padding,
                                       keep_dequantized_weight=training_args.gradient_checkpointing)
-    reports.log_settings("QLoRA", trainer, precision, data_args, collator, records, eval_records, {
+    reports.log_settings("QLoRA", trainer, precision, data_args, loaded, {
         "base weights": f"NF4 4-bit, double quantization, compute in {precision.torch_dtype}".replace("torch.", ""),
         "LoRA": f"r={lora_args.lora_r}, alpha={lora_args.lora_alpha}, targets={lora_args.lora_target_modules}, "
                 f"{fast['fused LoRA-on-4-bit layers']} layers on the fused 4-bit path",
     })
 
-    # ===== Train: the earlier run is deleted only now, after every input has passed =====
-    sample_records = eval_records if eval_records is not None else records
-    before = reports.sample_answers(trainer.model, tokenizer, sample_records, report_args)
-    training.clear_earlier_run(output)
-    train_result = training.train(trainer, output.resume_from)
+    # ===== Train: an earlier run that --overwrite_output_dir replaces is deleted only now =====
+    samples_before = reports.sample_answers(trainer.model, loaded, report_args)
+    train_result = training.train(trainer, output)
 
     # ===== Save: the adapter and the tokenizer (the base model stays where it came from); merged on request =====
-    final = training.save_final(trainer, tokenizer)
-    after = reports.sample_answers(trainer.model, tokenizer, sample_records, report_args)
-    reports.write_reports(trainer, train_result, eval_records, before, after)
+    final = training.save_final(trainer, loaded.tokenizer)
+    reports.write_reports(trainer, train_result, loaded, report_args, samples_before)
     if lora_args.merge:
         logger.info("Merged the adapter into a 16-bit copy of the base model: %s", merge_adapter(final, precision))
     if model_args.smoke:
-        reports.check_saved_model(AutoPeftModelForCausalLM.from_pretrained, final, tokenizer, records, report_args,
-                                  "adapter")
+        reports.check_saved_model(AutoPeftModelForCausalLM.from_pretrained, final, loaded, report_args, "adapter")
     return trainer
 
 
@@ -187,6 +169,11 @@ def merge_adapter(adapter_dir: Path, precision: common.Precision) -> Path:
         tokenizer.save_pretrained(folder)
 
     return training.write_atomically(adapter_dir.parent / training.MERGED_DIR, write)
+
+
+def parse_args(argv: Sequence[str]) -> tuple:
+    """(model, data, report, lora, training) arguments: the command line, or a config file and flags after it."""
+    return arguments.parse_arguments(LoraArguments, TRAINING_DEFAULTS, argv)
 
 
 if __name__ == "__main__":

@@ -160,8 +160,14 @@ class StopOnNonFiniteLoss(TrainerCallback):
         )
 
 
-def train(trainer, resume_from_checkpoint=None):
-    """trainer.train() with the guards: a NaN loss stops it, an out-of-memory error says which settings to lower."""
+def train(trainer, output: Optional[OutputPlan] = None):
+    """trainer.train() with the guards: a NaN loss stops it, an out-of-memory error says which settings to lower.
+
+    What an --overwrite_output_dir replaces (`output.replaces`) is deleted here, right before training starts.
+    """
+    if output is not None:
+        clear_earlier_run(output)
+    resume_from_checkpoint = output.resume_from if output is not None else None
     trainer.add_callback(StopOnNonFiniteLoss())
     args = trainer.args
     try:

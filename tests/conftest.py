@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,46 @@ def parse():
         return module.parse_args([str(a) for a in argv])
 
     return run
+
+
+# --- one finished smoke run per script, for the tests that only read what it left -----------------------------
+
+# A token planted in the runs' environment: no output, log or saved file may contain it.
+PLANTED_TOKEN = "hf_PlantedTokenDoNotLeak7Q3x9Z"
+FINISHED_RUN_FLAGS = ["--save_strategy", "steps", "--save_steps", "2", "--max_steps", "4"]
+
+
+@dataclass
+class FinishedRun:
+    exit_code: int
+    output_dir: Path
+    output: bytes  # everything the process printed and logged
+
+    def state(self) -> dict:
+        """The Trainer's trainer_state.json (global_step, log_history)."""
+        return json.loads((self.output_dir / "trainer_state.json").read_text())
+
+    def losses(self) -> list:
+        return [entry["loss"] for entry in self.state()["log_history"] if "loss" in entry]
+
+
+@pytest.fixture(scope="session")
+def finished_runs(tmp_path_factory) -> dict:
+    """{"qlora": FinishedRun, "galore": FinishedRun}: each script's --smoke run through its real command line, both
+    at once, with checkpoints every 2 of 4 steps, the sample answers on and HF_TOKEN planted. Read-only: copy an
+    output dir before changing it."""
+    root = tmp_path_factory.mktemp("finished_runs")
+    env = {**os.environ, "HF_TOKEN": PLANTED_TOKEN}
+    started = {}
+    for script in ("qlora", "galore"):
+        log = (root / f"{script}.log").open("wb")
+        argv = [sys.executable, f"finetuning/train_{script}.py", "--smoke", "--output_dir", str(root / script),
+                *FINISHED_RUN_FLAGS]
+        started[script] = (subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+    runs = {}
+    for script, (process, log) in started.items():
+        process.wait(timeout=300)
+        log.close()
+        runs[script] = FinishedRun(process.returncode, root / script, (root / f"{script}.log").read_bytes())
+        assert runs[script].exit_code == 0, runs[script].output.decode(errors="replace")[-3000:]
+    return runs

@@ -1,15 +1,14 @@
-"""Whole --smoke runs of both scripts on the CPU: train, save, reload."""
+"""Whole --smoke runs of both scripts on the CPU: train, save, reload. Most tests read the session's finished runs
+(conftest.finished_runs); the others train with settings of their own."""
 from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
-import train_galore
 import train_qlora
-import overrides
 
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -19,22 +18,6 @@ def losses(trainer):
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def smoke(module, tmp_path_factory, name, *argv):
-    output_dir = tmp_path_factory.mktemp(name)
-    trainer = module.main(*module.parse_args(["--smoke", "--output_dir", str(output_dir), *argv]))
-    return trainer, output_dir
-
-
-@pytest.fixture(scope="module")
-def qlora_run(tmp_path_factory):
-    return smoke(train_qlora, tmp_path_factory, "qlora")
-
-
-@pytest.fixture(scope="module")
-def galore_run(tmp_path_factory):
-    return smoke(train_galore, tmp_path_factory, "galore")
-
-
 def assert_one_bos_per_example(trainer):
     bos = trainer.tokenizer.bos_token_id
     for example in trainer.train_dataset.select(range(min(8, len(trainer.train_dataset)))):
@@ -42,55 +25,50 @@ def assert_one_bos_per_example(trainer):
         assert ids[0] == bos and ids.count(bos) == 1
 
 
+def hello_ids(final):
+    return AutoTokenizer.from_pretrained(final)("<start_of_turn>user\nHi<end_of_turn>\n", return_tensors="pt")
+
+
+# --- both ---------------------------------------------------------------------
+
+
+def test_both_train_the_requested_steps_with_finite_loss_and_pass_the_smoke_check(finished_runs):
+    for run in finished_runs.values():
+        assert run.state()["global_step"] == 4
+        assert len(run.losses()) == 4 and all(math.isfinite(loss) for loss in run.losses())
+        assert b"Smoke run passed" in run.output
+
+
 # --- QLoRA --------------------------------------------------------------------
 
 
-def test_qlora_saves_adapter_and_tokenizer(qlora_run):
-    _, out = qlora_run
+def test_qlora_saves_adapter_and_tokenizer(finished_runs):
+    out = finished_runs["qlora"].output_dir
     for name in ("adapter_model.safetensors", "adapter_config.json", *TOKENIZER_FILES):
         assert (out / "final" / name).is_file(), name
     assert not (out / "final" / "model.safetensors").exists(), "only the adapter is saved, not the base model"
 
 
-def test_qlora_trains_the_requested_steps_with_finite_loss(qlora_run):
-    trainer, _ = qlora_run
-    assert trainer.state.global_step == 4
-    logged = losses(trainer)
-    assert len(logged) == 4 and all(math.isfinite(loss) for loss in logged)
-    assert_one_bos_per_example(trainer)
-
-
-def test_qlora_adapter_learned_on_every_projection(qlora_run):
-    _, out = qlora_run
-    weights = load_file(str(out / "final" / "adapter_model.safetensors"))
+def test_qlora_adapter_learned_on_every_projection_and_nothing_else(finished_runs):
+    weights = load_file(str(finished_runs["qlora"].output_dir / "final" / "adapter_model.safetensors"))
+    assert weights and all("lora_" in name for name in weights), "only the adapters train"
     lora_b = {name: w for name, w in weights.items() if "lora_B" in name}
     assert {name.split(".lora_B")[0].rsplit(".", 1)[-1] for name in lora_b} == PROJECTIONS
     # peft initialises lora_B to zero: any non-zero value was learned
     assert all(w.abs().max() > 0 for w in lora_b.values()), [n for n, w in lora_b.items() if not w.any()]
+    assert b"NF4 4-bit" in finished_runs["qlora"].output and b"14 layers on the fused 4-bit path" in finished_runs["qlora"].output
 
 
-def test_qlora_base_is_4bit_and_only_lora_trains(qlora_run):
-    import bitsandbytes as bnb
-
-    trainer, _ = qlora_run
-    four_bit = [name for name, m in trainer.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert {name.replace(".base_layer", "").rsplit(".", 1)[-1] for name in four_bit} == PROJECTIONS
-    assert all(name.endswith(".base_layer") for name in four_bit), "LoRA wraps each 4-bit layer"
-    trainable = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in name for name in trainable)
-
-
-def test_qlora_adapter_reloads(qlora_run):
+def test_qlora_adapter_reloads(finished_runs):
     from peft import AutoPeftModelForCausalLM
 
-    trainer, out = qlora_run
-    model = AutoPeftModelForCausalLM.from_pretrained(str(out / "final"), dtype=torch.float32)
-    saved = load_file(str(out / "final" / "adapter_model.safetensors"))
+    final = finished_runs["qlora"].output_dir / "final"
+    model = AutoPeftModelForCausalLM.from_pretrained(str(final), dtype=torch.float32)
+    saved = load_file(str(final / "adapter_model.safetensors"))
     name, value = next((n, w) for n, w in saved.items() if "lora_B" in n)
     loaded = dict(model.named_parameters())[name.replace(".weight", ".default.weight")]
     torch.testing.assert_close(loaded, value)
-    ids = trainer.tokenizer("<start_of_turn>user\nHi<end_of_turn>\n", return_tensors="pt")
-    logits = model(**ids).logits
+    logits = model(**hello_ids(final)).logits
     assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
 
 
@@ -121,25 +99,20 @@ def test_qlora_loss_falls_on_a_fixed_batch(tmp_path):
 # --- GaLore -------------------------------------------------------------------
 
 
-def test_galore_saves_model_and_tokenizer(galore_run):
-    _, out = galore_run
+def test_galore_saves_model_and_tokenizer(finished_runs):
+    out = finished_runs["galore"].output_dir
     for name in ("model.safetensors", "config.json", *TOKENIZER_FILES):
         assert (out / "final" / name).is_file(), name
 
 
-def test_galore_trains_with_the_fixed_optimizer(galore_run):
-    trainer, _ = galore_run
-    assert trainer.state.global_step == 4
-    logged = losses(trainer)
-    assert len(logged) == 4 and all(math.isfinite(loss) for loss in logged)
-    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-    assert isinstance(optimizer, overrides.galore_adamw8bit())
-    assert optimizer.param_groups[0]["rank"] == 8, "--smoke lowers the rank to fit the 64-wide layers"
-    assert_one_bos_per_example(trainer)
+def test_galore_trains_with_the_fixed_optimizer(finished_runs):
+    output = finished_runs["galore"].output
+    assert b"optimizer: GaLoreAdamW8bitFixed" in output
+    assert b"rank=8," in output, "--smoke lowers the rank to fit the 64-wide layers"
 
 
-def test_galore_changed_every_weight(galore_run):
-    _, out = galore_run
+def test_galore_changed_every_weight(finished_runs):
+    out = finished_runs["galore"].output_dir
     before = load_file(str(out / "smoke_base_model" / "model.safetensors"))
     after = load_file(str(out / "final" / "model.safetensors"))
     assert set(before) == set(after)
@@ -150,13 +123,12 @@ def test_galore_changed_every_weight(galore_run):
     assert embedding not in unchanged
 
 
-def test_galore_model_reloads(galore_run):
+def test_galore_model_reloads(finished_runs):
     from transformers import AutoModelForCausalLM
 
-    trainer, out = galore_run
-    model = AutoModelForCausalLM.from_pretrained(str(out / "final"), dtype=torch.float32)
-    saved = load_file(str(out / "final" / "model.safetensors"))
+    final = finished_runs["galore"].output_dir / "final"
+    model = AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32)
+    saved = load_file(str(final / "model.safetensors"))
     name = next(n for n in saved if n.endswith("q_proj.weight"))
     torch.testing.assert_close(dict(model.named_parameters())[name], saved[name])
-    ids = trainer.tokenizer("<start_of_turn>user\nHi<end_of_turn>\n", return_tensors="pt")
-    assert torch.isfinite(model(**ids).logits).all()
+    assert torch.isfinite(model(**hello_ids(final)).logits).all()

@@ -20,6 +20,7 @@ import pytest
 import torch
 import transformers
 
+from conftest import PLANTED_TOKEN
 import common
 import arguments
 import data
@@ -169,11 +170,10 @@ def test_model_path_that_does_not_exist_through_main(script, tmp_path, caplog, m
 # --- an output dir that holds an earlier run ----------------------------------
 
 
-@pytest.fixture(scope="module")
-def earlier_run(tmp_path_factory):
+@pytest.fixture
+def earlier_run(finished_runs):
     """A finished GaLore smoke run: checkpoint-2, checkpoint-4 and final. Copy it before changing it."""
-    out = tmp_path_factory.mktemp("earlier") / "out"
-    train_galore.main(*train_galore.parse_args(smoke_argv(out, "--save_strategy", "steps", "--save_steps", 2)))
+    out = finished_runs["galore"].output_dir
     assert {p.name for p in out.iterdir()} >= {"checkpoint-2", "checkpoint-4", "final"}
     return out
 
@@ -194,6 +194,53 @@ def test_earlier_run_is_refused(earlier_run, tmp_path, caplog):
     for words in (str(out), "checkpoint-2", "--resume_from_checkpoint latest", "--overwrite_output_dir", "--output_dir"):
         assert words in error, (words, error)
     assert (out / "final" / "model.safetensors").read_bytes() == final_weights, "the refused run touched final"
+
+
+def trained_files(out: Path) -> dict:
+    """The earlier run's checkpoints and model, byte for byte (the smoke base model is rebuilt by every smoke run)."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*")
+            if p.is_file() and p.relative_to(out).parts[0] != "smoke_base_model"}
+
+
+@pytest.mark.parametrize("bad_input", [
+    ["--dataset_name", "typo.jsonl"],  # found when the data loads
+    ["--max_seq_length", "16"],  # found once the tokenizer has measured every record
+    ["--galore_target_modules", "nothing"],  # found once the model has loaded
+], ids=["missing data file", "every record too long", "no layer to project"])
+def test_overwrite_keeps_the_earlier_run_until_every_input_has_passed(bad_input, earlier_run, tmp_path, caplog):
+    out = copy_of(earlier_run, tmp_path)
+    before = trained_files(out)
+    assert arguments.run_cli(train_galore.parse_args, train_galore.main,
+                             smoke_argv(out, "--overwrite_output_dir", *bad_input)) == 2
+    assert "removed the earlier run" not in caplog.text
+    assert trained_files(out) == before, "a run that failed its checks deleted the earlier run"
+
+
+def test_a_smoke_run_never_takes_a_config_files_output_dir(tmp_path, monkeypatch, parse):
+    """`train_qlora.py configs/qlora_t4.yaml --smoke` next to a real run in the config's outputs/qlora_t4."""
+    monkeypatch.chdir(tmp_path)
+    real_run = tmp_path / "outputs" / "qlora_t4"
+    for folder in ("checkpoint-1200", "final"):
+        (real_run / folder).mkdir(parents=True)
+        (real_run / folder / "adapter_model.safetensors").write_bytes(b"weeks of training")
+    config = REPO_ROOT / "configs" / "qlora_t4.yaml"
+    argv = [str(config), "--smoke", "--num_sample_prompts", "0", "--max_steps", "1"]
+    *_, training_args = parse(train_qlora, argv)
+    assert training_args.output_dir == "outputs/qlora-smoke"
+    train_qlora.main(*parse(train_qlora, argv))
+    assert (tmp_path / "outputs" / "qlora-smoke" / "final" / "adapter_model.safetensors").is_file()
+    assert trained_files(real_run) == {f"{f}/adapter_model.safetensors": b"weeks of training"
+                                       for f in ("checkpoint-1200", "final")}
+
+
+def test_a_smoke_run_never_replaces_a_run_it_did_not_write(tmp_path):
+    out = tmp_path / "out"
+    (out / "final").mkdir(parents=True)
+    args = transformers.TrainingArguments(output_dir=str(out), overwrite_output_dir=True, report_to=[])
+    with pytest.raises(errors.UserInputError, match="--smoke did not write"):
+        training.plan_output_dir(args, smoke=True)
+    (out / "smoke_base_model").mkdir()  # an earlier smoke run: the next one replaces it
+    assert training.plan_output_dir(args, smoke=True).replaces == [out / "final"]
 
 
 @pytest.mark.parametrize("leftover", ["checkpoint-7", "final"])
@@ -308,11 +355,6 @@ def test_hub_token_flag_points_to_hf_token(argv, tmp_path, caplog):
     message = fails_cleanly(train_qlora, smoke_argv(tmp_path / "out", *argv), caplog, tmp_path / "out")
     assert "--hub_token" in message and "HF_TOKEN" in message
     assert "hf_cmdlineSECRET0123" not in caplog.text, "the rejected token was echoed to the log"
-
-
-def test_trust_remote_code_is_off_by_default():
-    assert arguments.ModelArguments().trust_remote_code is False
-    # What the scripts actually pass to transformers is checked in test_auto_find_batch_size_runs.
 
 
 # --- versions -----------------------------------------------------------------
@@ -504,36 +546,9 @@ def test_a_really_full_disk(size, save_argv, small_disk, caplog):
 
 # --- secrets and the weights format (whole script runs) -----------------------
 
-PLANTED_TOKEN = "hf_PlantedTokenDoNotLeak7Q3x9Z"
-
-
-@pytest.fixture(scope="module")
-def script_runs(tmp_path_factory):
-    """Both scripts' smoke runs as subprocesses at once, with HF_TOKEN planted and checkpoints on."""
-    root = tmp_path_factory.mktemp("script_runs")
-    env = {**os.environ, "HF_TOKEN": PLANTED_TOKEN}
-    processes = {}
-    for script in SCRIPTS:
-        out = root / script
-        log = (root / f"{script}.log").open("wb")
-        argv = [sys.executable, f"finetuning/train_{script}.py", *smoke_argv(out, "--save_strategy", "steps",
-                                                                            "--save_steps", 2, "--max_steps", 4,
-                                                                            samples=True)]
-        processes[script] = (subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
-                             out, root / f"{script}.log", log)
-    runs = {}
-    for script, (process, out, log_path, log) in processes.items():
-        process.wait(timeout=300)
-        log.close()
-        runs[script] = (process.returncode, out, log_path.read_bytes())
-    return runs
-
-
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_hf_token_is_never_printed_nor_saved(script, script_runs):
-    exit_code, out, output = script_runs[script]
-    assert exit_code == 0, output.decode(errors="replace")[-3000:]
-    assert b"Smoke run passed" in output
+def test_hf_token_is_never_printed_nor_saved(script, finished_runs):
+    out, output = finished_runs[script].output_dir, finished_runs[script].output
     assert PLANTED_TOKEN.encode() not in output
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.parent.name == "checkpoint-4" for p in files) and any(p.parent.name == "final" for p in files)
@@ -542,9 +557,8 @@ def test_hf_token_is_never_printed_nor_saved(script, script_runs):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_weights_are_saved_as_safetensors_only(script, script_runs):
-    exit_code, out, _ = script_runs[script]
-    assert exit_code == 0
+def test_weights_are_saved_as_safetensors_only(script, finished_runs):
+    out = finished_runs[script].output_dir
     pickled = [str(p) for p in out.rglob("*.bin") if p.name != "training_args.bin"]
     pickled += [str(p) for p in out.rglob("*") if p.name in ("pytorch_model.bin", "adapter_model.bin")]
     assert not pickled, pickled

@@ -180,7 +180,7 @@ def test_runs_log_to_tensorboard_by_default_when_it_is_installed(installed, tiny
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name: (object() if installed else None) if name == "tensorboard" else real(name))
     seen = {}
-    monkeypatch.setattr(reports, "dry_run_report", lambda records, tokenizer, collator, data_args, training_args:
+    monkeypatch.setattr(reports, "dry_run_report", lambda loaded, data_args, training_args:
                         seen.setdefault("report_to", training_args.report_to))
     # A dry run needs no GPU; a smoke run would turn reporting off.
     train_galore.main(*train_galore.parse_args(["--dry_run", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path)]))
