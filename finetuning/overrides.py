@@ -23,13 +23,35 @@ import logging
 import types
 from typing import Callable, Optional
 
+import bitsandbytes.functional as bnb_functional
 import torch
+from bitsandbytes.optim.optimizer import Optimizer2State
+from galore_torch import GaLoreAdamW8bit
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import fused
 from versions import installed_version
 
 logger = logging.getLogger(__name__)
+
+# The targets, imported here so that one that moved leaves its override off (with a log line), not a crash.
+try:
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+except ImportError:
+    Gemma3RMSNorm = None
+try:
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+except ImportError:
+    LoraLinear4bit = None
+try:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+except ImportError:
+    AttentionInterface = sdpa_attention_forward = None
+try:
+    from galore_torch.galore_projector import GaLoreProjector
+except ImportError:
+    GaLoreProjector = None
 
 # The versions each override was written and tested against (version prefixes).
 TESTED = {"transformers": "4.57.", "peft": "0.21.", "bitsandbytes": "0.50.", "galore-torch": "1.0"}
@@ -41,6 +63,12 @@ def _version_ok(package: str, what: str) -> bool:
         return True
     logger.warning("%s: written for %s %s*, found %s; using the stock path.", what, package, TESTED[package], found)
     return False
+
+
+def _found(target, name: str, what: str) -> bool:
+    if target is None:
+        logger.warning("%s: %s could not be imported; using the stock path.", what, name)
+    return target is not None
 
 
 def _has(target, names, what: str) -> bool:
@@ -84,10 +112,9 @@ def fuse_rms_norms(model, fp32_residual: bool = False) -> int:
     stream: Gemma 3's residual grows past float16's 65,504 (transformers issue
     36822), and the norms are where it would be cast down.
     """
-    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
-
     what = "fused RMSNorm"
-    if not (_version_ok("transformers", what) and _has(torch.nn.functional, ["rms_norm"], what)):
+    if not (_found(Gemma3RMSNorm, "Gemma3RMSNorm", what) and _version_ok("transformers", what)
+            and _has(torch.nn.functional, ["rms_norm"], what)):
         return 0
     if list(inspect.signature(Gemma3RMSNorm.__init__).parameters) != ["self", "dim", "eps"]:
         logger.warning("%s: Gemma3RMSNorm's constructor changed; using the stock path.", what)
@@ -126,10 +153,10 @@ def fuse_lora_4bit(model, keep_dequantized_weight: bool) -> int:
     Layers with more than one active adapter, a DoRA or other variant, or merged
     weights keep peft's own forward.
     """
-    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
-
-    layers = [m for m in model.modules() if isinstance(m, LoraLinear4bit)]
     what = "fused LoRA on 4-bit"
+    if not _found(LoraLinear4bit, "peft's lora.bnb.Linear4bit", what):
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear4bit)]
     if not layers or not (_version_ok("peft", what) and _version_ok("bitsandbytes", what)
                           and _has(torch.ops.bitsandbytes, ["dequantize_4bit"], what)):
         return 0
@@ -173,8 +200,6 @@ def dequantize_4bit(weight, quant_state, dtype):
     """
     absmax = getattr(quant_state, "float32_absmax", None)
     if absmax is None or absmax.device != weight.device:  # QuantState.to() moves only its own tensors
-        import bitsandbytes.functional as bnb_functional
-
         absmax = quant_state.absmax
         if quant_state.nested:
             absmax = bnb_functional.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset
@@ -223,15 +248,12 @@ def use_varlen_attention() -> bool:
     express keep transformers' SDPA with its mask. Registered under "sdpa", so
     nothing else changes. Returns whether it was registered.
     """
-    from transformers import AttentionInterface
-    from transformers.integrations import sdpa_attention
-
     what = "variable-length attention"
-    if not (_version_ok("transformers", what) and _has(sdpa_attention, ["sdpa_attention_forward"], what)
-            and _schema_has("_flash_attention_forward", FLASH_ARGUMENTS)
+    if not (_found(sdpa_attention_forward, "transformers' AttentionInterface and SDPA function", what)
+            and _version_ok("transformers", what) and _schema_has("_flash_attention_forward", FLASH_ARGUMENTS)
             and _schema_has("_efficient_attention_forward", EFFICIENT_ARGUMENTS)):
         return False
-    AttentionInterface.register("sdpa", _varlen_or_sdpa(sdpa_attention.sdpa_attention_forward))
+    AttentionInterface.register("sdpa", _varlen_or_sdpa(sdpa_attention_forward))
     return True
 
 
@@ -328,11 +350,8 @@ def use_chunked_loss(causal_lm: torch.nn.Module, chunk_tokens: Optional[int] = N
 def galore_adamw8bit() -> type:
     """GaLoreAdamW8bitFixed where galore-torch and bitsandbytes are the pinned ones, else stock GaLoreAdamW8bit;
     and GaLore's projector allowed in checkpoints (override 8)."""
-    from bitsandbytes.optim.optimizer import Optimizer2State
-    from galore_torch import GaLoreAdamW8bit
-    from galore_torch.galore_projector import GaLoreProjector
-
-    if _has(torch.serialization, ["add_safe_globals"], "GaLore checkpoints"):
+    if _found(GaLoreProjector, "GaLoreProjector", "GaLore checkpoints") and _has(
+            torch.serialization, ["add_safe_globals"], "GaLore checkpoints"):
         # The optimizer state keeps a GaLoreProjector per weight (plain values and a tensor).
         torch.serialization.add_safe_globals([GaLoreProjector])
     what = "GaLore 8-bit settings by keyword"

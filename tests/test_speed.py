@@ -1,4 +1,5 @@
-"""The fast path (finetuning/speed.py): each piece against the stock computation, in float32 on the CPU."""
+"""The fast path (finetuning/overrides.py, fused.py, batching.py's packing): each piece against the stock computation,
+in float32 on the CPU; and each override's guard, which keeps the stock path where its target is not what it expects."""
 from __future__ import annotations
 
 import copy
@@ -7,20 +8,20 @@ import random
 import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
 import arguments
 import batching
 import overrides
 
 
-
-def small_gemma(layers: int = 2, **overrides) -> Gemma3ForCausalLM:
+def small_gemma(layers: int = 2, **changes) -> Gemma3ForCausalLM:
     torch.manual_seed(0)
     config = dict(
         vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=16,
         attn_implementation="sdpa",
     )
-    model = Gemma3ForCausalLM(Gemma3TextConfig(**{**config, **overrides}))
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**{**config, **changes}))
     # Random norm weights: with the initial zeros, (1 + weight) would hide a wrong scale.
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -325,3 +326,52 @@ def test_one_kernel_dequantization_equals_bitsandbytes(tmp_path):
     for _ in range(2):  # the second call uses the kept scales
         torch.testing.assert_close(overrides.dequantize_4bit(base.weight, state, torch.float32), expected, rtol=0, atol=0)
     assert state.float32_absmax.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------
+# Guards: a target that moved leaves the stock path in place, with one log line
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def transformers_moved_on(monkeypatch):
+    real = overrides.installed_version
+    monkeypatch.setattr(overrides, "installed_version",
+                        lambda name: "9.0.0" if name in ("transformers", "peft", "galore-torch") else real(name))
+
+
+def test_a_moved_transformers_keeps_the_stock_norms_and_loss(transformers_moved_on, caplog):
+    model = small_gemma()
+    stock_forward = model.forward
+    assert overrides.fuse_rms_norms(model) == 0
+    assert overrides.use_chunked_loss(model) is False
+    assert model.forward == stock_forward and "forward" not in vars(model.model.norm)
+    assert "written for transformers 4.57.*, found 9.0.0; using the stock path" in caplog.text
+
+
+def test_a_moved_peft_keeps_peft_s_lora_layers(transformers_moved_on, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    import common
+    import train_qlora
+
+    precision = common.Precision(False, False, torch.float32, "test")
+    model = get_peft_model(train_qlora.load_quantized_model(str(tiny_model_dir), precision, "sdpa"),
+                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert overrides.fuse_lora_4bit(model, keep_dequantized_weight=False) == 0
+
+
+def test_a_moved_galore_torch_gets_its_stock_optimizer(transformers_moved_on):
+    from galore_torch import GaLoreAdamW8bit
+
+    assert overrides.galore_adamw8bit() is GaLoreAdamW8bit
+
+
+def test_a_private_attention_op_that_changed_keeps_stock_sdpa(monkeypatch, caplog):
+    monkeypatch.setattr(overrides, "FLASH_ARGUMENTS", (*overrides.FLASH_ARGUMENTS, "an_argument_torch_dropped"))
+    overrides.use_varlen_attention.cache_clear()
+    try:
+        assert overrides.use_varlen_attention() is False
+    finally:
+        overrides.use_varlen_attention.cache_clear()
+    assert "lacks ['an_argument_torch_dropped']; using stock SDPA with a mask" in caplog.text
