@@ -43,6 +43,23 @@ def cell_with(notebook, needle: str):
     return matches[0]
 
 
+def parameters_cells(notebook) -> list:
+    return [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
+
+
+def inject_parameters(notebook, values: dict) -> None:
+    """As papermill does: after each `parameters` cell, a cell assigning the values of the names that cell sets."""
+    used = set()
+    for cell in parameters_cells(notebook):
+        names = [name for name in values if f"\n{name} = " in f"\n{cell.source}"]
+        assert names, f"a parameters cell sets none of {sorted(values)}:\n{cell.source}"
+        used.update(names)
+        injected = nbformat.v4.new_code_cell("\n".join(f"{name} = {values[name]!r}" for name in names),
+                                             metadata={"tags": ["injected-parameters"]})
+        notebook.cells.insert(notebook.cells.index(cell) + 1, injected)
+    assert used == set(values), f"no parameters cell sets {sorted(set(values) - used)}"
+
+
 def test_notebook_structure():
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(notebook)
@@ -54,24 +71,36 @@ def test_notebook_structure():
         if cell.cell_type == "code":
             assert not cell.get("outputs") and cell.get("execution_count") is None, "the notebook is stored clean"
             assert "!python" not in cell.source, "shell commands must use {sys.executable}, the kernel's own Python"
+    for cell in notebook.cells:
+        assert "NOTEBOOK_" not in cell.source, "settings are plain assignments, not test-only environment variables"
+    smoke_settings, settings = parameters_cells(notebook)
+    assert 'SMOKE_DIR = "outputs/smoke"' in smoke_settings.source
+    assert 'OUTPUT_DIR = "outputs/qlora"' in settings.source
+    assert 'CONFIG = "configs/qlora_t4.yaml"' in settings.source
+    # Each settings cell comes right before the command that uses it (where papermill injects its values).
+    smoke = cell_with(notebook, "finetuning/train_qlora.py --smoke --output_dir {SMOKE_DIR}")
     training = cell_with(notebook, "finetuning/train_qlora.py {CONFIG}")
-    assert 'os.environ.get("NOTEBOOK_OUTPUT_DIR", "outputs/qlora")' in training.source
-    assert '"configs/qlora_t4.yaml"' in training.source
+    assert notebook.cells.index(smoke) == notebook.cells.index(smoke_settings) + 1
+    assert notebook.cells.index(training) == notebook.cells.index(settings) + 1
+    assert "{OUTPUT_DIR}" in training.source and "{EXTRA}" in training.source
 
 
 def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
     output_dir = tmp_path / "qlora"
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    monkeypatch.setenv("NOTEBOOK_OUTPUT_DIR", str(output_dir))
-    monkeypatch.setenv("NOTEBOOK_SMOKE_DIR", str(tmp_path / "smoke"))
-    # Flags after the config win: --logging_steps 1, since the config logs every 10 steps and 4 steps would plot no
-    # loss; a batch of 2 without accumulation, since the config's 4 x 4 makes the CPU run several times slower.
-    monkeypatch.setenv("NOTEBOOK_EXTRA", "--smoke --max_steps 4 --eval_split_ratio 0.25 --logging_steps 1 "
-                       "--per_device_train_batch_size 2 --gradient_accumulation_steps 1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     kernel_name = kernel_for_this_python(tmp_path / "jupyter")
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
+    inject_parameters(notebook, {
+        "SMOKE_DIR": str(tmp_path / "smoke"),
+        "OUTPUT_DIR": str(output_dir),
+        # Flags after the config win: --logging_steps 1, since the config logs every 10 steps and 4 steps would plot
+        # no loss; a batch of 2 without accumulation keeps the CPU run small should the config batch by records
+        # (the T4 config's token batches ignore the first flag and accumulate 1 already).
+        "EXTRA": "--smoke --max_steps 4 --eval_split_ratio 0.25 --logging_steps 1 "
+                 "--per_device_train_batch_size 2 --gradient_accumulation_steps 1",
+    })
     client = nbclient.NotebookClient(
         notebook,
         kernel_name=kernel_name,
