@@ -256,6 +256,7 @@ def kill_runs(tmp_path_factory) -> dict:
     return {"reference": root / "uninterrupted" / "final" / WEIGHTS[KILL_SCRIPT], **outcomes}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_sigkill_at_a_random_moment_then_resume(seed, kill_runs):
     outcome = kill_runs[seed]

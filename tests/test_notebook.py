@@ -85,6 +85,7 @@ def test_notebook_structure():
     assert "{OUTPUT_DIR}" in training.source and "{EXTRA}" in training.source
 
 
+@pytest.mark.slow
 def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
     output_dir = tmp_path / "qlora"
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
