@@ -1,5 +1,5 @@
-"""From formatted records to training batches: the response-only loss mask, length checks, and batches by
-tokens, padded or packed without padding, served by an SFTTrainer subclass."""
+"""From formatted records to training batches: batches by tokens (padded, or packed without padding), and the
+SFTTrainer subclass that serves them."""
 from __future__ import annotations
 
 import bisect
@@ -13,43 +13,8 @@ from trl import SFTTrainer
 
 from arguments import DataArguments
 from common import RunData, formatting_func
-from data import data_source
-from errors import UserInputError
 
 logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------
-# Examples that keep their answers
-# ---------------------------------------------------------------------------
-
-
-def check_trainable_labels(tokenized, collator, source: str) -> None:
-    """After tokenization: every example must keep some answer tokens, or training would see a zero loss."""
-    if collator is None:
-        return
-    template = list(collator.response_token_ids)
-    width = len(template)
-    without = 0
-    for ids in tokenized["input_ids"]:
-        # A template that ends the sequence leaves no answer token after it.
-        found = any(
-            token == template[0] and ids[i : i + width] == template
-            for i, token in enumerate(ids[: len(ids) - width])
-        )
-        if not found:  # the answer was cut off (or there is none): every label would be masked
-            without += 1
-    if without == len(tokenized):
-        raise UserInputError(
-            f"In every example of {source} the answer lies past --max_seq_length (or is missing), so the "
-            "response-only loss would mask every token and train on nothing. Raise --max_seq_length, shorten the "
-            "prompts, or learn the whole text with --completion_only_loss false."
-        )
-    if without:
-        logger.warning(
-            "%d of %d examples lose their whole answer to --max_seq_length and will teach nothing.",
-            without, len(tokenized),
-        )
 
 
 # ---------------------------------------------------------------------------
@@ -226,10 +191,7 @@ def row_fill(lengths: Sequence[int], rows: Sequence[Sequence[int]], row_tokens: 
 
 def build_trainer(model, loaded: RunData, data_args: DataArguments, training_args, callbacks=None,
                   **kwargs) -> SFTTrainer:
-    """trl's SFTTrainer on the records (it formats and tokenizes them), batching by tokens where asked.
-
-    Stops when every tokenized example lost its answer to --max_seq_length.
-    """
+    """trl's SFTTrainer on the records (it formats and tokenizes them), batching by tokens where asked."""
     collator = loaded.collator
     inputs = dict(
         model=model, args=training_args, train_dataset=loaded.records, eval_dataset=loaded.eval_records,
@@ -244,8 +206,6 @@ def build_trainer(model, loaded: RunData, data_args: DataArguments, training_arg
         trainer = SFTTrainer(**inputs)
     else:
         trainer = TokenBudgetSFTTrainer(data_args=data_args, response_collator=collator, **inputs)
-    if not data_args.packing:
-        check_trainable_labels(trainer.train_dataset, collator, data_source(data_args))
     return trainer
 
 

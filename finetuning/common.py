@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -145,17 +146,35 @@ class RunData:
 def load_data_and_tokenizer(model_args: ModelArguments, data_args: DataArguments, report_args: ReportArguments,
                             training_args) -> RunData:
     """The records, then the tokenizer (under --smoke the tiny model is built first, its tokenizer trained on the
-    records) and the loss mask. Stops where every record is longer than --max_seq_length, except in a dry run,
-    whose report shows the lengths."""
+    records) and the loss mask. Stops where every record is longer than --max_seq_length or every answer is cut
+    off, except in a dry run, whose report shows the lengths."""
     records, eval_records = data.load_train_and_eval(data_args, training_args.seed)
+    if data_args.completion_only_loss and not response_only_loss(data_args, records):  # refuses --packing with it
+        logger.info("Plain-text data has no prompt to mask: the loss covers every token.")
     model_path = model_args.model_name_or_path
     if model_args.smoke:
-        model_path = smoke.smoke_model(training_args.output_dir, [format_example(record) for record in records])
+        # A dry run writes nothing under --output_dir: its tiny model goes to a temporary folder.
+        folder = tempfile.mkdtemp(prefix="smoke-dry-run-") if report_args.dry_run else training_args.output_dir
+        model_path = smoke.smoke_model(folder, [format_example(record) for record in records])
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
     collator = completion_only_collator(tokenizer, data_args, records)
     if not report_args.dry_run:
-        check_lengths(records, tokenizer, data_args.max_seq_length, data_source(data_args))
+        check_lengths(records, tokenizer, collator, data_args.max_seq_length, data_source(data_args))
     return RunData(records, eval_records, tokenizer, collator, model_path)
+
+
+def response_only_loss(data_args: DataArguments, records) -> bool:
+    """Whether the loss covers the answers only: asked for, and the records have prompts. Refuses trl's --packing
+    with it."""
+    if not data_args.completion_only_loss or "text" in records.column_names:
+        return False
+    if data_args.packing:
+        raise UserInputError(
+            "--packing cannot be combined with the response-only loss: trl 0.8.6 packs records into fixed-length "
+            "blocks that cut through prompts and answers, and its response-only collator cannot mask them reliably. "
+            "Choose one: --packing with --completion_only_loss false, or no --packing."
+        )
+    return True
 
 
 def completion_only_collator(tokenizer, data_args: DataArguments, records):
@@ -164,16 +183,8 @@ def completion_only_collator(tokenizer, data_args: DataArguments, records):
     The templates are Gemma's turn openings; every token after `<start_of_turn>model`
     up to the next `<start_of_turn>user` is learnt, so multi-turn chats learn every answer.
     """
-    if not data_args.completion_only_loss or "text" in records.column_names:
-        if data_args.completion_only_loss:
-            logger.info("Plain-text data has no prompt to mask: the loss covers every token.")
+    if not response_only_loss(data_args, records):
         return None
-    if data_args.packing:
-        raise UserInputError(
-            "--packing cannot be combined with the response-only loss: trl 0.8.6 packs records into fixed-length "
-            "blocks that cut through prompts and answers, and its response-only collator cannot mask them reliably. "
-            "Choose one: --packing with --completion_only_loss false, or no --packing."
-        )
     return DataCollatorForCompletionOnlyLM(
         response_template=tokenizer.encode(MODEL_TURN_START, add_special_tokens=False),
         instruction_template=tokenizer.encode(USER_TURN.split("{")[0], add_special_tokens=False),
@@ -181,14 +192,20 @@ def completion_only_collator(tokenizer, data_args: DataArguments, records):
     )
 
 
+def token_ids(records, tokenizer) -> list[list[int]]:
+    """Each record as training text, tokenized as trl does (special tokens on), not cut."""
+    return tokenizer([format_example(record) for record in records], add_special_tokens=True)["input_ids"]
+
+
 def token_lengths(records, tokenizer) -> list[int]:
-    texts = [format_example(record) for record in records]
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    return [len(ids) for ids in token_ids(records, tokenizer)]
 
 
-def check_lengths(records, tokenizer, max_seq_length: int, source: str) -> list[int]:
-    """Stop when every record is longer than --max_seq_length; warn how many will be cut otherwise."""
-    lengths = token_lengths(records, tokenizer)
+def check_lengths(records, tokenizer, collator, max_seq_length: int, source: str) -> list[int]:
+    """Stop when every record is longer than --max_seq_length, or every example loses its answer to the cut;
+    warn how many will be cut otherwise."""
+    ids_list = token_ids(records, tokenizer)
+    lengths = [len(ids) for ids in ids_list]
     too_long = sum(length > max_seq_length for length in lengths)
     if too_long == len(lengths):
         raise UserInputError(
@@ -201,7 +218,35 @@ def check_lengths(records, tokenizer, max_seq_length: int, source: str) -> list[
             "%d of %d records are longer than --max_seq_length %d tokens and will be cut.",
             too_long, len(lengths), max_seq_length,
         )
+    if collator is not None:
+        check_answers_kept([ids[:max_seq_length] for ids in ids_list], collator, source)
     return lengths
+
+
+def check_answers_kept(tokenized_ids, collator, source: str) -> None:
+    """Every example, cut to --max_seq_length, must keep some answer tokens, or training would see a zero loss."""
+    template = list(collator.response_token_ids)
+    width = len(template)
+    without = 0
+    for ids in tokenized_ids:
+        # A template that ends the sequence leaves no answer token after it.
+        found = any(
+            token == template[0] and ids[i : i + width] == template
+            for i, token in enumerate(ids[: len(ids) - width])
+        )
+        if not found:  # the answer was cut off (or there is none): every label would be masked
+            without += 1
+    if without == len(tokenized_ids):
+        raise UserInputError(
+            f"In every example of {source} the answer lies past --max_seq_length (or is missing), so the "
+            "response-only loss would mask every token and train on nothing. Raise --max_seq_length, shorten the "
+            "prompts, or learn the whole text with --completion_only_loss false."
+        )
+    if without:
+        logger.warning(
+            "%d of %d examples lose their whole answer to --max_seq_length and will teach nothing.",
+            without, len(tokenized_ids),
+        )
 
 
 def _round_up(length: int) -> int:

@@ -3,7 +3,6 @@
 check each against the stock computation in float32."""
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 

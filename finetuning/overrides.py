@@ -4,7 +4,7 @@
 |---|---|---|---|---|
 | 1 | `Gemma3RMSNorm.forward` of each norm instance: one fused `rms_norm` call; float32 output under fp16 | transformers 4.57 `Gemma3RMSNorm(dim, eps)`, torch >= 2.4 `rms_norm` | about ten element-wise kernels a norm, 157 norms; Gemma 3's residual stream overflows float16 (transformers issue 36822) | tests/test_speed.py::test_fused_rms_norm_*, tests/test_numerics.py (fp16 overflow) |
 | 2 | peft `lora.bnb.Linear4bit.forward` of each layer: `fused.Lora4bitLinear` | peft 0.21, bitsandbytes 0.50 (`torch.ops.bitsandbytes.dequantize_4bit`, `QuantState.absmax/nested/state2/offset`) | one autograd node instead of several; the 4-bit weight dequantized once | tests/test_speed.py::test_fused_lora_4bit_*, tests/test_gpu_real_shapes.py |
-| 3 | an attribute `float32_absmax` written onto each bitsandbytes `QuantState` | bitsandbytes 0.50 | double quantization's scales undone once per frozen layer, not at every call | tests/test_speed.py::test_dequantize_* |
+| 3 | an attribute `float32_absmax` written onto each bitsandbytes `QuantState` | bitsandbytes 0.50 | double quantization's scales undone once per frozen layer, not at every call | tests/test_speed.py::test_one_kernel_dequantization_equals_bitsandbytes |
 | 4 | transformers' `AttentionInterface["sdpa"]`, for the whole process: packed rows go to `torch.ops.aten._flash_attention_forward` / `_efficient_attention_forward` (private), all else to the stock SDPA function | transformers 4.57 `sdpa_attention_forward`; the two aten schemas' argument names | a packed row's records attend only to themselves without a row x row mask | tests/test_speed.py::test_varlen_*, tests/test_gpu_real_shapes.py |
 | 5 | the causal LM's `forward` (instance attribute): the loss from the hidden states in vocabulary chunks (`fused.ChunkedCrossEntropy`) | transformers 4.57 Gemma 3: `model.model` returns `last_hidden_state`, `lm_head` a plain Linear | the 262k-vocabulary logits are a step's largest tensor | tests/test_numerics.py::test_chunked_loss_* |
 | 6 | `torch.backends.cuda.enable_cudnn_sdp(False)`, for the whole process | torch >= 2.5 on Hopper | cuDNN's attention builds a plan per batch shape on the CPU, about 18 ms a call | bench/run_bench.py (speed only; the other SDPA kernels give the same answer) |
@@ -25,8 +25,6 @@ from typing import Callable, Optional
 
 import bitsandbytes.functional as bnb_functional
 import torch
-from bitsandbytes.optim.optimizer import Optimizer2State
-from galore_torch import GaLoreAdamW8bit
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import fused
@@ -49,9 +47,11 @@ try:
 except ImportError:
     AttentionInterface = sdpa_attention_forward = None
 try:
+    from bitsandbytes.optim.optimizer import Optimizer2State
+    from galore_torch import GaLoreAdamW8bit
     from galore_torch.galore_projector import GaLoreProjector
 except ImportError:
-    GaLoreProjector = None
+    Optimizer2State = GaLoreAdamW8bit = GaLoreProjector = None
 
 # The versions each override was written and tested against (version prefixes).
 TESTED = {"transformers": "4.57.", "peft": "0.21.", "bitsandbytes": "0.50.", "galore-torch": "1.0"}
@@ -350,14 +350,18 @@ def use_chunked_loss(causal_lm: torch.nn.Module, chunk_tokens: Optional[int] = N
 def galore_adamw8bit() -> type:
     """GaLoreAdamW8bitFixed where galore-torch and bitsandbytes are the pinned ones, else stock GaLoreAdamW8bit;
     and GaLore's projector allowed in checkpoints (override 8)."""
+    if GaLoreAdamW8bit is None:
+        raise ImportError("galore_torch.GaLoreAdamW8bit could not be imported: pip install -r finetuning/requirements.txt")
     if _found(GaLoreProjector, "GaLoreProjector", "GaLore checkpoints") and _has(
             torch.serialization, ["add_safe_globals"], "GaLore checkpoints"):
         # The optimizer state keeps a GaLoreProjector per weight (plain values and a tensor).
         torch.serialization.add_safe_globals([GaLoreProjector])
     what = "GaLore 8-bit settings by keyword"
-    keywords = inspect.signature(Optimizer2State.__init__).parameters
-    if not (_version_ok("galore-torch", what) and _version_ok("bitsandbytes", what)
-            and {"optim_bits", "is_paged"} <= set(keywords)):
+    if not (_found(Optimizer2State, "bitsandbytes' Optimizer2State", what) and _version_ok("galore-torch", what)
+            and _version_ok("bitsandbytes", what)):
+        return GaLoreAdamW8bit
+    if not {"optim_bits", "is_paged"} <= set(inspect.signature(Optimizer2State.__init__).parameters):
+        logger.warning("%s: Optimizer2State takes no optim_bits/is_paged keywords; using the stock path.", what)
         return GaLoreAdamW8bit
     return _galore_fixed(GaLoreAdamW8bit, Optimizer2State)
 

@@ -7,7 +7,7 @@ import logging
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 

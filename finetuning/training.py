@@ -76,11 +76,27 @@ def plan_output_dir(training_args, smoke: bool = False) -> OutputPlan:
 
     An output dir that holds an earlier run is refused unless --overwrite_output_dir or
     --resume_from_checkpoint says what to do with it: silently mixing two runs' checkpoints is worse.
-    A smoke run replaces only an earlier smoke run, never a run it did not write.
+    A smoke run's folder holds its tiny base model (SMOKE_MODEL_DIR), and only a smoke run's: a real run
+    replaces it together with the rest. So a smoke run replaces or resumes only an earlier smoke run, never a run
+    it did not write, and a real run never resumes a smoke run's checkpoint.
     """
     output_dir = Path(training_args.output_dir)
     plan = OutputPlan(output_dir)
+    earlier = [p.name for p in output_dir.iterdir() if p.name.startswith("checkpoint-") or p.name == FINAL_DIR] \
+        if output_dir.is_dir() else []
+    smoke_folder = (output_dir / SMOKE_MODEL_DIR).is_dir()
+    if smoke and earlier and not smoke_folder:
+        raise UserInputError(
+            f"--output_dir {output_dir} holds a run that --smoke did not write ({', '.join(sorted(earlier)[:4])}); "
+            "a smoke run never replaces or resumes it. Leave out --output_dir (a smoke run has its own folder) or "
+            "choose another."
+        )
     resume = training_args.resume_from_checkpoint
+    if resume is not None and not smoke and smoke_folder:
+        raise UserInputError(
+            f"--resume_from_checkpoint {resume}: {output_dir} holds a --smoke run (a tiny random model), not a run "
+            "of this model. Start a new run in another --output_dir."
+        )
     if resume is not None and str(resume).lower() in RESUME_LATEST:
         plan.resume_from = latest_complete_checkpoint(output_dir)
         if plan.resume_from is None:
@@ -98,36 +114,26 @@ def plan_output_dir(training_args, smoke: bool = False) -> OutputPlan:
             )
         plan.resume_from = str(resume)
         return plan
-    earlier = _earlier_run(output_dir)
-    if not earlier:
-        return plan
-    if smoke and not (output_dir / SMOKE_MODEL_DIR).is_dir():
+    if not smoke and smoke_folder:
+        earlier.append(SMOKE_MODEL_DIR)
+    if earlier and not training_args.overwrite_output_dir:
         raise UserInputError(
-            f"--output_dir {output_dir} holds a run that --smoke did not write ({', '.join(p.name for p in earlier[:4])}); "
-            "a smoke run never replaces it. Leave out --output_dir (a smoke run has its own folder) or choose another."
-        )
-    if not training_args.overwrite_output_dir:
-        raise UserInputError(
-            f"--output_dir {output_dir} already holds an earlier run ({', '.join(p.name for p in earlier[:4])}). "
+            f"--output_dir {output_dir} already holds an earlier run ({', '.join(sorted(earlier)[:4])}). "
             "Continue it with --resume_from_checkpoint latest, start over with --overwrite_output_dir, "
             "or choose another --output_dir."
         )
-    plan.replaces = earlier
+    if output_dir.is_dir() and training_args.overwrite_output_dir:
+        # A smoke run keeps the tiny model it has just built; a real run replaces a smoke run's whole folder.
+        names = (FINAL_DIR, f".{FINAL_DIR}.partial", MERGED_DIR) + (() if smoke else (SMOKE_MODEL_DIR,))
+        plan.replaces = sorted((p for p in output_dir.iterdir() if p.is_dir() and (
+            p.name.startswith("checkpoint-") or p.name in names)), key=lambda p: p.name)
     return plan
-
-
-def _earlier_run(output_dir: Path) -> list:
-    if not output_dir.is_dir():
-        return []
-    names = (FINAL_DIR, f".{FINAL_DIR}.partial", MERGED_DIR)
-    return sorted((p for p in output_dir.iterdir() if p.is_dir() and (p.name.startswith("checkpoint-") or p.name in names)),
-                  key=lambda p: p.name)
 
 
 def clear_earlier_run(plan: OutputPlan) -> None:
     """--overwrite_output_dir: delete the earlier run's checkpoints and models, right before training starts."""
     for path in plan.replaces:
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path)
     if plan.replaces:
         logger.info("--overwrite_output_dir: removed the earlier run's %s", ", ".join(p.name for p in plan.replaces))
 
@@ -170,6 +176,10 @@ def train(trainer, output: Optional[OutputPlan] = None):
     resume_from_checkpoint = output.resume_from if output is not None else None
     trainer.add_callback(StopOnNonFiniteLoss())
     args = trainer.args
+    if args.logging_nan_inf_filter:
+        # The filter logs a NaN step's loss as the running average (0.0 at the first step): the guard would miss it.
+        logger.warning("--logging_nan_inf_filter is turned off: it would hide a NaN loss from the NaN guard.")
+        args.logging_nan_inf_filter = False
     try:
         return trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     except torch.OutOfMemoryError as e:

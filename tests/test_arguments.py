@@ -10,7 +10,6 @@ import common
 import arguments
 import data
 import errors
-import training
 import train_galore
 import train_qlora
 

@@ -23,7 +23,6 @@ import transformers
 from conftest import PLANTED_TOKEN
 import common
 import arguments
-import data
 import errors
 import training
 import versions
@@ -233,14 +232,30 @@ def test_a_smoke_run_never_takes_a_config_files_output_dir(tmp_path, monkeypatch
                                        for f in ("checkpoint-1200", "final")}
 
 
-def test_a_smoke_run_never_replaces_a_run_it_did_not_write(tmp_path):
+def test_a_smoke_run_never_replaces_nor_resumes_a_run_it_did_not_write(tmp_path):
     out = tmp_path / "out"
     (out / "final").mkdir(parents=True)
     args = transformers.TrainingArguments(output_dir=str(out), overwrite_output_dir=True, report_to=[])
     with pytest.raises(errors.UserInputError, match="--smoke did not write"):
         training.plan_output_dir(args, smoke=True)
+    resume = transformers.TrainingArguments(output_dir=str(out), resume_from_checkpoint="latest", report_to=[])
+    with pytest.raises(errors.UserInputError, match="--smoke did not write"):
+        training.plan_output_dir(resume, smoke=True)
     (out / "smoke_base_model").mkdir()  # an earlier smoke run: the next one replaces it
     assert training.plan_output_dir(args, smoke=True).replaces == [out / "final"]
+
+
+def test_a_real_run_replaces_a_smoke_runs_whole_folder_and_never_resumes_it(tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (out / "smoke_base_model").mkdir()
+    resume = transformers.TrainingArguments(output_dir=str(out), resume_from_checkpoint="latest", report_to=[])
+    with pytest.raises(errors.UserInputError, match="holds a --smoke run"):
+        training.plan_output_dir(resume)
+    overwrite = transformers.TrainingArguments(output_dir=str(out), overwrite_output_dir=True, report_to=[])
+    # With the tiny model gone too, a later smoke run cannot take the real run's checkpoints for its own.
+    assert training.plan_output_dir(overwrite).replaces == [out / "checkpoint-2", out / "smoke_base_model"]
 
 
 @pytest.mark.parametrize("leftover", ["checkpoint-7", "final"])
@@ -285,6 +300,7 @@ def test_earlier_run_is_resumed_with_resume_from_checkpoint_latest(earlier_run, 
 def test_resume_latest_with_no_checkpoint(tmp_path, caplog):
     out = tmp_path / "out"
     (out / "checkpoint-3").mkdir(parents=True)  # incomplete
+    (out / "smoke_base_model").mkdir()  # an earlier smoke run's folder, which a smoke run may resume
     message = fails_cleanly(train_qlora, smoke_argv(out, "--resume_from_checkpoint", "latest"), caplog, out)
     assert "no complete checkpoint" in message and str(out) in message and "--resume_from_checkpoint" in message
 

@@ -5,7 +5,6 @@ import galore_torch
 import pytest
 import torch
 
-import train_galore
 import overrides
 
 LR, STEPS, RANK = 1e-3, 5, 8

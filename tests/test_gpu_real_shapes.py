@@ -83,7 +83,6 @@ def test_galore_8bit_moves_like_32bit_reference_on_real_shapes():
     """The real 8-bit blockwise path (states above bitsandbytes' 4,096-element threshold), Gemma's MLP shape."""
     from galore_torch import GaLoreAdamW
 
-    import train_galore
 
     def relative_change(optimizer_class):
         torch.manual_seed(0)

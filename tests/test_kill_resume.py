@@ -21,7 +21,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
 import training
 import versions
 import train_galore

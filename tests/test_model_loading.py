@@ -66,6 +66,15 @@ def test_quantized_model_has_nf4_linear_layers(tiny_model_dir):
     assert not isinstance(model.lm_head, bnb.nn.Linear4bit), "lm_head is skipped from quantization"
     assert model.config.use_cache is False
 
+    from peft import get_peft_model
+
+    lora = get_peft_model(model, train_qlora.LoraArguments().peft_config())
+    wrapped = [name for name, m in lora.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(wrapped) == len(four_bit) and all(name.endswith(".base_layer") for name in wrapped), \
+        "LoRA wraps each 4-bit layer"
+    trainable = [name for name, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+
 
 def galore_args(**overrides):
     return train_galore.GaloreArguments(**{"galore_rank": 8, **overrides})

@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-import common
 import overrides
 
 

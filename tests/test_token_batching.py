@@ -6,7 +6,6 @@ import random
 import pytest
 from safetensors.torch import load_file
 
-import common
 import arguments
 import batching
 import errors

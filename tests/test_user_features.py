@@ -159,7 +159,7 @@ def test_dry_run_loads_no_model_and_reports(tmp_path, caplog, monkeypatch):
                              "--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "5"])) is None
     report = caplog.text
     assert "⟦" in report and "Effective batch size: 15" in report and "95th percentile" in report
-    assert not (tmp_path / "out" / "final").exists()
+    assert not (tmp_path / "out").exists(), "a dry run writes nothing under --output_dir, not even its tiny model"
 
 
 def test_tensorboard_is_used_when_installed(monkeypatch):

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import common
-import train_galore
 import data
 import errors
 import versions
