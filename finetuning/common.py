@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import DataCollatorForCompletionOnlyLM
 
 import data
@@ -256,6 +256,14 @@ def _round_up(length: int) -> int:
 # ---------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------
+
+
+def load_config(model_path: str, trust_remote_code: bool = False) -> transformers.PretrainedConfig:
+    """The model's config.json alone: its shapes, before any weight loads."""
+    try:
+        return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserInputError(_model_not_found_message(model_path, e)) from e
 
 
 def load_causal_lm(model_path: str, trust_remote_code: bool, **kwargs):

@@ -19,6 +19,7 @@ import versions
 versions.exit_on_wrong_versions()  # before torch/transformers/trl load, so a wrong version is one clear message
 
 import torch  # noqa: E402
+from accelerate import init_empty_weights  # noqa: E402
 from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 from trl import SFTTrainer  # noqa: E402
 
@@ -84,6 +85,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
         return None
 
     # ===== Load model: every weight trainable; GaLore for the attention and MLP matrices =====
+    check_galore_targets(loaded.model_path, galore_args, model_args.trust_remote_code)
     if not model_args.smoke:
         torch.cuda.empty_cache()  # a notebook's earlier run may still hold cached blocks
     model = load_model(loaded.model_path, precision, model_args.attn_implementation, model_args.trust_remote_code)
@@ -124,8 +126,8 @@ def load_model(model_path: str, precision: common.Precision, attn_implementation
     return model.to("cpu" if precision.name == "fp32" else "cuda")
 
 
-def build_optimizer(model, galore_args: GaloreArguments, training_args):
-    """GaLore for the 2-D weights of the target linear layers; plain 8-bit AdamW for embeddings and norms."""
+def projected_weights(model, galore_args: GaloreArguments) -> list:
+    """The 2-D weights GaLore projects: the linear layers under --galore_target_modules, each wider than the rank."""
     targets = [t.strip() for t in galore_args.galore_target_modules.split(",") if t.strip()]
     projected = []
     for module_name, module in model.named_modules():
@@ -142,6 +144,19 @@ def build_optimizer(model, galore_args: GaloreArguments, training_args):
             f"--galore_target_modules {galore_args.galore_target_modules!r} matches no linear layer of the model. "
             "Gemma 3's are under 'self_attn' and 'mlp'."
         )
+    return projected
+
+
+def check_galore_targets(model_path: str, galore_args: GaloreArguments, trust_remote_code: bool) -> None:
+    """--galore_rank and --galore_target_modules against the model's shapes, from its config alone (no weights)."""
+    with init_empty_weights():
+        projected_weights(AutoModelForCausalLM.from_config(common.load_config(model_path, trust_remote_code)),
+                          galore_args)
+
+
+def build_optimizer(model, galore_args: GaloreArguments, training_args):
+    """GaLore for the 2-D weights of the target linear layers; plain 8-bit AdamW for embeddings and norms."""
+    projected = projected_weights(model, galore_args)
     projected_ids = {id(p) for p in projected}
     regular = [p for p in model.parameters() if p.requires_grad and id(p) not in projected_ids]
     optimizer_class = overrides.galore_adamw8bit()
