@@ -270,20 +270,21 @@ def test_record_bounds_cover_every_record_and_the_padding():
 
 
 def varlen_against_masked(device: str, dtype, sliding_window: int, lengths=(300, 700, 24, 1000)):
-    """Loss and gradients of one packed batch through the variable-length kernels and through SDPA with a mask."""
+    """Loss and gradients of one packed batch: SDPA with a mask in float32 (the reference), then in `dtype`, then
+    through the variable-length kernels in `dtype`."""
     model = small_gemma(layers=2, sliding_window=sliding_window).to(device)
     torch.manual_seed(4)
     records = [torch.randint(3, 300, (n,)).tolist() for n in lengths]
     rows = batching.packed_rows([{"input_ids": r} for r in records], records, batching.pack_into_rows(list(lengths), 1024))
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batching.pad_rows(0, 1024)(rows).items()}
+    masked = {k: v for k, v in batch.items() if not k.startswith(("cu_seq", "max_length"))}
     results = []
-    for varlen in (False, True):
+    for varlen, autocast in ((False, False), (False, True), (True, True)):
         copy_ = copy.deepcopy(model)
         if varlen:
             overrides.use_varlen_attention()
-        inputs = batch if varlen else {k: v for k, v in batch.items() if not k.startswith(("cu_seq", "max_length"))}
-        with torch.autocast(device, dtype=dtype):
-            loss = copy_(**inputs).loss
+        with torch.autocast(device, dtype=dtype, enabled=autocast):
+            loss = copy_(**(batch if varlen else masked)).loss
         loss.backward()
         results.append((loss.detach().float(), {n: p.grad.float() for n, p in copy_.named_parameters()}))
     return results
@@ -295,11 +296,18 @@ def varlen_against_masked(device: str, dtype, sliding_window: int, lengths=(300,
 def test_varlen_attention_matches_masked_sdpa_on_the_gpu(sliding_window, gpu, monkeypatch):
     if gpu == "T4":  # no flash attention: the memory-efficient kernel, or the mask where a window applies
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    (masked_loss, masked_grads), (varlen_loss, varlen_grads) = varlen_against_masked("cuda", torch.bfloat16, sliding_window)
+    (_, reference), (masked_loss, masked_grads), (varlen_loss, varlen_grads) = varlen_against_masked(
+        "cuda", torch.bfloat16, sliding_window)
     torch.testing.assert_close(varlen_loss, masked_loss, rtol=1e-3, atol=0)
-    for name, grad in masked_grads.items():
-        # Two bf16 kernels that sum in different orders: relative to the gradient's size, not element by element.
-        assert float((varlen_grads[name] - grad).norm() / grad.norm().clamp_min(1e-12)) < 2e-2, name
+    for name, exact in reference.items():
+        # Both paths round in bf16 and sum in different orders (flash attention's backward also in a different
+        # order each run): each gradient's error against float32, relative to its size, may be at most 1.5 times
+        # the masked bf16 path's, plus a little.
+        def error(grad):
+            return float((grad - exact).norm() / exact.norm().clamp_min(1e-12))
+
+        assert error(varlen_grads[name]) <= 1.5 * error(masked_grads[name]) + 5e-3, (
+            name, error(varlen_grads[name]), error(masked_grads[name]))
 
 
 def test_fused_rms_norm_in_bfloat16_stays_within_bfloat16_rounding():
