@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
-from errors import SetupError, TrainingFailed, UserInputError
+from errors import Interrupted, SetupError, TrainingFailed, UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -332,4 +332,7 @@ def run_cli(parse: Callable[[Sequence[str]], tuple], main: Callable[..., Any], a
     except (UserInputError, SetupError, TrainingFailed) as e:
         logger.error("%s", e)
         return 2
+    except Interrupted as e:
+        logger.error("%s", e)
+        return e.exit_code
     return 0

@@ -14,3 +14,14 @@ class SetupError(RuntimeError):
 
 class TrainingFailed(RuntimeError):
     """Training cannot go on (NaN loss, out of memory, full disk); the message says what to change and what was saved."""
+
+
+class Interrupted(RuntimeError):
+    """Training was stopped from outside (Ctrl-C, SIGTERM); the message says where and how to resume.
+
+    `exit_code` is the shell's convention for the signal: 130 for Ctrl-C (SIGINT), 143 for SIGTERM.
+    """
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
