@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import transformers
+from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import DataCollatorForCompletionOnlyLM
 
@@ -102,7 +103,18 @@ def formatting_func(examples: Mapping[str, Any]) -> "list[str] | str":
 # ---------------------------------------------------------------------------
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
 def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False) -> transformers.PreTrainedTokenizerBase:
+    folder = Path(model_name_or_path)
+    if folder.is_dir() and (folder / "config.json").is_file() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        # transformers would fall back to converting a SentencePiece model and fail with an unrelated ImportError.
+        raise UserInputError(
+            f"--model_name_or_path {model_name_or_path}: the folder holds a model but no tokenizer "
+            f"({' or '.join(TOKENIZER_FILES)}). Copy the tokenizer files of the model it came from (tokenizer.json, "
+            "tokenizer_config.json, special_tokens_map.json) into it, or save them with tokenizer.save_pretrained."
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # ValueError: a malformed hub id, or a folder with no config.json
@@ -157,9 +169,15 @@ def load_data_and_tokenizer(model_args: ModelArguments, data_args: DataArguments
         folder = tempfile.mkdtemp(prefix="smoke-dry-run-") if report_args.dry_run else training_args.output_dir
         model_path = smoke.smoke_model(folder, [format_example(record) for record in records])
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
+    context = load_config(model_path, model_args.trust_remote_code).max_position_embeddings
+    if data_args.max_seq_length > context:
+        raise UserInputError(
+            f"--max_seq_length {data_args.max_seq_length} is longer than the model's context of {context} tokens "
+            f"(max_position_embeddings in {model_path}'s config.json). Use at most {context}."
+        )
     collator = completion_only_collator(tokenizer, data_args, records)
     if not report_args.dry_run:
-        check_lengths(records, tokenizer, collator, data_args.max_seq_length, data_source(data_args))
+        check_lengths(records, tokenizer, collator, data_args.max_seq_length, data_source(data_args), context)
     return RunData(records, eval_records, tokenizer, collator, model_path)
 
 
@@ -201,17 +219,20 @@ def token_lengths(records, tokenizer) -> list[int]:
     return [len(ids) for ids in token_ids(records, tokenizer)]
 
 
-def check_lengths(records, tokenizer, collator, max_seq_length: int, source: str) -> list[int]:
+def check_lengths(records, tokenizer, collator, max_seq_length: int, source: str, context: int = 32768) -> list[int]:
     """Stop when every record is longer than --max_seq_length, or every example loses its answer to the cut;
     warn how many will be cut otherwise."""
     ids_list = token_ids(records, tokenizer)
     lengths = [len(ids) for ids in ids_list]
     too_long = sum(length > max_seq_length for length in lengths)
     if too_long == len(lengths):
+        # Never suggest more than the model's context: past it the model has no positions for the tokens.
+        fix = (f"Raise --max_seq_length (e.g. --max_seq_length {_round_up(min(lengths))}) or shorten the records."
+               if _round_up(min(lengths)) <= context else
+               f"Shorten the records: even the shortest is past the model's context of {context} tokens.")
         raise UserInputError(
             f"Every record of {source} is longer than --max_seq_length {max_seq_length} tokens (the shortest has "
-            f"{min(lengths)}): each would be cut, most answers lost. Raise --max_seq_length "
-            f"(e.g. --max_seq_length {_round_up(min(lengths))}) or shorten the records."
+            f"{min(lengths)}): each would be cut, most answers lost. {fix}"
         )
     if too_long:
         logger.warning(
@@ -264,6 +285,17 @@ def load_config(model_path: str, trust_remote_code: bool = False) -> transformer
         return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserInputError(_model_not_found_message(model_path, e)) from e
+
+
+def empty_model(model_path: str, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model's modules and shapes from its config, with no weights in memory: for checks before it loads."""
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(load_config(model_path, trust_remote_code))
+
+
+def linear_layer_names(model: torch.nn.Module) -> set:
+    """The last name part of every linear layer (q_proj, ...), as LoRA's and GaLore's target flags name them."""
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def load_causal_lm(model_path: str, trust_remote_code: bool, **kwargs):

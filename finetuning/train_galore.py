@@ -14,12 +14,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import noise
 import versions
 
 versions.exit_on_wrong_versions()  # before torch/transformers/trl load, so a wrong version is one clear message
+noise.silence()  # before bitsandbytes loads: it warns at import
 
 import torch  # noqa: E402
-from accelerate import init_empty_weights  # noqa: E402
 from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 from trl import SFTTrainer  # noqa: E402
 
@@ -149,9 +150,7 @@ def projected_weights(model, galore_args: GaloreArguments) -> list:
 
 def check_galore_targets(model_path: str, galore_args: GaloreArguments, trust_remote_code: bool) -> None:
     """--galore_rank and --galore_target_modules against the model's shapes, from its config alone (no weights)."""
-    with init_empty_weights():
-        projected_weights(AutoModelForCausalLM.from_config(common.load_config(model_path, trust_remote_code)),
-                          galore_args)
+    projected_weights(common.empty_model(model_path, trust_remote_code), galore_args)
 
 
 def build_optimizer(model, galore_args: GaloreArguments, training_args):

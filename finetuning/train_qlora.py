@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import noise
 import versions
 
 versions.exit_on_wrong_versions()  # before torch/transformers/trl load, so a wrong version is one clear message
+noise.silence()  # before bitsandbytes loads: it warns at import
 
 import torch  # noqa: E402
 from peft import AutoPeftModelForCausalLM, LoraConfig  # noqa: E402
@@ -101,6 +103,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
         return None
 
     # ===== Load model: 4-bit NF4 base weights =====
+    check_lora_targets(loaded.model_path, lora_args, model_args.trust_remote_code)
     model = load_quantized_model(loaded.model_path, precision, model_args.attn_implementation,
                                  model_args.trust_remote_code)
 
@@ -127,6 +130,19 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
     if model_args.smoke:
         reports.check_saved_model(AutoPeftModelForCausalLM.from_pretrained, final, loaded, report_args, "adapter")
     return trainer
+
+
+def check_lora_targets(model_path: str, lora_args: LoraArguments, trust_remote_code: bool) -> None:
+    """Every name in --lora_target_modules names linear layers of the model, from its config alone (no weights)."""
+    if lora_args.lora_target_modules == "all-linear":
+        return
+    available = common.linear_layer_names(common.empty_model(model_path, trust_remote_code)) - {"lm_head"}
+    unknown = [t for t in lora_args.peft_config().target_modules if t not in available]
+    if unknown:
+        raise UserInputError(
+            f"--lora_target_modules {lora_args.lora_target_modules!r}: {', '.join(sorted(unknown))} names no linear "
+            f"layer of the model. Its linear layers are {', '.join(sorted(available))}; or use all-linear."
+        )
 
 
 def load_quantized_model(model_path: str, precision: common.Precision, attn_implementation: str,

@@ -39,6 +39,18 @@ def test_both_train_the_requested_steps_with_finite_loss_and_pass_the_smoke_chec
         assert b"Smoke run passed" in run.output
 
 
+def test_start_up_prints_no_library_noise(finished_runs):
+    import noise
+
+    for run in finished_runs.values():
+        text = run.output.decode(errors="replace")
+        for message in ["Failed to load CPU gemm_4bit_forward", "`tokenizer` is deprecated",
+                        "The tokenizer has new PAD/BOS/EOS tokens", "mtime may not be reliable"]:
+            assert message not in text, message
+        assert "Traceback" not in text
+    assert len(noise.LOGGED) + len(noise.WARNED) == 4, "a silenced message without a check here"
+
+
 # --- QLoRA --------------------------------------------------------------------
 
 
