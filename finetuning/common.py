@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+from urllib.parse import urlparse
 
+import huggingface_hub
 import torch
 import transformers
 from accelerate import init_empty_weights
@@ -106,7 +109,28 @@ def formatting_func(examples: Mapping[str, Any]) -> "list[str] | str":
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
+def check_hub_reachable(model_name_or_path: str, timeout_s: float = 3.0) -> None:
+    """A hub id that is neither cached here nor reachable fails at once, not after half a minute of retries."""
+    if Path(model_name_or_path).exists() or huggingface_hub.constants.HF_HUB_OFFLINE:
+        return
+    try:
+        if huggingface_hub.try_to_load_from_cache(model_name_or_path, "config.json") is not None:
+            return
+    except ValueError:  # not a valid hub id: from_pretrained says so itself
+        return
+    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError as e:
+        raise UserInputError(
+            f"--model_name_or_path {model_name_or_path!r} is a hub id, and {host} cannot be reached from this machine "
+            f"({e}). Check the network, or point --model_name_or_path at a local folder. To check your data and the "
+            "whole pipeline offline, add --smoke (with --dry_run: the data and the batches only)."
+        ) from e
+
+
 def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False) -> transformers.PreTrainedTokenizerBase:
+    check_hub_reachable(model_name_or_path)
     folder = Path(model_name_or_path)
     if folder.is_dir() and (folder / "config.json").is_file() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         # transformers would fall back to converting a SentencePiece model and fail with an unrelated ImportError.

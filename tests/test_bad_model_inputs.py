@@ -76,3 +76,22 @@ def test_a_model_folder_without_tokenizer_files(script, tiny_model_dir, tmp_path
         monkeypatch)
     assert "holds a model but no tokenizer" in message and "tokenizer.json" in message and str(folder) in message
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_hub_fails_at_once_and_names_the_offline_check(tmp_path, caplog, monkeypatch):
+    import socket
+    import time
+
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the tests set it; a user has not
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    started = time.monotonic()
+    message = fails_before_the_model_loads(train_qlora, ["--dry_run", "--output_dir", tmp_path / "out"], caplog,
+                                           monkeypatch)
+    assert time.monotonic() - started < 10, "no retries"
+    assert "google/gemma-3-1b-it" in message and "cannot be reached" in message and "--smoke" in message
+    assert "--dry_run" in message
