@@ -109,7 +109,17 @@ def formatting_func(examples: Mapping[str, Any]) -> "list[str] | str":
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
-def check_hub_reachable(model_name_or_path: str, timeout_s: float = 3.0) -> None:
+def hub_unreachable(timeout_s: float = 3.0):
+    """None where the hub answers a connection; otherwise (its host, the error)."""
+    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError as e:
+        return host, e
+    return None
+
+
+def check_hub_reachable(model_name_or_path: str) -> None:
     """A hub id that is neither cached here nor reachable fails at once, not after half a minute of retries."""
     if Path(model_name_or_path).exists() or huggingface_hub.constants.HF_HUB_OFFLINE:
         return
@@ -118,15 +128,14 @@ def check_hub_reachable(model_name_or_path: str, timeout_s: float = 3.0) -> None
             return
     except ValueError:  # not a valid hub id: from_pretrained says so itself
         return
-    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
-    except OSError as e:
+    unreachable = hub_unreachable()
+    if unreachable:
+        host, error = unreachable
         raise UserInputError(
             f"--model_name_or_path {model_name_or_path!r} is a hub id, and {host} cannot be reached from this machine "
-            f"({e}). Check the network, or point --model_name_or_path at a local folder. To check your data and the "
-            "whole pipeline offline, add --smoke (with --dry_run: the data and the batches only)."
-        ) from e
+            f"({error}). Check the network, or point --model_name_or_path at a local folder. To check your data and "
+            "the whole pipeline offline, add --smoke (with --dry_run: the data and the batches only)."
+        ) from error
 
 
 def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False) -> transformers.PreTrainedTokenizerBase:
@@ -412,6 +421,13 @@ def check_run(model_args: ModelArguments, data_args: DataArguments, report_args:
     Returns (training arguments with the precision set, the precision, the output plan; None for a dry run).
     """
     check_arguments(model_args, data_args, training_args)
+    unreachable = training_args.push_to_hub and not report_args.dry_run and hub_unreachable()
+    if unreachable:
+        raise UserInputError(
+            f"--push_to_hub: {unreachable[0]} cannot be reached from this machine ({unreachable[1]}), so the trained "
+            "model could not be pushed. Check the network, or leave out --push_to_hub: the model is saved in "
+            "--output_dir either way, and can be pushed later with huggingface-cli upload."
+        ) from unreachable[1]
     if model_args.smoke:
         training_args = smoke_settings(training_args)
     elif not report_args.dry_run:

@@ -95,3 +95,15 @@ def test_an_unreachable_hub_fails_at_once_and_names_the_offline_check(tmp_path, 
     assert time.monotonic() - started < 10, "no retries"
     assert "google/gemma-3-1b-it" in message and "cannot be reached" in message and "--smoke" in message
     assert "--dry_run" in message
+
+
+def test_push_to_hub_without_a_network_is_refused_before_anything_loads(tmp_path, caplog, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    message = fails_before_the_model_loads(train_galore, smoke(tmp_path / "out", "--push_to_hub"), caplog, monkeypatch)
+    assert "--push_to_hub" in message and "cannot be reached" in message and "--output_dir" in message
+    assert not (tmp_path / "out").exists()
