@@ -6,9 +6,11 @@ roles; plain text stays `text`. Every problem names the file, the record and the
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -25,6 +27,17 @@ DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parque
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                   "system": "system"}
 CHAT_ROLES = {"user": "user", "assistant": "assistant", "model": "assistant", "system": "system"}
+TRAIN_FLAG, EVAL_FLAG = "--dataset_name", "--eval_file"
+# (byte-order mark, codec that checks the bytes after it, codec that reads the file and drops it). UTF-32 LE first:
+# its mark starts with UTF-16 LE's.
+BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le", "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32-be", "utf-32"),
+    (codecs.BOM_UTF8, "utf-8", "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16-le", "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16-be", "utf-16"),
+)
+CHUNK_BYTES = 1 << 20
 
 
 def data_source(data_args: DataArguments) -> str:
@@ -37,37 +50,55 @@ def load_train_and_eval(data_args: DataArguments, seed: int):
     records = load_records(data_args)
     if data_args.eval_file:
         eval_args = dataclasses.replace(data_args, dataset_name=data_args.eval_file, max_train_samples=None)
-        return records, load_records(eval_args)
+        return records, load_records(eval_args, flag=EVAL_FLAG)
     if data_args.eval_split_ratio:
-        if len(records) < 2:
-            raise UserInputError("--eval_split_ratio needs at least 2 records to split.")
-        split = records.train_test_split(test_size=data_args.eval_split_ratio, seed=seed)
+        ratio, total = data_args.eval_split_ratio, len(records)
+        # datasets' own rounding, so the split is the one it would make: any ratio above 0 holds out a record.
+        held_out = math.ceil(ratio * total)
+        if held_out >= total:
+            fix = (
+                f"Use --eval_split_ratio {math.floor((total - 1) / total * 100) / 100} or less (typical: 0.05)"
+                if total >= 2 else "Add records (a split needs at least 2)"
+            )
+            raise UserInputError(
+                f"--eval_split_ratio {ratio} holds out {held_out} of the {total} records of {data_source(data_args)} "
+                f"for evaluation, which leaves {total - held_out} to train on. {fix}, or give the evaluation "
+                "records in their own file with --eval_file."
+            )
+        split = records.train_test_split(test_size=held_out, seed=seed)
         logger.info("Held out %d of %d records for evaluation.", len(split["test"]), len(records))
         return split["train"], split["test"]
     return records, None
 
 
-
-def load_records(data_args: DataArguments) -> "datasets.Dataset":
+def load_records(data_args: DataArguments, flag: str = TRAIN_FLAG) -> "datasets.Dataset":
     """The training records, checked and in one of three shapes the formatting function knows.
 
     Alpaca records keep instruction/input/output; chat (`messages` of role/content) and
     ShareGPT (`conversations` of from/value) become `messages` with user/assistant roles;
-    plain text stays `text`. Column names come from the --*_column flags.
+    plain text stays `text`. Column names come from the --*_column flags. `flag` is the flag
+    that named the file (--dataset_name, or --eval_file), for the messages.
     """
-    source = data_source(data_args)
-    records = _read_records(data_args)
+    # Messages about the eval file must say so: its records are checked by the same code.
+    source = data_source(data_args) if flag == TRAIN_FLAG else f"{data_args.dataset_name} ({flag})"
+    records = _read_records(data_args, flag, source)
     records = [_rename_columns(record, data_args) for record in records]
     data_format = detect_format(records, data_args.data_format, source)
     if data_format == "alpaca":
-        validate_records(records, source)
+        validate_records(records, source, _column_names(data_args))
         columns = (INSTRUCTION_FIELD, INPUT_FIELD, OUTPUT_FIELD)
     elif data_format in ("chat", "sharegpt"):
         records = [{"messages": _normalise_conversation(r, i, source, data_format)} for i, r in enumerate(records)]
         columns = ("messages",)
     else:
         for index, record in enumerate(records):
-            _require_string(record.get("text"), "text", index, source)
+            if "text" not in record:
+                raise UserInputError(
+                    f"Record {index} of {source} has no {data_args.text_column!r} field (fields: {sorted(record)}). "
+                    "Plain-text records need one; --text_column names a column of another name."
+                )
+            if record["text"] is not None:  # null is blank: drop_empty_records skips it
+                _require_string(record["text"], "text", index, source)
         columns = ("text",)
     records = drop_empty_records(records, source)
     # Columns named explicitly: from_list would take them from the first record alone.
@@ -78,27 +109,32 @@ def load_records(data_args: DataArguments) -> "datasets.Dataset":
     return dataset
 
 
-def _read_records(data_args: DataArguments) -> list[dict]:
-    source = data_args.dataset_name
-    if source is None:
-        return _read_json_records(DEFAULT_DATASET_FILE)
-    path = Path(source)
+def _read_records(data_args: DataArguments, flag: str, source: str) -> list[dict]:
+    name = data_args.dataset_name
+    record_fields = _record_fields(data_args)
+    if name is None:
+        return _read_json_records(DEFAULT_DATASET_FILE, flag, record_fields)
+    path = Path(name)
     if path.suffix.lower() in DATA_FILE_BUILDERS or path.exists():
-        _check_local_file(path)
-        if path.suffix.lower() in (".json", ".jsonl"):
+        _check_local_file(path, flag)
+        suffix = path.suffix.lower()
+        if suffix in (".json", ".jsonl"):
             # Parsed here rather than by datasets' Arrow reader, whose errors name neither
             # the line nor the field, and which fails on a number among strings.
-            return _read_json_records(path)
+            return _read_json_records(path, flag, record_fields)
+        # Checked here: datasets' CSV reader says only "An error occurred while generating the dataset".
+        encoding = _text_encoding(path, flag) if suffix == ".csv" else None
+        options = {"encoding": encoding} if encoding else {}
         try:
-            dataset = datasets.load_dataset(DATA_FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+            dataset = datasets.load_dataset(DATA_FILE_BUILDERS[suffix], data_files=str(path), split="train", **options)
         except Exception as e:  # noqa: BLE001 - pyarrow and pandas raise many unrelated types for a bad file
-            raise UserInputError(f"--dataset_name: {path} could not be read as {path.suffix[1:]}: {e}") from e
+            raise UserInputError(f"{flag}: {path} could not be read as {path.suffix[1:]}: {e}") from e
     else:
         try:
-            dataset = datasets.load_dataset(source, split=data_args.dataset_split)
+            dataset = datasets.load_dataset(name, split=data_args.dataset_split)
         except (FileNotFoundError, ConnectionError, ValueError, OSError) as e:
             raise UserInputError(
-                f"--dataset_name {source!r} is neither a local file nor a data set that could be loaded from the "
+                f"{flag} {name!r} is neither a local file nor a data set that could be loaded from the "
                 f"hub ({type(e).__name__}: {e}). Give a path to a .json/.jsonl/.csv/.parquet file, or a hub id "
                 "such as yahma/alpaca-cleaned."
             ) from e
@@ -107,15 +143,31 @@ def _read_records(data_args: DataArguments) -> list[dict]:
     return dataset.to_list()
 
 
-def _rename_columns(record: dict, data_args: DataArguments) -> dict:
-    mapping = {
-        data_args.instruction_column: INSTRUCTION_FIELD,
-        data_args.input_column: INPUT_FIELD,
-        data_args.output_column: OUTPUT_FIELD,
-        data_args.messages_column: "messages",
-        data_args.text_column: "text",
+def _column_names(data_args: DataArguments) -> dict[str, str]:
+    """Each field's column in the user's data, as the --*_column flags name it."""
+    return {
+        INSTRUCTION_FIELD: data_args.instruction_column,
+        INPUT_FIELD: data_args.input_column,
+        OUTPUT_FIELD: data_args.output_column,
+        "messages": data_args.messages_column,
+        "text": data_args.text_column,
     }
-    return {mapping.get(key, key): value for key, value in record.items()}
+
+
+def _record_fields(data_args: DataArguments) -> frozenset:
+    """Field names that mark an object as a record (not a wrapper around a list of records)."""
+    return frozenset({*_column_names(data_args), *_column_names(data_args).values(), "conversations"})
+
+
+def _rename_columns(record: dict, data_args: DataArguments) -> dict:
+    """The record with the user's columns under the field names; a column named by a flag wins over a column
+    that has the field's default name (`--output_column response` with an `output` column too: response)."""
+    mapping = {column: name for name, column in _column_names(data_args).items() if column != name}
+    if not mapping:
+        return record
+    renamed = {key: value for key, value in record.items() if key not in mapping and key not in mapping.values()}
+    renamed.update((mapping[key], value) for key, value in record.items() if key in mapping)
+    return renamed
 
 
 def detect_format(records: Sequence[Mapping[str, Any]], requested: str, source: str) -> str:
@@ -157,14 +209,18 @@ def _normalise_conversation(record: Mapping[str, Any], index: int, source: str, 
                 f"Record {index} of {source}: turn {position} of {key!r} needs {role_key!r} set to one of "
                 f"{sorted(roles)}, got {turn!r:.80}."
             )
-        _require_string(turn.get(content_key), f"{key}[{position}].{content_key}", index, source)
-        messages.append({"role": roles[turn[role_key]], "content": turn[content_key]})
+        content = turn.get(content_key)
+        if content is None and content_key in turn:
+            content = ""  # null is a blank turn, as "" is; a blank answer is skipped by drop_empty_records
+        _require_string(content, f"{key}[{position}].{content_key}", index, source)
+        messages.append({"role": roles[turn[role_key]], "content": content})
+    first = 0  # where `messages` starts in the user's list, for the messages below
     if messages[0]["role"] == "system":
-        system, messages = messages[0]["content"].strip(), messages[1:]
+        system, messages, first = messages[0]["content"].strip(), messages[1:], 1
         if messages and messages[0]["role"] == "user" and system:
             messages[0] = {"role": "user", "content": f"{system}\n\n{messages[0]['content']}"}
     expected = "user"
-    for position, message in enumerate(messages):
+    for position, message in enumerate(messages, start=first):
         if message["role"] != expected:
             raise UserInputError(
                 f"Record {index} of {source}: turns must alternate user/assistant starting with the user (after an "
@@ -181,11 +237,11 @@ def drop_empty_records(records: list[dict], source: str) -> list[dict]:
     keep, skipped = [], []
     for index, record in enumerate(records):
         if "messages" in record:
-            blank = any(not m["content"].strip() for m in record["messages"] if m["role"] == "assistant")
+            blank = any(_is_blank(m["content"]) for m in record["messages"] if m["role"] == "assistant")
         elif "text" in record:
-            blank = not record["text"].strip()
+            blank = _is_blank(record["text"])
         else:
-            blank = not record[INSTRUCTION_FIELD].strip() or not record[OUTPUT_FIELD].strip()
+            blank = _is_blank(record[INSTRUCTION_FIELD]) or _is_blank(record[OUTPUT_FIELD])
         if blank:
             skipped.append(index)
         else:
@@ -200,27 +256,81 @@ def drop_empty_records(records: list[dict], source: str) -> list[dict]:
     return keep
 
 
-def _check_local_file(path: Path) -> None:
+def _is_blank(value: Any) -> bool:
+    return value is None or not value.strip()
+
+
+def _check_local_file(path: Path, flag: str) -> None:
     suffix = path.suffix.lower()
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_FILE_BUILDERS)
+        inside = f"it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else "it holds none"
+        raise UserInputError(
+            f"{flag}: {path} is a directory, not a data file. Give the path of one .json, .jsonl, .csv or .parquet "
+            f"file ({inside})."
+        )
     if not path.is_file():
-        raise UserInputError(f"--dataset_name: the file {path} does not exist.")
+        raise UserInputError(f"{flag}: the file {path} does not exist.")
     if suffix not in DATA_FILE_BUILDERS:
         raise UserInputError(
-            f"--dataset_name: {path} has the suffix {suffix!r}; give a .json, .jsonl, .csv or .parquet file."
+            f"{flag}: {path} has the suffix {suffix!r}; give a .json, .jsonl, .csv or .parquet file."
         )
     if path.stat().st_size == 0:
-        raise UserInputError(f"--dataset_name: {path} is empty; it needs instruction/input/output records.")
+        raise UserInputError(f"{flag}: {path} is empty; it needs instruction/input/output records.")
 
 
-def _read_json_records(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
+def _text_encoding(path: Path, flag: str) -> str:
+    """The codec that reads the file: UTF-8, or the UTF-8/16/32 its byte-order mark names. Any other bytes that are
+    not UTF-8 (Latin-1, Windows-1252, as Excel and older Windows tools save) are an error naming the first bad byte."""
+    with path.open("rb") as file:
+        head = file.read(4)
+        mark, check_codec, codec = next((m for m in BYTE_ORDER_MARKS if head.startswith(m[0])), (b"", "utf-8", "utf-8"))
+        file.seek(len(mark))
+        decoder = codecs.getincrementaldecoder(check_codec)()
+        offset, line = len(mark), 1  # of the chunk about to be read
+        while True:
+            chunk = file.read(CHUNK_BYTES)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk, before `offset`
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                at = offset - pending + e.start
+                bad_line = line + chunk[:max(0, e.start - pending)].count(b"\n")
+                file.seek(at)
+                raise UserInputError(_not_unicode_message(path, flag, check_codec, at, bad_line, file.read(1))) from e
+            if not chunk:
+                return codec
+            offset += len(chunk)
+            line += chunk.count(b"\n")
+
+
+def _not_unicode_message(path: Path, flag: str, codec: str, at: int, line: int, byte: bytes) -> str:
+    if codec != "utf-8":  # a UTF-16/32 mark, then bytes that are not: lines are not counted in those
+        return (f"{flag}: {path} starts with a {codec.upper()} byte-order mark but is not valid {codec.upper()} at "
+                f"byte offset {at}. Save the file as UTF-8.")
+    try:
+        meaning = f" ({byte.decode('cp1252')!r} in Windows-1252/Latin-1, the usual cause)"
+    except UnicodeDecodeError:  # undefined in cp1252: some other legacy encoding
+        meaning = ""
+    return (
+        f"{flag}: {path} is not UTF-8 text: byte offset {at} (line {line}) holds 0x{byte.hex()}{meaning}. "
+        f"Save the file as UTF-8 (Excel: Save As > 'CSV UTF-8'; an editor: save with encoding UTF-8; or "
+        f"`iconv -f cp1252 -t utf-8 {path} > {path.with_stem(path.stem + '-utf8')}`). UTF-16 with a byte-order "
+        "mark is read too."
+    )
+
+
+def _read_json_records(path: Path, flag: str = TRAIN_FLAG, record_fields: frozenset = frozenset()) -> list[dict]:
+    text = path.read_text(encoding=_text_encoding(path, flag))
+    stripped = text.strip()
     if stripped.startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserInputError(f"--dataset_name: {path} is not valid JSON: line {e.lineno}: {e.msg}.") from e
-    else:  # JSON Lines
+            raise UserInputError(f"{flag}: {path} is not valid JSON: line {e.lineno}: {e.msg}.") from e
+    else:
+        records = _json_object_records(text, path, flag, record_fields)
+    if records is None:  # JSON Lines
         records = []
         for line_number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -228,32 +338,74 @@ def _read_json_records(path: Path) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise UserInputError(f"--dataset_name: {path} line {line_number} is not valid JSON: {e.msg}.") from e
+                raise UserInputError(f"{flag}: {path} line {line_number} is not valid JSON: {e.msg}.") from e
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise UserInputError(
-                f"--dataset_name: record {index} of {path} is a {type(record).__name__}, not an object with "
+                f"{flag}: record {index} of {path} is a {type(record).__name__}, not an object with "
                 "instruction/input/output fields."
             )
     if not records:
-        raise UserInputError(f"--dataset_name: {path} holds no records.")
+        raise UserInputError(f"{flag}: {path} holds no records.")
     return records
 
 
-def validate_records(records: Iterable[Mapping[str, Any]], source: str) -> None:
-    """Every record has a string instruction and output, and a string (or absent) input."""
+def _json_object_records(text: str, path: Path, flag: str, record_fields: frozenset) -> list | None:
+    """The records of a file that is one JSON object: a record, or an object whose one list field holds the
+    records (`{"data": [...]}`). None where the file is JSON Lines (or not JSON: the line loop names the line)."""
+    stripped = text.strip()
+    if not stripped.startswith("{"):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        first_line = stripped.splitlines()[0]
+        try:
+            json.loads(first_line)
+        except json.JSONDecodeError:  # the first line is no whole object: one pretty-printed value, broken
+            if first_line != stripped and path.suffix.lower() == ".json":
+                raise UserInputError(f"{flag}: {path} is not valid JSON: line {e.lineno}: {e.msg}.") from e
+        return None
+    # {"data": [...]}: the one list field (not a record's own, like messages) holds the records. Beside a record's
+    # fields (a one-record file), only a list of objects is taken for the records: a record may carry a list of tags.
+    lists = [key for key, field in value.items() if isinstance(field, list) and key not in record_fields]
+    record_like = bool(record_fields & set(value))
+    if len(lists) == 1 and (not record_like or _holds_objects(value[lists[0]])):
+        logger.info("%s: %s is one JSON object; reading its records from its only list field, %r.",
+                    flag, path, lists[0])
+        return value[lists[0]]
+    if record_like or "\n" not in stripped:  # one record, pretty-printed or one JSON Lines line
+        return [value]
+    which = f"several of its fields are lists ({', '.join(lists)})" if lists else "none of its fields is a list"
+    raise UserInputError(
+        f"{flag}: {path} holds one JSON object (keys: {', '.join(list(value)[:20])}) rather than a list of "
+        f"records, and {which}, so no field can be taken for the records. Save the records as a JSON list "
+        "([{...}, {...}]), one per line (JSON Lines), or as an object with a single list field ({\"data\": [...]})."
+    )
+
+
+def _holds_objects(items: list) -> bool:
+    return bool(items) and all(isinstance(item, dict) for item in items)
+
+
+def validate_records(records: Iterable[Mapping[str, Any]], source: str,
+                     column_names: Mapping[str, str] | None = None) -> None:
+    """Every record has an instruction and output, each a string or null (blank, skipped by drop_empty_records),
+    and a string (or absent) input. `column_names` (field -> the user's column) names the columns in messages."""
+    columns = column_names or {}
     count = 0
     for index, record in enumerate(records):
         count += 1
         for name in (INSTRUCTION_FIELD, OUTPUT_FIELD):
-            value = record.get(name)
-            if value is None:
+            if name not in record:
                 raise UserInputError(
-                    f"Record {index} of {source} has no {name!r} field (fields: {sorted(record)}). "
+                    f"Record {index} of {source} has no {columns.get(name, name)!r} field "
+                    f"(fields: {sorted(columns.get(key, key) for key in record)}). "
                     "Each record needs 'instruction' and 'output', and may have 'input'; "
                     f"--{name}_column names a column of another name."
                 )
-            _require_string(value, name, index, source)
+            if record[name] is not None:
+                _require_string(record[name], name, index, source)
         if record.get(INPUT_FIELD) is not None:
             _require_string(record[INPUT_FIELD], INPUT_FIELD, index, source)
     if count == 0:
