@@ -6,9 +6,7 @@ roles; plain text stays `text`. Every problem names the file, the record and the
 """
 from __future__ import annotations
 
-import codecs
 import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
@@ -17,27 +15,16 @@ from typing import Any, Iterable, Mapping, Sequence
 import datasets
 
 from arguments import DataArguments
+from data_files import DATA_FILE_BUILDERS, EVAL_FLAG, TRAIN_FLAG, check_local_file, read_json_records, text_encoding
 from errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_DATASET_FILE = Path(__file__).resolve().parent / "data" / "default_instructions.json"
 INSTRUCTION_FIELD, INPUT_FIELD, OUTPUT_FIELD = "instruction", "input", "output"
-DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                   "system": "system"}
 CHAT_ROLES = {"user": "user", "assistant": "assistant", "model": "assistant", "system": "system"}
-TRAIN_FLAG, EVAL_FLAG = "--dataset_name", "--eval_file"
-# (byte-order mark, codec that checks the bytes after it, codec that reads the file and drops it). UTF-32 LE first:
-# its mark starts with UTF-16 LE's.
-BYTE_ORDER_MARKS = (
-    (codecs.BOM_UTF32_LE, "utf-32-le", "utf-32"),
-    (codecs.BOM_UTF32_BE, "utf-32-be", "utf-32"),
-    (codecs.BOM_UTF8, "utf-8", "utf-8-sig"),
-    (codecs.BOM_UTF16_LE, "utf-16-le", "utf-16"),
-    (codecs.BOM_UTF16_BE, "utf-16-be", "utf-16"),
-)
-CHUNK_BYTES = 1 << 20
 
 
 def data_source(data_args: DataArguments) -> str:
@@ -113,17 +100,17 @@ def _read_records(data_args: DataArguments, flag: str, source: str) -> list[dict
     name = data_args.dataset_name
     record_fields = _record_fields(data_args)
     if name is None:
-        return _read_json_records(DEFAULT_DATASET_FILE, flag, record_fields)
+        return read_json_records(DEFAULT_DATASET_FILE, flag, record_fields)
     path = Path(name)
     if path.suffix.lower() in DATA_FILE_BUILDERS or path.exists():
-        _check_local_file(path, flag)
+        check_local_file(path, flag)
         suffix = path.suffix.lower()
         if suffix in (".json", ".jsonl"):
             # Parsed here rather than by datasets' Arrow reader, whose errors name neither
             # the line nor the field, and which fails on a number among strings.
-            return _read_json_records(path, flag, record_fields)
+            return read_json_records(path, flag, record_fields)
         # Checked here: datasets' CSV reader says only "An error occurred while generating the dataset".
-        encoding = _text_encoding(path, flag) if suffix == ".csv" else None
+        encoding = text_encoding(path, flag) if suffix == ".csv" else None
         options = {"encoding": encoding} if encoding else {}
         try:
             dataset = datasets.load_dataset(DATA_FILE_BUILDERS[suffix], data_files=str(path), split="train", **options)
@@ -258,134 +245,6 @@ def drop_empty_records(records: list[dict], source: str) -> list[dict]:
 
 def _is_blank(value: Any) -> bool:
     return value is None or not value.strip()
-
-
-def _check_local_file(path: Path, flag: str) -> None:
-    suffix = path.suffix.lower()
-    if path.is_dir():
-        found = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_FILE_BUILDERS)
-        inside = f"it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else "it holds none"
-        raise UserInputError(
-            f"{flag}: {path} is a directory, not a data file. Give the path of one .json, .jsonl, .csv or .parquet "
-            f"file ({inside})."
-        )
-    if not path.is_file():
-        raise UserInputError(f"{flag}: the file {path} does not exist.")
-    if suffix not in DATA_FILE_BUILDERS:
-        raise UserInputError(
-            f"{flag}: {path} has the suffix {suffix!r}; give a .json, .jsonl, .csv or .parquet file."
-        )
-    if path.stat().st_size == 0:
-        raise UserInputError(f"{flag}: {path} is empty; it needs instruction/input/output records.")
-
-
-def _text_encoding(path: Path, flag: str) -> str:
-    """The codec that reads the file: UTF-8, or the UTF-8/16/32 its byte-order mark names. Any other bytes that are
-    not UTF-8 (Latin-1, Windows-1252, as Excel and older Windows tools save) are an error naming the first bad byte."""
-    with path.open("rb") as file:
-        head = file.read(4)
-        mark, check_codec, codec = next((m for m in BYTE_ORDER_MARKS if head.startswith(m[0])), (b"", "utf-8", "utf-8"))
-        file.seek(len(mark))
-        decoder = codecs.getincrementaldecoder(check_codec)()
-        offset, line = len(mark), 1  # of the chunk about to be read
-        while True:
-            chunk = file.read(CHUNK_BYTES)
-            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk, before `offset`
-            try:
-                decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as e:
-                at = offset - pending + e.start
-                bad_line = line + chunk[:max(0, e.start - pending)].count(b"\n")
-                file.seek(at)
-                raise UserInputError(_not_unicode_message(path, flag, check_codec, at, bad_line, file.read(1))) from e
-            if not chunk:
-                return codec
-            offset += len(chunk)
-            line += chunk.count(b"\n")
-
-
-def _not_unicode_message(path: Path, flag: str, codec: str, at: int, line: int, byte: bytes) -> str:
-    if codec != "utf-8":  # a UTF-16/32 mark, then bytes that are not: lines are not counted in those
-        return (f"{flag}: {path} starts with a {codec.upper()} byte-order mark but is not valid {codec.upper()} at "
-                f"byte offset {at}. Save the file as UTF-8.")
-    try:
-        meaning = f" ({byte.decode('cp1252')!r} in Windows-1252/Latin-1, the usual cause)"
-    except UnicodeDecodeError:  # undefined in cp1252: some other legacy encoding
-        meaning = ""
-    return (
-        f"{flag}: {path} is not UTF-8 text: byte offset {at} (line {line}) holds 0x{byte.hex()}{meaning}. "
-        f"Save the file as UTF-8 (Excel: Save As > 'CSV UTF-8'; an editor: save with encoding UTF-8; or "
-        f"`iconv -f cp1252 -t utf-8 {path} > {path.with_stem(path.stem + '-utf8')}`). UTF-16 with a byte-order "
-        "mark is read too."
-    )
-
-
-def _read_json_records(path: Path, flag: str = TRAIN_FLAG, record_fields: frozenset = frozenset()) -> list[dict]:
-    text = path.read_text(encoding=_text_encoding(path, flag))
-    stripped = text.strip()
-    if stripped.startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserInputError(f"{flag}: {path} is not valid JSON: line {e.lineno}: {e.msg}.") from e
-    else:
-        records = _json_object_records(text, path, flag, record_fields)
-    if records is None:  # JSON Lines
-        records = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserInputError(f"{flag}: {path} line {line_number} is not valid JSON: {e.msg}.") from e
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise UserInputError(
-                f"{flag}: record {index} of {path} is a {type(record).__name__}, not an object with "
-                "instruction/input/output fields."
-            )
-    if not records:
-        raise UserInputError(f"{flag}: {path} holds no records.")
-    return records
-
-
-def _json_object_records(text: str, path: Path, flag: str, record_fields: frozenset) -> list | None:
-    """The records of a file that is one JSON object: a record, or an object whose one list field holds the
-    records (`{"data": [...]}`). None where the file is JSON Lines (or not JSON: the line loop names the line)."""
-    stripped = text.strip()
-    if not stripped.startswith("{"):
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        first_line = stripped.splitlines()[0]
-        try:
-            json.loads(first_line)
-        except json.JSONDecodeError:  # the first line is no whole object: one pretty-printed value, broken
-            if first_line != stripped and path.suffix.lower() == ".json":
-                raise UserInputError(f"{flag}: {path} is not valid JSON: line {e.lineno}: {e.msg}.") from e
-        return None
-    # {"data": [...]}: the one list field (not a record's own, like messages) holds the records. Beside a record's
-    # fields (a one-record file), only a list of objects is taken for the records: a record may carry a list of tags.
-    lists = [key for key, field in value.items() if isinstance(field, list) and key not in record_fields]
-    record_like = bool(record_fields & set(value))
-    if len(lists) == 1 and (not record_like or _holds_objects(value[lists[0]])):
-        logger.info("%s: %s is one JSON object; reading its records from its only list field, %r.",
-                    flag, path, lists[0])
-        return value[lists[0]]
-    if record_like or "\n" not in stripped:  # one record, pretty-printed or one JSON Lines line
-        return [value]
-    which = f"several of its fields are lists ({', '.join(lists)})" if lists else "none of its fields is a list"
-    raise UserInputError(
-        f"{flag}: {path} holds one JSON object (keys: {', '.join(list(value)[:20])}) rather than a list of "
-        f"records, and {which}, so no field can be taken for the records. Save the records as a JSON list "
-        "([{...}, {...}]), one per line (JSON Lines), or as an object with a single list field ({\"data\": [...]})."
-    )
-
-
-def _holds_objects(items: list) -> bool:
-    return bool(items) and all(isinstance(item, dict) for item in items)
 
 
 def validate_records(records: Iterable[Mapping[str, Any]], source: str,

@@ -11,6 +11,7 @@ import pytest
 import arguments
 import common
 import data
+import data_files
 import errors
 import train_qlora
 
@@ -100,7 +101,7 @@ def test_a_windows_1252_file_is_named_with_the_byte_and_the_fix(tmp_path, suffix
 def test_the_bad_byte_is_found_across_read_chunks(tmp_path, monkeypatch, chunk_bytes):
     # Tiny chunks: a character cut between two chunks is still UTF-8, and the bad byte's offset counts every chunk
     # before it, wherever the cut falls.
-    monkeypatch.setattr(data, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(data_files, "CHUNK_BYTES", chunk_bytes)
     good = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in RECORDS).encode("utf-8")
     path = tmp_path / "data.jsonl"
     path.write_bytes(good)
@@ -131,7 +132,7 @@ def test_a_windows_1252_csv_through_the_script(tmp_path, caplog):
 def test_an_object_with_one_list_field_holds_the_records(tmp_path, caplog, indent):
     path = tmp_path / "data.json"
     path.write_text(json.dumps({"version": "1.0", "data": RECORDS}, indent=indent), encoding="utf-8")
-    with caplog.at_level(logging.INFO, logger="data"):
+    with caplog.at_level(logging.INFO, logger="data_files"):
         assert rows(load(path)) == RECORDS
     said = [r.getMessage() for r in caplog.records if "only list field" in r.getMessage()]
     assert len(said) == 1 and "'data'" in said[0] and str(path) in said[0], said
