@@ -1,10 +1,11 @@
-"""The arguments both scripts take: dataclasses, command line and config files, defaults, and the checks that
-span several flags. Also `run_cli`, which turns a user's mistake into one message and exit code 2."""
+"""The arguments both scripts take: dataclasses, defaults, parsing the command line (a config file first, read by
+config_files.py; --help written by help_text.py), and the checks that span several flags. Also `run_cli`, which
+turns a user's mistake into one message and exit code 2."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
-import json
 import logging
 import math
 import sys
@@ -15,13 +16,14 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
+from config_files import CONFIG_SUFFIXES, config_argv, read_config_file
 from errors import Interrupted, SetupError, TrainingFailed, UserInputError
+from help_text import HELP_GROUPS, HelpFormatter, write_help
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "google/gemma-3-1b-it"
 DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
-CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 
 @dataclass
@@ -169,9 +171,13 @@ SMOKE_DEFAULTS = dict(
     # A smoke run is a check: the next one replaces it (never a run it did not write: training.plan_output_dir).
     overwrite_output_dir=True,
     sample_max_new_tokens=8,
+    # A check needs no dashboard; --report_to on the command line still wins.
+    report_to="none",
 )
-# Config-file keys a smoke run ignores: it writes to its own folder, never to a real run's.
-SMOKE_IGNORES_FROM_CONFIG = ("output_dir", "overwrite_output_dir")
+# What a smoke run forces, whatever flags came with it (smoke_settings applies them once more).
+SMOKE_FORCES = dict(use_cpu=True, bf16=False, fp16=False)
+# Config-file keys a smoke run ignores: it writes to its own folder, never to a real run's, nor its dashboard.
+SMOKE_IGNORES_FROM_CONFIG = ("output_dir", "overwrite_output_dir", "report_to")
 
 # Flags users bring from older tutorials; transformers 4.46 renamed or removed them.
 RENAMED_FLAGS = {
@@ -186,22 +192,43 @@ RENAMED_FLAGS = {
 
 
 class _Parser(HfArgumentParser):
+    def __init__(self, dataclass_types, **kwargs):
+        super().__init__(dataclass_types, formatter_class=HelpFormatter, **kwargs)
+        self._group_by_dataclass()
+
     def error(self, message):  # argparse would print the whole usage and raise SystemExit
         raise UserInputError(f"{message}. Run with --help to list every flag.")
+
+    def action_for(self, arg: str) -> Optional[argparse.Action]:
+        """The flag's action for a command-line word (`--flag` or `--flag=value`); None for a value."""
+        return self._option_string_actions.get(arg.split("=", 1)[0]) if arg.startswith("--") else None
+
+    def _group_by_dataclass(self) -> None:
+        """One --help section per dataclass: HfArgumentParser puts all 170 flags in one list."""
+        by_dest: dict = {}
+        for action in self._optionals._group_actions:
+            by_dest.setdefault(action.dest, []).append(action)
+        for dtype in self.dataclass_types:
+            group = self.add_argument_group(HELP_GROUPS.get(dtype.__name__, dtype.__name__))
+            for dataclass_field in dataclasses.fields(dtype):
+                for action in by_dest.pop(dataclass_field.name, []):
+                    self._optionals._group_actions.remove(action)
+                    group._group_actions.append(action)
 
 
 def parse_arguments(script_arguments: type, defaults: Mapping[str, Any], argv: Sequence[str]) -> tuple:
     """(model, data, report, script, training) arguments from the command line, or a .json/.yaml config file
     given first with flags after it that override it.
 
-    An unknown flag is an error; a flag known under another name says which.
+    An unknown flag is an error; a flag known under another name says which; a flag given twice on the
+    command line is an error (after a config file, a flag overriding one of its keys is not).
     `defaults` are the script's own defaults for TrainingArguments fields.
     """
     argv = [str(arg) for arg in argv]
     config: dict = {}
     if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
         config, argv = read_config_file(Path(argv[0])), argv[1:]
-    for arg in _config_argv(config) + argv:
+    for arg in config_argv(config) + argv:
         flag = arg.split("=", 1)[0]
         if flag.startswith("--"):
             flag = "--" + flag[2:].replace("-", "_")  # HfArgumentParser also takes --hub-token
@@ -210,12 +237,79 @@ def parse_arguments(script_arguments: type, defaults: Mapping[str, Any], argv: S
     parser = _Parser((ModelArguments, DataArguments, ReportArguments, script_arguments, TrainingArguments),
                      allow_abbrev=False)
     parser.set_defaults(report_to=default_report_to(), **defaults)
-    parsed = _parse(parser, _config_argv(config) + argv)
-    if parsed[0].smoke:
-        config = {key: value for key, value in config.items() if key not in SMOKE_IGNORES_FROM_CONFIG}
-        parser.set_defaults(**SMOKE_DEFAULTS, output_dir=f"{defaults['output_dir']}-smoke")
-        parsed = _parse(parser, _config_argv(config) + argv)
+    write_help(parser, script_arguments, defaults, RENAMED_FLAGS)
+    _refuse_repeated_flags(parser, argv)
+    # argparse alone, before TrainingArguments checks --bf16 against the machine: --smoke overrides that.
+    namespace = parser.parse_known_args(config_argv(config) + argv)[0]
+    if namespace.smoke:
+        return _parse_smoke(parser, defaults, config, argv, namespace)
+    return _parse(parser, config_argv(config) + argv)
+
+
+def _parse_smoke(parser: _Parser, defaults: Mapping[str, Any], config: dict, argv: list[str],
+                 namespace: argparse.Namespace) -> tuple:
+    """A smoke run's arguments: its own defaults under the user's flags, minus what it forces; logged in one line.
+
+    `namespace` is argparse's reading of the user's flags, before any dataclass is built.
+    """
+    ignored = [key for key in config if key in SMOKE_IGNORES_FROM_CONFIG]
+    config = {key: value for key, value in config.items() if key not in SMOKE_IGNORES_FROM_CONFIG}
+    given = {action.dest for action in map(parser.action_for, config_argv(config) + argv) if action is not None}
+    overridden = [f"--{name}" if getattr(namespace, name) else f"--{name} False"
+                  for name, forced in SMOKE_FORCES.items() if name in given and getattr(namespace, name) != forced]
+    # Left out, not overridden later: a CPU-only machine refuses --bf16 when TrainingArguments is built.
+    config = {key: value for key, value in config.items() if key not in SMOKE_FORCES}
+    argv = _without_flags(parser, argv, SMOKE_FORCES)
+    smoke_defaults = dict(SMOKE_DEFAULTS, output_dir=f"{defaults['output_dir']}-smoke")
+    parser.set_defaults(**smoke_defaults, **SMOKE_FORCES)
+    parsed = _parse(parser, config_argv(config) + argv)
+    sets = [f"--{key}" if value is True else f"--{key} {value}"
+            for key, value in smoke_defaults.items() if key not in given]
+    line = (f"--smoke sets {', '.join(sets) or 'nothing more'} (flags you give win), and always trains on the "
+            "CPU in fp32 (--use_cpu, no --bf16/--fp16).")
+    if overridden:
+        line += f" Overrides {', '.join(overridden)}: --smoke trains on the CPU in fp32."
+    if ignored:
+        line += (f" Ignores the config file's {', '.join(ignored)}: a smoke run never writes into a real run's "
+                 "folder or dashboard (give them on the command line to apply).")
+    logger.log(logging.WARNING if overridden or ignored else logging.INFO, "%s", line)
     return parsed
+
+
+def _without_flags(parser: _Parser, argv: Sequence[str], dests) -> list[str]:
+    """argv without the flags of these dests, and their values (`--bf16`, `--bf16 True`, `--bf16=True`)."""
+    kept, value_may_follow = [], False
+    for arg in argv:
+        action = parser.action_for(arg)
+        if action is not None and action.dest in dests:
+            value_may_follow = "=" not in arg
+            continue
+        if action is None and value_may_follow and not arg.startswith("-"):
+            value_may_follow = False
+            continue
+        value_may_follow = False
+        kept.append(arg)
+    return kept
+
+
+def _refuse_repeated_flags(parser: _Parser, argv: Sequence[str]) -> None:
+    """argparse keeps the last of a flag given twice, silently: one of the two values was a mistake."""
+    seen: dict = {}
+    for arg in argv:
+        if arg == "--":
+            break
+        action = parser.action_for(arg)
+        if action is None or action.dest == "help":
+            continue
+        flag = arg.split("=", 1)[0]
+        if action.dest in seen:  # named without their values, which may be secrets
+            first = seen[action.dest]
+            spelt = f"{flag} is" if first == flag else f"{first} and {flag} are the same flag,"
+            raise UserInputError(
+                f"{spelt} given twice on the command line: only one value can apply. Keep one of them "
+                "(to override a config file's key, give the flag once, after the file)."
+            )
+        seen[action.dest] = flag
 
 
 def _parse(parser, argv: list[str]) -> tuple:
@@ -231,38 +325,6 @@ def _parse(parser, argv: list[str]) -> tuple:
         flags = [a.split("=", 1)[0] for a in unknown if a.startswith("-")] or ["(a value without a flag)"]
         raise UserInputError(f"Unknown flag(s): {', '.join(flags)}. Run with --help to list every flag.")
     return tuple(parsed)
-
-
-def read_config_file(config_file: Path) -> dict:
-    """A config file's keys (flag names without the dashes) and values."""
-    if not config_file.is_file():
-        raise UserInputError(f"Config file {config_file} does not exist.")
-    text = config_file.read_text()
-    try:
-        if config_file.suffix == ".json":
-            values = json.loads(text)
-        else:
-            import yaml
-
-            values = yaml.safe_load(text)
-    except (ValueError, ImportError) as e:
-        raise UserInputError(f"Config file {config_file} could not be read: {e}") from e
-    if not isinstance(values, dict):
-        raise UserInputError(f"Config file {config_file} must hold a mapping of flag names to values.")
-    return {str(key).replace("-", "_"): value for key, value in values.items()}
-
-
-def _config_argv(config: Mapping[str, Any]) -> list[str]:
-    """A config file's keys as flags, so the command line after it can override them."""
-    argv = []
-    for key, value in config.items():
-        if isinstance(value, (list, tuple)):
-            argv += [f"--{key}", *map(str, value)]
-        elif isinstance(value, dict):
-            argv += [f"--{key}", json.dumps(value)]
-        else:
-            argv += [f"--{key}", str(value)]
-    return argv
 
 
 def default_report_to() -> str:
@@ -308,8 +370,11 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
 
 
 def smoke_settings(training_args: TrainingArguments) -> TrainingArguments:
-    """A smoke run trains on the CPU in fp32, whatever GPU flags came with it."""
-    return dataclasses.replace(training_args, use_cpu=True, bf16=False, fp16=False, report_to=[])
+    """A smoke run trains on the CPU in fp32, whatever GPU flags came with it (parse_arguments logs which).
+
+    Reporting stays as parsed: off (SMOKE_DEFAULTS) unless --report_to was given on the command line.
+    """
+    return dataclasses.replace(training_args, **SMOKE_FORCES)
 
 
 # ---------------------------------------------------------------------------

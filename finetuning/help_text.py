@@ -1,0 +1,75 @@
+"""--help: what the script does and how to run it, the toolkit's flags in sections before the Trainer's, and the
+Trainer's help corrected where this toolkit behaves otherwise."""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each flag's help, and the script's docstring and examples kept as written."""
+
+    def _format_action_invocation(self, action):
+        # Each flag once: the --flag-with-dashes alias of every --flag_name doubled the list.
+        shown = [flag for flag in action.option_strings if "-" not in flag.lstrip("-")]
+        if shown and len(shown) < len(action.option_strings):
+            action = copy.copy(action)
+            action.option_strings = shown
+        return super()._format_action_invocation(action)
+
+
+# The --help sections, in this order: the toolkit's own flags first, the Trainer's last.
+HELP_GROUPS = {
+    "ModelArguments": "model and smoke run (toolkit)",
+    "DataArguments": "data (toolkit)",
+    "ReportArguments": "dry run and samples (toolkit)",
+    "LoraArguments": "LoRA adapters (this script)",
+    "GaloreArguments": "GaLore optimizer (this script)",
+    "TrainingArguments": "Trainer flags (transformers.TrainingArguments; defaults are this script's)",
+}
+
+
+def write_help(parser, script_arguments: type, defaults: Mapping[str, Any], refused_flags) -> None:
+    """--help: what the script does and how to run it, then the flags, with the Trainer's help corrected where
+    this toolkit behaves otherwise."""
+    module = sys.modules.get(script_arguments.__module__)
+    script = Path(getattr(module, "__file__", None) or sys.argv[0]).name
+    parser.prog = script
+    parser.usage = f"python finetuning/{script} [CONFIG.yaml|CONFIG.json] [--flag value ...]"
+    method = script.removeprefix("train_").removesuffix(".py")
+    examples = [
+        ("--dataset_name my_data.jsonl --dry_run", "check the data and the formatting; loads no model"),
+        (f"configs/{method}_t4.yaml --max_steps 100", "a config file; flags after it win"),
+        (f"--output_dir {defaults['output_dir']} --resume_from_checkpoint latest", "continue a stopped run"),
+    ]
+    lines = "\n".join(f"  # {why}\n  python finetuning/{script} {command}" for command, why in examples)
+    parser.description = f"""{(getattr(module, "__doc__", None) or "").strip()}
+
+Examples:
+{lines}
+
+Every --flag_name also takes dashes (--flag-name). In a config file each key is a flag without its leading
+dashes; a key set to null (~) keeps its default."""
+    output_dir = defaults["output_dir"]
+    rewritten = {
+        "output_dir": f"Where checkpoints, OUTPUT_DIR/final (the trained model) and logs go. With --smoke: "
+                      f"{output_dir}-smoke.",
+        "overwrite_output_dir": "Start over in an --output_dir that holds an earlier run: DELETES its checkpoints "
+                                "and final model when training starts. To continue a run instead, use "
+                                "--resume_from_checkpoint latest. Without either, such a folder is refused.",
+        "resume_from_checkpoint": "Continue an interrupted run: 'latest' (the newest complete checkpoint in "
+                                  "--output_dir) or a checkpoint-N folder.",
+    }
+    # Refused flags, and a deprecated one that would also put a token in shell history.
+    hidden = {flag.removeprefix("--") for flag in refused_flags} | {"push_to_hub_token"}
+    for action in parser._actions:
+        if action.dest in rewritten:
+            action.help = rewritten[action.dest]
+        elif action.dest in hidden or (isinstance(action.help, str) and "deprecated" in action.help.lower()):
+            action.help = argparse.SUPPRESS
+        elif isinstance(action.help, str) and "%(" not in action.help:
+            # argparse %-formats each help: a bare "10%" printed the action's whole dict.
+            action.help = action.help.replace("%", "%%")
