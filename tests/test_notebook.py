@@ -96,10 +96,11 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
     inject_parameters(notebook, {
         "SMOKE_DIR": str(tmp_path / "smoke"),
         "OUTPUT_DIR": str(output_dir),
+        "MAX_STEPS": 4,
         # Flags after the config win: --logging_steps 1, since the config logs every 10 steps and 4 steps would plot
         # no loss; a batch of 2 without accumulation keeps the CPU run small should the config batch by records
         # (the T4 config's token batches ignore the first flag and accumulate 1 already).
-        "EXTRA": "--smoke --max_steps 4 --eval_split_ratio 0.25 --logging_steps 1 "
+        "EXTRA": "--smoke --eval_split_ratio 0.25 --logging_steps 1 "
                  "--per_device_train_batch_size 2 --gradient_accumulation_steps 1",
     })
     client = nbclient.NotebookClient(
