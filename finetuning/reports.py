@@ -165,7 +165,8 @@ def sample_answers(model, loaded: RunData, report_args: ReportArguments) -> list
 
 def write_reports(trainer, train_result, loaded: RunData, report_args: ReportArguments,
                   samples_before: list[dict]) -> dict:
-    """metrics.json (the Trainer's train metrics, eval loss and perplexity), trainer_state.json, loss_curve.png and
+    """metrics.json (the Trainer's train metrics, with the whole run's train_loss from training.train however often
+    it was resumed; eval loss and perplexity), trainer_state.json, loss_curve.png and
     samples.md (the answers before training beside the trained model's) in the output directory; returns the
     metrics."""
     output_dir = Path(trainer.args.output_dir)

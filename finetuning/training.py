@@ -8,7 +8,6 @@ once every input has passed.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import math
 import os
@@ -20,7 +19,9 @@ from typing import Callable, Optional
 import torch
 from transformers import TrainerCallback
 
-from errors import TrainingFailed, UserInputError
+from checkpoints import latest_complete_checkpoint, remove_cut_off_checkpoints, require_complete_checkpoint
+from errors import Interrupted, TrainingFailed, UserInputError
+from interruptions import StopOnSigterm, resume_hint
 from smoke import SMOKE_MODEL_DIR
 
 logger = logging.getLogger(__name__)
@@ -35,31 +36,29 @@ MERGED_DIR = "merged"
 # ---------------------------------------------------------------------------
 
 
-def latest_complete_checkpoint(output_dir) -> Optional[str]:
-    """The newest checkpoint-N folder that was written to the end, or None.
-
-    The Trainer writes trainer_state.json after the weights, optimizer, scheduler and
-    RNG state, so a folder whose trainer_state.json is missing or unreadable was cut
-    off mid-save (a Colab disconnect, a kill) and must not be resumed from.
-    """
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    numbered = []
-    for checkpoint in folder.glob("checkpoint-*"):
-        suffix = checkpoint.name.split("-", 1)[1]
-        if checkpoint.is_dir() and suffix.isdigit():
-            numbered.append((int(suffix), checkpoint))
-    for _, checkpoint in sorted(numbered, reverse=True):
-        try:
-            json.loads((checkpoint / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            logger.warning("Ignoring %s: it was not written to the end.", checkpoint)
-            continue
-        return str(checkpoint)
-    return None
-
-
+def check_output_dir_writable(output_dir: Path) -> None:
+    """--output_dir must be a folder this user can write, or one that can be made: found before anything loads."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserInputError(
+            f"--output_dir {output_dir} is a file, not a folder. Choose another --output_dir (a new or existing "
+            "folder), or move the file away."
+        )
+    existing = output_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserInputError(
+            f"--output_dir {output_dir}: {existing} is a file, so no folder can be made under it. Choose another "
+            "--output_dir."
+        )
+    # os.access also says no on a read-only file system (EROFS), e.g. Kaggle's /kaggle/input.
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it" if existing == output_dir.absolute() else f"the folder {existing} it would be made in"
+        raise UserInputError(
+            f"--output_dir {output_dir} cannot be written: {where} is read-only for this user. Choose an "
+            f"--output_dir you can write to (on Kaggle, under /kaggle/working), or make it writable "
+            f"(chmod u+w {existing})."
+        )
 
 
 @dataclass
@@ -81,6 +80,7 @@ def plan_output_dir(training_args, smoke: bool = False) -> OutputPlan:
     it did not write, and a real run never resumes a smoke run's checkpoint.
     """
     output_dir = Path(training_args.output_dir)
+    check_output_dir_writable(output_dir)
     plan = OutputPlan(output_dir)
     earlier = [p.name for p in output_dir.iterdir() if p.name.startswith("checkpoint-") or p.name == FINAL_DIR] \
         if output_dir.is_dir() else []
@@ -107,11 +107,7 @@ def plan_output_dir(training_args, smoke: bool = False) -> OutputPlan:
         logger.info("Resuming from the latest complete checkpoint, %s", plan.resume_from)
         return plan
     if resume is not None:
-        if not (Path(resume) / "trainer_state.json").is_file():
-            raise UserInputError(
-                f"--resume_from_checkpoint {resume} is not a complete checkpoint (no trainer_state.json). "
-                f"The latest complete one in {output_dir} is {latest_complete_checkpoint(output_dir)}."
-            )
+        require_complete_checkpoint(resume, output_dir)
         plan.resume_from = str(resume)
         return plan
     if not smoke and smoke_folder:
@@ -166,22 +162,71 @@ class StopOnNonFiniteLoss(TrainerCallback):
         )
 
 
+class LogAtEverySave(TrainerCallback):
+    """Log the loss at every checkpoint and at the last step, besides every --logging_steps.
+
+    Each logged loss is the mean over the steps since the one before, and a resumed Trainer starts a new sum at its
+    checkpoint: so the logs kept in every checkpoint cover each step of a run once, whatever --logging_steps, and the
+    whole run's train loss (whole_run_train_loss) is the same however often it was stopped and resumed.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or control.should_training_stop:
+            control.should_log = True
+
+    on_epoch_end = on_step_end
+
+
+def whole_run_train_loss(log_history) -> Optional[float]:
+    """The mean training loss over every step of the run, including the steps before any resume.
+
+    The Trainer's own train_loss sums only the steps of the process that ran last (and divides by all steps).
+    Each logged loss is the mean since the log before, so it counts once for each of its steps. With LogAtEverySave
+    the logs cover every step, so this is the mean of every step's loss, up to the 4 decimals the Trainer rounds
+    each logged loss to: exact (to those decimals) with --logging_steps 1; with more steps per log, each log's
+    rounding counts for all its steps (still within 5e-5). A checkpoint written without that callback, between two
+    logs, leaves the steps after its last log out: this is then the mean over the logged steps.
+    """
+    total, steps, previous = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            span = entry["step"] - previous
+            if span > 0:
+                total += entry["loss"] * span
+                steps += span
+            previous = entry["step"]
+    return total / steps if steps else None
+
+
 def train(trainer, output: Optional[OutputPlan] = None):
-    """trainer.train() with the guards: a NaN loss stops it, an out-of-memory error says which settings to lower.
+    """trainer.train() with the guards: a NaN loss stops it, an out-of-memory error says which settings to lower,
+    Ctrl-C and SIGTERM end in errors.Interrupted with the command that resumes. Returns the Trainer's TrainOutput,
+    its train_loss that of the whole run (whole_run_train_loss), resumed or not.
 
     What an --overwrite_output_dir replaces (`output.replaces`) is deleted here, right before training starts.
     """
     if output is not None:
         clear_earlier_run(output)
     resume_from_checkpoint = output.resume_from if output is not None else None
-    trainer.add_callback(StopOnNonFiniteLoss())
     args = trainer.args
+    if resume_from_checkpoint is not None:
+        # Checked when the run was planned too; a checkpoint missing its optimizer would resume as another run.
+        require_complete_checkpoint(resume_from_checkpoint, args.output_dir)
+    trainer.add_callback(StopOnNonFiniteLoss())
+    sigterm = StopOnSigterm()
+    added = [LogAtEverySave(), sigterm]
+    for callback in added:
+        trainer.add_callback(callback)
     if args.logging_nan_inf_filter:
         # The filter logs a NaN step's loss as the running average (0.0 at the first step): the guard would miss it.
         logger.warning("--logging_nan_inf_filter is turned off: it would hide a NaN loss from the NaN guard.")
         args.logging_nan_inf_filter = False
     try:
-        return trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        with sigterm.installed():
+            result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    except KeyboardInterrupt as e:
+        remove_cut_off_checkpoints(args.output_dir)
+        raise Interrupted(resume_hint(trainer, "Ctrl-C"), 130) from e
     except torch.OutOfMemoryError as e:
         checkpoint = latest_complete_checkpoint(args.output_dir)
         raise TrainingFailed(
@@ -206,6 +251,27 @@ def train(trainer, output: Optional[OutputPlan] = None):
             f"resume with --resume_from_checkpoint {latest_complete_checkpoint(args.output_dir) or 'latest'} "
             "(a checkpoint cut off by the full disk is never taken as the latest)."
         ) from e
+    finally:
+        for callback in added:
+            trainer.remove_callback(callback)
+    if sigterm.stopped_at is not None:
+        raise Interrupted(resume_hint(trainer, "SIGTERM"), 143)
+    if sigterm.received:
+        # It came after the last step's end: training is done and no checkpoint holds its end; the final save will.
+        logger.warning("SIGTERM came after the last training step: finishing the run (saving the final model).")
+    return with_whole_run_train_loss(result, trainer.state.log_history)
+
+
+def with_whole_run_train_loss(result, log_history):
+    """The Trainer's TrainOutput, with the train_loss of the whole run in it and in the log's last summary."""
+    loss = whole_run_train_loss(log_history)
+    if loss is None:
+        return result
+    for entry in reversed(log_history):
+        if "train_loss" in entry:  # the Trainer's summary of this process, kept in trainer_state.json
+            entry["train_loss"] = loss
+            break
+    return result._replace(training_loss=loss, metrics={**result.metrics, "train_loss": loss})
 
 
 

@@ -24,6 +24,7 @@ from conftest import PLANTED_TOKEN
 import common
 import arguments
 import errors
+import checkpoints
 import training
 import versions
 import train_galore
@@ -279,9 +280,9 @@ def test_overwrite_output_dir_removes_the_earlier_runs_checkpoints(earlier_run, 
     out = copy_of(earlier_run, tmp_path)  # checkpoint-2, checkpoint-4, final
     train_galore.main(*train_galore.parse_args(smoke_argv(out, "--overwrite_output_dir", "--max_steps", 2, "--save_strategy", "steps",
                                  "--save_steps", 1, "--save_total_limit", 10)))
-    checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
-    assert checkpoints == ["checkpoint-1", "checkpoint-2"], checkpoints
-    assert training.latest_complete_checkpoint(out) == str(out / "checkpoint-2")
+    folders = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert folders == ["checkpoint-1", "checkpoint-2"], folders
+    assert checkpoints.latest_complete_checkpoint(out) == str(out / "checkpoint-2")
 
 
 def test_earlier_run_is_resumed_with_resume_from_checkpoint_latest(earlier_run, tmp_path, caplog):
@@ -471,7 +472,7 @@ def test_full_disk_while_saving_a_checkpoint(script, tmp_path, caplog, monkeypat
     for words in ("disk", ENOSPC_MESSAGE, "--save_total_limit", "--save_steps", "--resume_from_checkpoint",
                   str(out / "checkpoint-2")):
         assert words in message, (words, message)
-    assert training.latest_complete_checkpoint(out) == str(out / "checkpoint-2")
+    assert checkpoints.latest_complete_checkpoint(out) == str(out / "checkpoint-2")
 
     # With space again, the advised resume finishes the run.
     monkeypatch.undo()

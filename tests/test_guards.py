@@ -49,6 +49,9 @@ def test_out_of_memory_names_the_settings_and_the_checkpoint(tiny_model_dir, tin
     trainer = tiny_trainer(tiny_model_dir, tiny_tokenizer, tmp_path)
     (tmp_path / "checkpoint-40").mkdir()
     (tmp_path / "checkpoint-40" / "trainer_state.json").write_text("{}")
+    for name in ("optimizer.pt", "scheduler.pt"):
+        torch.save({}, tmp_path / "checkpoint-40" / name)
+    trainer.save_model(str(tmp_path / "checkpoint-40"))
     (tmp_path / "checkpoint-50").mkdir()  # cut off mid-save: no trainer_state.json
 
     def out_of_memory(**kwargs):

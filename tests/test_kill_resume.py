@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import training
 import versions
 import train_galore
@@ -178,10 +179,10 @@ def loads(folder: Path) -> None:
 
 def check_what_the_kill_left(output_dir: Path) -> dict:
     """The invariants after a SIGKILL; returns what was found, for the per-seed line."""
-    checkpoints = sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-    incomplete = [p.name for p in checkpoints if state_of(p) is None]
-    complete = [p for p in checkpoints if state_of(p) is not None]
-    latest = training.latest_complete_checkpoint(output_dir)
+    folders = sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+    incomplete = [p.name for p in folders if state_of(p) is None]
+    complete = [p for p in folders if state_of(p) is not None]
+    latest = checkpoints.latest_complete_checkpoint(output_dir)
     if latest is None:
         assert not complete, f"complete checkpoints {complete} were not found"
     else:
@@ -198,7 +199,7 @@ def check_what_the_kill_left(output_dir: Path) -> dict:
             shutil.copytree(checkpoint, planted / checkpoint.name)
         (planted / latest.name / "trainer_state.json").unlink()
         expected = str(planted / complete[-2].name) if len(complete) > 1 else None
-        assert training.latest_complete_checkpoint(planted) == expected
+        assert checkpoints.latest_complete_checkpoint(planted) == expected
         shutil.rmtree(planted)
     final = output_dir / training.FINAL_DIR
     if final.exists():
