@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
-from urllib.parse import urlparse
 
-import huggingface_hub
 import torch
 import transformers
 from accelerate import init_empty_weights
@@ -20,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import DataCollatorForCompletionOnlyLM
 
 import data
+import hub
 import smoke
 import training
 from arguments import DataArguments, ModelArguments, ReportArguments, check_arguments, smoke_settings
@@ -109,37 +106,8 @@ def formatting_func(examples: Mapping[str, Any]) -> "list[str] | str":
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
-def hub_unreachable(timeout_s: float = 3.0):
-    """None where the hub answers a connection; otherwise (its host, the error)."""
-    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
-    except OSError as e:
-        return host, e
-    return None
-
-
-def check_hub_reachable(model_name_or_path: str) -> None:
-    """A hub id that is neither cached here nor reachable fails at once, not after half a minute of retries."""
-    if Path(model_name_or_path).exists() or huggingface_hub.constants.HF_HUB_OFFLINE:
-        return
-    try:
-        if huggingface_hub.try_to_load_from_cache(model_name_or_path, "config.json") is not None:
-            return
-    except ValueError:  # not a valid hub id: from_pretrained says so itself
-        return
-    unreachable = hub_unreachable()
-    if unreachable:
-        host, error = unreachable
-        raise UserInputError(
-            f"--model_name_or_path {model_name_or_path!r} is a hub id, and {host} cannot be reached from this machine "
-            f"({error}). Check the network, or point --model_name_or_path at a local folder. To check your data and "
-            "the whole pipeline offline, add --smoke (with --dry_run: the data and the batches only)."
-        ) from error
-
-
 def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False) -> transformers.PreTrainedTokenizerBase:
-    check_hub_reachable(model_name_or_path)
+    hub.check_hub_reachable(model_name_or_path)
     folder = Path(model_name_or_path)
     if folder.is_dir() and (folder / "config.json").is_file() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         # transformers would fall back to converting a SentencePiece model and fail with an unrelated ImportError.
@@ -346,23 +314,6 @@ def load_causal_lm(model_path: str, trust_remote_code: bool, **kwargs):
     return model
 
 
-def use_colab_token() -> None:
-    """On Colab, hand a secret named HF_TOKEN to huggingface_hub through the environment; never log it."""
-    if os.environ.get("HF_TOKEN"):
-        return
-    try:
-        from google.colab import userdata
-    except ImportError:
-        return
-    try:
-        token = userdata.get("HF_TOKEN")
-    except (userdata.SecretNotFoundError, userdata.NotebookAccessError):
-        logger.info("No Colab secret HF_TOKEN (or no access to it): gated models such as Gemma will not load.")
-        return
-    os.environ["HF_TOKEN"] = token
-    logger.info("Using the Colab secret HF_TOKEN for the Hugging Face hub.")
-
-
 # ---------------------------------------------------------------------------
 # CUDA and precision
 # ---------------------------------------------------------------------------
@@ -421,7 +372,7 @@ def check_run(model_args: ModelArguments, data_args: DataArguments, report_args:
     Returns (training arguments with the precision set, the precision, the output plan; None for a dry run).
     """
     check_arguments(model_args, data_args, training_args)
-    unreachable = training_args.push_to_hub and not report_args.dry_run and hub_unreachable()
+    unreachable = training_args.push_to_hub and not report_args.dry_run and hub.hub_unreachable()
     if unreachable:
         raise UserInputError(
             f"--push_to_hub: {unreachable[0]} cannot be reached from this machine ({unreachable[1]}), so the trained "
@@ -433,7 +384,7 @@ def check_run(model_args: ModelArguments, data_args: DataArguments, report_args:
     elif not report_args.dry_run:
         require_cuda(gpu_feature)
     output = None if report_args.dry_run else training.plan_output_dir(training_args, smoke=model_args.smoke)
-    use_colab_token()
+    hub.use_colab_token()
     precision = choose_precision(training_args, on_cpu=model_args.smoke or report_args.dry_run)
     logger.info("Environment: %s", environment_summary())
     return dataclasses.replace(training_args, bf16=precision.bf16, fp16=precision.fp16), precision, output
