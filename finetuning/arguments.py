@@ -269,10 +269,19 @@ def _parse_smoke(parser: _Parser, defaults: Mapping[str, Any], config: dict, arg
             "CPU in fp32 (--use_cpu, no --bf16/--fp16).")
     if overridden:
         line += f" Overrides {', '.join(overridden)}: --smoke trains on the CPU in fp32."
+    # A tiny random model of its own, whose layers cap some of the script's flags (its `smoke_caps`).
+    tiny = [f"--model_name_or_path {parsed[0].model_name_or_path}"] if "model_name_or_path" in given else []
+    for name, cap in getattr(type(parsed[3]), "smoke_caps", {}).items():
+        if getattr(parsed[3], name) > cap:
+            if name in given:
+                tiny.append(f"--{name} {getattr(parsed[3], name)} (to {cap})")
+            setattr(parsed[3], name, cap)
+    if tiny:
+        line += f" Overrides {', '.join(tiny)}: --smoke trains a tiny random model, 64 wide."
     if ignored:
         line += (f" Ignores the config file's {', '.join(ignored)}: a smoke run never writes into a real run's "
                  "folder or dashboard (give them on the command line to apply).")
-    logger.log(logging.WARNING if overridden or ignored else logging.INFO, "%s", line)
+    logger.log(logging.WARNING if overridden or ignored or tiny else logging.INFO, "%s", line)
     return parsed
 
 

@@ -65,6 +65,7 @@ dashes; a key set to null (~) keeps its default."""
     }
     # Refused flags, and a deprecated one that would also put a token in shell history.
     hidden = {flag.removeprefix("--") for flag in refused_flags} | {"push_to_hub_token"}
+    hidden |= set(getattr(script_arguments, "trainer_flags_not_used", ()))
     for action in parser._actions:
         if action.dest in rewritten:
             action.help = rewritten[action.dest]

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import noise
 import versions
@@ -38,8 +39,16 @@ logger = logging.getLogger(__name__)
 PROJECTION_TYPES = ("std", "reverse_std", "right", "left", "full")
 
 
+TRAINER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
+
+
 @dataclass
 class GaloreArguments:
+    # The Trainer's optimizer flags, which this script does not use: hidden from --help, refused if given.
+    trainer_flags_not_used: ClassVar[tuple] = ("optim", "optim_args", "optim_target_modules")
+    # --smoke's tiny model is 64 wide: a rank must stay below that.
+    smoke_caps: ClassVar[dict] = {"galore_rank": 8}
+
     galore_rank: int = field(default=128, metadata={"help": "Rank of the gradient projection (optimizer memory grows with it)."})
     galore_update_proj_gap: int = field(default=200, metadata={"help": "Steps between recomputing each projection (an SVD)."})
     galore_scale: float = field(default=1.0, metadata={"help": "Multiplier on the projected-back update."})
@@ -76,8 +85,11 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
     # ===== Check: every flag, the machine and the output dir; nothing loads and nothing is deleted yet =====
     training_args, precision, output = common.check_run(
         model_args, data_args, report_args, training_args, "GaLore with 8-bit optimizer states (bitsandbytes)")
-    if model_args.smoke:
-        galore_args.galore_rank = min(galore_args.galore_rank, 8)  # the tiny model's layers are 64 wide
+    if any(getattr(training_args, name) != TRAINER_DEFAULTS[name] for name in GaloreArguments.trainer_flags_not_used):
+        raise UserInputError(
+            f"{', '.join('--' + n for n in GaloreArguments.trainer_flags_not_used)}: this script's optimizer is always "
+            "GaLore with 8-bit states; set it with the --galore_* flags (--help lists them), and leave these out."
+        )
 
     # ===== Load data and tokenizer: a bad record must not cost a model load =====
     loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)

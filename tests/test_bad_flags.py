@@ -270,3 +270,25 @@ def test_help_after_a_config_file(tmp_path, capsys):
 def test_unknown_flags_are_still_refused_after_the_help_rewrite(caplog):
     has_all(fails_cleanly(["--not_a_flag", "3"], caplog, train_galore), "--not_a_flag", "--help")
     has_all(fails_cleanly(["--hub_token", "hf_x"], caplog), "--hub_token", "HF_TOKEN")
+
+
+def test_smoke_names_the_model_and_galore_rank_it_overrides(parse, caplog):
+    with caplog.at_level(logging.INFO, logger="arguments"):
+        *_, galore, _ = parse(train_galore, ["--smoke", "--model_name_or_path", "my/model", "--galore_rank", "64"])
+    assert galore.galore_rank == 8
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--smoke sets")]
+    assert "Overrides --model_name_or_path my/model, --galore_rank 64 (to 8)" in line
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="arguments"):
+        *_, galore, _ = parse(train_galore, ["--smoke"])
+    assert galore.galore_rank == 8 and "--galore_rank" not in caplog.text, "a default the user did not give"
+
+
+@pytest.mark.parametrize("flag", [["--optim", "adamw_torch"], ["--optim_args", "rank=64"]])
+def test_galore_refuses_the_trainers_optimizer_flags_and_hides_them(flag, tmp_path, caplog, capsys):
+    assert arguments.run_cli(train_galore.parse_args, train_galore.main,
+                             ["--smoke", "--output_dir", str(tmp_path / "out"), *flag]) == 2
+    assert "this script's optimizer is always GaLore" in caplog.text and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        train_galore.parse_args(["--help"])
+    assert "--optim " not in capsys.readouterr().out
