@@ -15,11 +15,18 @@ from errors import UserInputError
 logger = logging.getLogger(__name__)
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
 def hub_unreachable(timeout_s: float = 3.0):
-    """None where the hub answers a connection; otherwise (its host, the error)."""
-    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname
+    """None where the hub answers a connection (or a proxy stands between, which a direct connect cannot judge);
+    otherwise (its host, the error)."""
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return None
+    endpoint = urlparse(huggingface_hub.constants.ENDPOINT)
+    host, port = endpoint.hostname, endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
+        socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as e:
         return host, e
     return None

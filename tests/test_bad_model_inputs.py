@@ -107,3 +107,17 @@ def test_push_to_hub_without_a_network_is_refused_before_anything_loads(tmp_path
     message = fails_before_the_model_loads(train_galore, smoke(tmp_path / "out", "--push_to_hub"), caplog, monkeypatch)
     assert "--push_to_hub" in message and "cannot be reached" in message and "--output_dir" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_behind_a_proxy_the_hub_check_stands_aside(monkeypatch):
+    import socket
+
+    import hub
+
+    def no_direct_route(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_direct_route)
+    assert hub.hub_unreachable() is not None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # downloads go through it, not a direct connect
+    assert hub.hub_unreachable() is None
