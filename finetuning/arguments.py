@@ -359,6 +359,13 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         )
     if training_args.max_steps == 0 or (training_args.max_steps < 0 and training_args.num_train_epochs <= 0):
         raise UserInputError("Nothing to train: set --max_steps to 1 or more, or --num_train_epochs above 0.")
+    if not training_args.save_safetensors:
+        raise UserInputError("--save_safetensors false: this toolkit saves and loads weights as safetensors only (a "
+                             "pickled .bin can run code when loaded). Leave the flag out.")
+    if training_args.save_only_model:
+        raise UserInputError("--save_only_model: checkpoints without the optimizer and scheduler state cannot be "
+                             "resumed, and resuming is what they are for here. Leave the flag out; OUTPUT_DIR/final "
+                             "holds the model alone either way.")
     if data_args.eval_split_ratio and data_args.eval_file:
         raise UserInputError("Give either --eval_split_ratio or --eval_file, not both.")
     if data_args.max_tokens_per_batch is not None:

@@ -15,7 +15,7 @@ from errors import UserInputError
 logger = logging.getLogger(__name__)
 
 
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 def hub_unreachable(timeout_s: float = 3.0):
@@ -34,7 +34,9 @@ def hub_unreachable(timeout_s: float = 3.0):
 
 def check_hub_reachable(model_name_or_path: str) -> None:
     """A hub id that is neither cached here nor reachable fails at once, not after half a minute of retries."""
-    if Path(model_name_or_path).exists() or huggingface_hub.constants.HF_HUB_OFFLINE:
+    # TRANSFORMERS_CACHE: a cache of its own, which the hub's cache lookup below does not see.
+    if (Path(model_name_or_path).exists() or huggingface_hub.constants.HF_HUB_OFFLINE
+            or os.environ.get("TRANSFORMERS_CACHE")):
         return
     try:
         if huggingface_hub.try_to_load_from_cache(model_name_or_path, "config.json") is not None:

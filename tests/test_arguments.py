@@ -156,6 +156,10 @@ def test_check_arguments_directly():
         check(num_train_epochs=0)
     with pytest.raises(errors.UserInputError, match="--eval_strategy steps needs evaluation records"):
         check(eval_strategy="steps")
+    with pytest.raises(errors.UserInputError, match="safetensors only"):
+        check(save_safetensors=False)
+    with pytest.raises(errors.UserInputError, match="cannot be resumed"):
+        check(save_only_model=True)
     check()
 
 
