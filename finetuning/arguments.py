@@ -19,6 +19,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from config_files import CONFIG_SUFFIXES, config_argv, read_config_file
 from errors import Interrupted, SetupError, TrainingFailed, UserInputError
 from help_text import HELP_GROUPS, HelpFormatter, write_help
+from smoke_flags import parse_smoke
 
 logger = logging.getLogger(__name__)
 
@@ -158,27 +159,6 @@ SHARED_TRAINING_DEFAULTS = dict(
     eval_strategy="no",
 )
 
-# A smoke run's own defaults (a few CPU steps on a slice of the data); flags the user gave still win.
-SMOKE_DEFAULTS = dict(
-    max_steps=4,
-    per_device_train_batch_size=2,
-    gradient_accumulation_steps=1,
-    logging_steps=1,
-    save_strategy="no",
-    gradient_checkpointing=False,
-    max_train_samples=64,
-    max_seq_length=256,
-    # A smoke run is a check: the next one replaces it (never a run it did not write: training.plan_output_dir).
-    overwrite_output_dir=True,
-    sample_max_new_tokens=8,
-    # A check needs no dashboard; --report_to on the command line still wins.
-    report_to="none",
-)
-# What a smoke run forces, whatever flags came with it (smoke_settings applies them once more).
-SMOKE_FORCES = dict(use_cpu=True, bf16=False, fp16=False)
-# Config-file keys a smoke run ignores: it writes to its own folder, never to a real run's, nor its dashboard.
-SMOKE_IGNORES_FROM_CONFIG = ("output_dir", "overwrite_output_dir", "report_to")
-
 # Flags users bring from older tutorials; transformers 4.46 renamed or removed them.
 RENAMED_FLAGS = {
     "--evaluation_strategy": "--eval_strategy",
@@ -242,63 +222,8 @@ def parse_arguments(script_arguments: type, defaults: Mapping[str, Any], argv: S
     # argparse alone, before TrainingArguments checks --bf16 against the machine: --smoke overrides that.
     namespace = parser.parse_known_args(config_argv(config) + argv)[0]
     if namespace.smoke:
-        return _parse_smoke(parser, defaults, config, argv, namespace)
+        return parse_smoke(parser, lambda args: _parse(parser, args), defaults, config, argv, namespace)
     return _parse(parser, config_argv(config) + argv)
-
-
-def _parse_smoke(parser: _Parser, defaults: Mapping[str, Any], config: dict, argv: list[str],
-                 namespace: argparse.Namespace) -> tuple:
-    """A smoke run's arguments: its own defaults under the user's flags, minus what it forces; logged in one line.
-
-    `namespace` is argparse's reading of the user's flags, before any dataclass is built.
-    """
-    ignored = [key for key in config if key in SMOKE_IGNORES_FROM_CONFIG]
-    config = {key: value for key, value in config.items() if key not in SMOKE_IGNORES_FROM_CONFIG}
-    given = {action.dest for action in map(parser.action_for, config_argv(config) + argv) if action is not None}
-    overridden = [f"--{name}" if getattr(namespace, name) else f"--{name} False"
-                  for name, forced in SMOKE_FORCES.items() if name in given and getattr(namespace, name) != forced]
-    # Left out, not overridden later: a CPU-only machine refuses --bf16 when TrainingArguments is built.
-    config = {key: value for key, value in config.items() if key not in SMOKE_FORCES}
-    argv = _without_flags(parser, argv, SMOKE_FORCES)
-    smoke_defaults = dict(SMOKE_DEFAULTS, output_dir=f"{defaults['output_dir']}-smoke")
-    parser.set_defaults(**smoke_defaults, **SMOKE_FORCES)
-    parsed = _parse(parser, config_argv(config) + argv)
-    sets = [f"--{key}" if value is True else f"--{key} {value}"
-            for key, value in smoke_defaults.items() if key not in given]
-    line = (f"--smoke sets {', '.join(sets) or 'nothing more'} (flags you give win), and always trains on the "
-            "CPU in fp32 (--use_cpu, no --bf16/--fp16).")
-    if overridden:
-        line += f" Overrides {', '.join(overridden)}: --smoke trains on the CPU in fp32."
-    # A tiny random model of its own, whose layers cap some of the script's flags (its `smoke_caps`).
-    tiny = [f"--model_name_or_path {parsed[0].model_name_or_path}"] if "model_name_or_path" in given else []
-    for name, cap in getattr(type(parsed[3]), "smoke_caps", {}).items():
-        if getattr(parsed[3], name) > cap:
-            if name in given:
-                tiny.append(f"--{name} {getattr(parsed[3], name)} (to {cap})")
-            setattr(parsed[3], name, cap)
-    if tiny:
-        line += f" Overrides {', '.join(tiny)}: --smoke trains a tiny random model, 64 wide."
-    if ignored:
-        line += (f" Ignores the config file's {', '.join(ignored)}: a smoke run never writes into a real run's "
-                 "folder or dashboard (give them on the command line to apply).")
-    logger.log(logging.WARNING if overridden or ignored or tiny else logging.INFO, "%s", line)
-    return parsed
-
-
-def _without_flags(parser: _Parser, argv: Sequence[str], dests) -> list[str]:
-    """argv without the flags of these dests, and their values (`--bf16`, `--bf16 True`, `--bf16=True`)."""
-    kept, value_may_follow = [], False
-    for arg in argv:
-        action = parser.action_for(arg)
-        if action is not None and action.dest in dests:
-            value_may_follow = "=" not in arg
-            continue
-        if action is None and value_may_follow and not arg.startswith("-"):
-            value_may_follow = False
-            continue
-        value_may_follow = False
-        kept.append(arg)
-    return kept
 
 
 def _refuse_repeated_flags(parser: _Parser, argv: Sequence[str]) -> None:
@@ -383,14 +308,6 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         )
     if training_args.eval_strategy == "no" and (data_args.eval_split_ratio or data_args.eval_file):
         logger.info("Evaluation data given and --eval_strategy no: evaluating once, after training.")
-
-
-def smoke_settings(training_args: TrainingArguments) -> TrainingArguments:
-    """A smoke run trains on the CPU in fp32, whatever GPU flags came with it (parse_arguments logs which).
-
-    Reporting stays as parsed: off (SMOKE_DEFAULTS) unless --report_to was given on the command line.
-    """
-    return dataclasses.replace(training_args, **SMOKE_FORCES)
 
 
 # ---------------------------------------------------------------------------

@@ -19,9 +19,10 @@ import data
 import hub
 import smoke
 import training
-from arguments import DataArguments, ModelArguments, ReportArguments, check_arguments, smoke_settings
+from arguments import DataArguments, ModelArguments, ReportArguments, check_arguments
 from data import INPUT_FIELD, INSTRUCTION_FIELD, OUTPUT_FIELD, data_source
 from errors import SetupError, UserInputError
+from smoke_flags import smoke_settings
 from versions import environment_summary
 
 logger = logging.getLogger(__name__)

@@ -212,9 +212,8 @@ def train(trainer, output: Optional[OutputPlan] = None):
     if resume_from_checkpoint is not None:
         # Checked when the run was planned too; a checkpoint missing its optimizer would resume as another run.
         require_complete_checkpoint(resume_from_checkpoint, args.output_dir)
-    trainer.add_callback(StopOnNonFiniteLoss())
     sigterm = StopOnSigterm()
-    added = [LogAtEverySave(), sigterm]
+    added = [StopOnNonFiniteLoss(), LogAtEverySave(), sigterm]  # removed again afterwards: a trainer may train twice
     for callback in added:
         trainer.add_callback(callback)
     if args.logging_nan_inf_filter:

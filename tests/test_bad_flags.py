@@ -10,6 +10,7 @@ import re
 import pytest
 
 import arguments
+import smoke_flags
 import train_galore
 import train_qlora
 
@@ -163,13 +164,13 @@ def test_flag_after_a_config_file_still_overrides_its_key(tmp_path, parse):
 
 
 def smoke_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "arguments" and r.getMessage().startswith("--smoke")]
+    return [r.getMessage() for r in caplog.records if r.name == "smoke_flags" and r.getMessage().startswith("--smoke")]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_smoke_names_a_gpu_flag_it_overrides_and_why(script, parse, caplog):
     # Before: "Your setup doesn't support bf16/gpu" on a CPU-only machine, or --bf16 silently dropped on a GPU one.
-    with caplog.at_level(logging.INFO, logger="arguments"):
+    with caplog.at_level(logging.INFO, logger="smoke_flags"):
         training = parse(SCRIPTS[script], ["--smoke", "--bf16", "--max_steps", "3"])[-1]
     (line,) = smoke_lines(caplog)
     has_all(line, "Overrides --bf16", "--smoke trains on the CPU in fp32", "--save_strategy no",
@@ -179,7 +180,7 @@ def test_smoke_names_a_gpu_flag_it_overrides_and_why(script, parse, caplog):
 
 
 def test_smoke_names_each_forced_setting_the_user_contradicted(parse, caplog):
-    with caplog.at_level(logging.INFO, logger="arguments"):
+    with caplog.at_level(logging.INFO, logger="smoke_flags"):
         training = parse(train_qlora, ["--smoke", "--fp16", "True", "--use_cpu=False"])[-1]
     (line,) = smoke_lines(caplog)
     has_all(line, "--fp16", "--use_cpu False", "trains on the CPU in fp32")
@@ -188,10 +189,10 @@ def test_smoke_names_each_forced_setting_the_user_contradicted(parse, caplog):
 
 def test_smoke_keeps_save_and_report_flags_the_user_gave(parse, caplog):
     argv = ["--smoke", "--save_strategy", "steps", "--save_steps", "1", "--report_to", "tensorboard"]
-    with caplog.at_level(logging.INFO, logger="arguments"):
+    with caplog.at_level(logging.INFO, logger="smoke_flags"):
         training = parse(train_qlora, argv)[-1]
     assert (training.save_strategy.value, training.save_steps, training.report_to) == ("steps", 1, ["tensorboard"])
-    assert arguments.smoke_settings(training).report_to == ["tensorboard"], "smoke_settings keeps --report_to"
+    assert smoke_flags.smoke_settings(training).report_to == ["tensorboard"], "smoke_settings keeps --report_to"
     (line,) = smoke_lines(caplog)
     assert "--save_strategy" not in line and "--report_to" not in line
 
@@ -205,7 +206,7 @@ def test_smoke_reports_nowhere_unless_told(parse, monkeypatch):
 def test_smoke_says_which_config_keys_it_ignores(tmp_path, parse, caplog):
     config = tmp_path / "run.yaml"
     config.write_text("output_dir: outputs/real\nreport_to: [tensorboard]\nmax_steps: 2\n", encoding="utf-8")
-    with caplog.at_level(logging.INFO, logger="arguments"):
+    with caplog.at_level(logging.INFO, logger="smoke_flags"):
         training = parse(train_qlora, [config, "--smoke"])[-1]
     (line,) = smoke_lines(caplog)
     has_all(line, "Ignores the config file's output_dir, report_to", "--output_dir outputs/qlora-smoke")
@@ -273,13 +274,13 @@ def test_unknown_flags_are_still_refused_after_the_help_rewrite(caplog):
 
 
 def test_smoke_names_the_model_and_galore_rank_it_overrides(parse, caplog):
-    with caplog.at_level(logging.INFO, logger="arguments"):
+    with caplog.at_level(logging.INFO, logger="smoke_flags"):
         *_, galore, _ = parse(train_galore, ["--smoke", "--model_name_or_path", "my/model", "--galore_rank", "64"])
     assert galore.galore_rank == 8
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--smoke sets")]
     assert "Overrides --model_name_or_path my/model, --galore_rank 64 (to 8)" in line
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="arguments"):
+    with caplog.at_level(logging.INFO, logger="smoke_flags"):
         *_, galore, _ = parse(train_galore, ["--smoke"])
     assert galore.galore_rank == 8 and "--galore_rank" not in caplog.text, "a default the user did not give"
 
