@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import datasets
 import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
+import distributed
 from config_files import CONFIG_SUFFIXES, config_argv, read_config_file
 from errors import Interrupted, SetupError, TrainingFailed, UserInputError
 from help_text import HELP_GROUPS, HelpFormatter, write_help
@@ -149,6 +151,9 @@ SHARED_TRAINING_DEFAULTS = dict(
     gradient_checkpointing=True,
     # Non-reentrant checkpointing works with frozen 4-bit inputs without enable_input_require_grads tricks.
     gradient_checkpointing_kwargs={"use_reentrant": False},
+    # Under DDP: every trainable weight gets a gradient each step, so DDP need not search the graph for unused ones
+    # (the Trainer's default for a peft model), which costs a pass per step and fails with checkpointing.
+    ddp_find_unused_parameters=False,
     logging_steps=10,
     # The Trainer's filter logs a NaN step's loss as the running average (0.0 at the first step), which hides
     # exactly what the NaN guard (training.StopOnNonFiniteLoss) looks for.
@@ -316,9 +321,14 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
 
 
 def setup_logging() -> None:
+    # Under DDP the other processes log errors only: one copy of the run's log and warnings, not one per GPU.
+    main_process = distributed.is_main_process_by_environment()
     logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        level=logging.INFO if main_process else logging.ERROR,
     )
+    if not main_process:
+        datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_warning()
 
 

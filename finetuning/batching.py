@@ -22,6 +22,20 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------
 
 
+class EpochSeed:
+    """The seed of a batch sampler's shuffle, per epoch. It is the batch sampler's `sampler`, where accelerate's
+    data loader sets the epoch under DDP too (it wraps the batch sampler there)."""
+
+    def __init__(self, seed: int):
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def rng(self) -> random.Random:
+        return random.Random(self.seed * 1000003 + self.epoch)
+
+
 class TokenBudgetBatchSampler:
     """Batches of records of similar length, each within a budget of padded tokens.
 
@@ -30,10 +44,15 @@ class TokenBudgetBatchSampler:
     instruction records in fixed-size batches leave it idle. The batches are formed
     once (a seeded shuffle, then length-sorted windows cut greedily to the budget),
     so their count is exact for the scheduler; only their order changes per epoch.
-    The fullest batch comes first, so an out-of-memory error shows at step 1.
+    The fullest batches come first, so an out-of-memory error shows at step 1.
+
+    `processes` (DDP): accelerate deals the batches out in turn, the i-th to process i mod `processes`, so their
+    count is made a multiple of it (the batches of most records are halved): every process takes the same number
+    of steps, and every record is seen once an epoch.
     """
 
-    def __init__(self, lengths: Sequence[int], max_tokens: int, seed: int = 0, window: int = 1024):
+    def __init__(self, lengths: Sequence[int], max_tokens: int, seed: int = 0, window: int = 1024,
+                 processes: int = 1):
         order = list(range(len(lengths)))
         random.Random(seed).shuffle(order)
         self.batches = []
@@ -48,21 +67,31 @@ class TokenBudgetBatchSampler:
                 longest = max(longest, lengths[index])
             if batch:
                 self.batches.append(batch)
+        self.repeated = 0
+        while len(self.batches) % processes:
+            largest = max(range(len(self.batches)), key=lambda i: len(self.batches[i]))
+            batch = self.batches[largest]
+            if len(batch) > 1:
+                self.batches[largest:largest + 1] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
+            else:  # every batch is one record: some records are seen twice
+                self.batches.append(self.batches[self.repeated])
+                self.repeated += 1
         self.padded_tokens = [max(lengths[i] for i in b) * len(b) for b in self.batches]
-        self.seed, self.epoch = seed, 0
+        self.processes, self.sampler = processes, EpochSeed(seed)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self):
         order = list(range(len(self.batches)))
-        random.Random(self.seed * 1000003 + self.epoch).shuffle(order)
-        fullest = max(order, key=lambda i: self.padded_tokens[i])
-        order.remove(fullest)
-        for index in [fullest, *order]:
+        self.sampler.rng().shuffle(order)
+        fullest = sorted(order, key=lambda i: -self.padded_tokens[i])[: self.processes]
+        for index in fullest:
+            order.remove(index)
+        for index in [*fullest, *order]:
             yield self.batches[index]
 
 
@@ -124,28 +153,44 @@ def record_labels(features: Sequence[dict], collator: Optional[Callable], chunk:
 
 
 class PackedBatches:
-    """Batches of packed rows for a DataLoader's batch_sampler: rows shuffled per epoch, the fullest batch first.
+    """Batches of packed rows for a DataLoader's batch_sampler: rows shuffled per epoch, full batches first.
 
-    Every batch but the last has the same number of rows, padded to the same
+    Every batch but the last few has `rows_per_batch` rows, padded to the same
     length, so memory is the same at every step and an out-of-memory error shows
-    at step 1.
+    at step 1. Under DDP (`processes`) accelerate deals the batches out in turn,
+    the i-th to process i mod `processes`: their count is a multiple of it, and the
+    rows that do not fill the last round are spread over its batches (taken from
+    full batches before it where a round would have too few), so every process
+    takes the same number of steps and every row is seen once an epoch; only with
+    fewer rows than batches are a few rows seen twice (`repeated`).
     """
 
-    def __init__(self, row_count: int, rows_per_batch: int, seed: int = 0):
-        self.row_count, self.rows_per_batch, self.seed, self.epoch = row_count, rows_per_batch, seed, 0
+    def __init__(self, row_count: int, rows_per_batch: int, seed: int = 0, processes: int = 1):
+        self.row_count, self.rows_per_batch, self.processes = row_count, rows_per_batch, processes
+        self.sampler = EpochSeed(seed)
+        batches = -(-row_count // (rows_per_batch * processes)) * processes
+        self.sizes = [rows_per_batch] * batches
+        surplus = batches * rows_per_batch - row_count
+        for index in reversed(range(batches)):  # each batch keeps at least one row
+            cut = min(rows_per_batch - 1, surplus)
+            self.sizes[index] -= cut
+            surplus -= cut
+        self.repeated = max(0, sum(self.sizes) - row_count)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return -(-self.row_count // self.rows_per_batch)
+        return len(self.sizes)
 
     def __iter__(self):
         order = list(range(self.row_count))
-        random.Random(self.seed * 1000003 + self.epoch).shuffle(order)
-        # A short remainder goes last, so the first step has the full shape.
-        for start in range(0, self.row_count, self.rows_per_batch):
-            yield order[start : start + self.rows_per_batch]
+        self.sampler.rng().shuffle(order)
+        order += order[: self.repeated]
+        start = 0
+        for size in self.sizes:
+            yield order[start : start + size]
+            start += size
 
 
 def pad_rows(pad_token_id: int, row_tokens: int) -> Callable[[Sequence[dict]], dict]:
@@ -224,11 +269,12 @@ class TokenBudgetSFTTrainer(SFTTrainer):
         dataset = self.train_dataset.select_columns(
             [c for c in ("input_ids", "attention_mask") if c in self.train_dataset.column_names])
         lengths = [len(ids) for ids in dataset["input_ids"]]
+        processes = self.accelerator.num_processes
         if self.padding_free:
             features = dataset.to_list()
             rows = pack_into_rows(lengths, self.row_tokens)
             data = packed_rows(features, record_labels(features, self.response_collator), rows)
-            sampler = PackedBatches(len(data), max(1, self.max_tokens // self.row_tokens), self.args.seed)
+            sampler = PackedBatches(len(data), max(1, self.max_tokens // self.row_tokens), self.args.seed, processes)
             collate = pad_rows(self.tokenizer.pad_token_id, self.row_tokens)
             logger.info(
                 "Padding-free batches: %d records packed into %d rows of %d tokens (%.1f%% filled), "
@@ -237,11 +283,14 @@ class TokenBudgetSFTTrainer(SFTTrainer):
             )
         else:
             data, collate = dataset, self.data_collator
-            sampler = TokenBudgetBatchSampler(lengths, self.max_tokens, self.args.seed)
+            sampler = TokenBudgetBatchSampler(lengths, self.max_tokens, self.args.seed, processes=processes)
             logger.info(
                 "Batching by tokens: %d batches of up to %d padded tokens (mean %.1f records a batch).",
                 len(sampler), self.max_tokens, len(dataset) / len(sampler),
             )
+        if sampler.repeated:
+            logger.info("So that each of the %d processes takes the same number of steps, %d %s are seen twice an "
+                        "epoch.", processes, sampler.repeated, "rows" if self.padding_free else "batches")
         loader = DataLoader(
             data, batch_sampler=sampler, collate_fn=collate,
             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,

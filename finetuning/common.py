@@ -16,7 +16,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import DataCollatorForCompletionOnlyLM
 
 import data
+import distributed
 import hub
+import overrides
 import smoke
 import training
 from arguments import DataArguments, ModelArguments, ReportArguments, check_arguments
@@ -169,7 +171,9 @@ def load_data_and_tokenizer(model_args: ModelArguments, data_args: DataArguments
     if model_args.smoke:
         # A dry run writes nothing under --output_dir: its tiny model goes to a temporary folder.
         folder = tempfile.mkdtemp(prefix="smoke-dry-run-") if report_args.dry_run else training_args.output_dir
-        model_path = smoke.smoke_model(folder, [format_example(record) for record in records])
+        # Under DDP the host's first process builds it (training_args.main_process_first); the others read it.
+        model_path = smoke.smoke_model(folder, [format_example(record) for record in records],
+                                       reuse=training_args.local_process_index > 0 and not report_args.dry_run)
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
     context = load_config(model_path, model_args.trust_remote_code).max_position_embeddings
     if data_args.max_seq_length > context:
@@ -367,8 +371,9 @@ def choose_precision(training_args: transformers.TrainingArguments, on_cpu: bool
 
 
 def check_run(model_args: ModelArguments, data_args: DataArguments, report_args: ReportArguments, training_args,
-              gpu_feature: str) -> tuple:
-    """Every flag, the machine and the output dir, before anything loads; nothing is deleted here.
+              gpu_feature: str, script: str) -> tuple:
+    """Every flag, the machine and the output dir, before anything loads; nothing is deleted here. `script`: the
+    calling script's path, for the torchrun command shown on a machine with several GPUs.
 
     Returns (training arguments with the precision set, the precision, the output plan; None for a dry run).
     """
@@ -388,4 +393,7 @@ def check_run(model_args: ModelArguments, data_args: DataArguments, report_args:
     hub.use_colab_token()
     precision = choose_precision(training_args, on_cpu=model_args.smoke or report_args.dry_run)
     logger.info("Environment: %s", environment_summary())
-    return dataclasses.replace(training_args, bf16=precision.bf16, fp16=precision.fp16), precision, output
+    training_args = dataclasses.replace(training_args, bf16=precision.bf16, fp16=precision.fp16)
+    distributed.use_one_gpu_without_launcher(training_args, script, overrides.train_on_one_gpu)
+    transformers.set_seed(training_args.seed)  # the same LoRA initialisation on every run with the same --seed
+    return training_args, precision, output

@@ -6,7 +6,6 @@ import contextlib
 import logging
 import shlex
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Optional
@@ -14,6 +13,7 @@ from typing import Optional
 from transformers import TrainerCallback
 
 from checkpoints import latest_complete_checkpoint
+from distributed import command_line
 
 logger = logging.getLogger(__name__)
 
@@ -71,22 +71,3 @@ def resume_hint(trainer, how: str) -> str:
     else:
         resume = "resume with the same arguments: add --resume_from_checkpoint latest"
     return f"Training interrupted at step {step} ({how}; latest checkpoint {Path(checkpoint).name}); {resume}"
-
-
-def command_line() -> Optional[list]:
-    """The command that started this process, less any --resume_from_checkpoint; None when the process is not
-    one of the toolkit's scripts (a notebook, a test, a script of the user's)."""
-    script = getattr(sys.modules.get("__main__"), "__file__", None)
-    if script is None or Path(script).resolve().parent != Path(__file__).resolve().parent:
-        return None
-    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])  # orig_argv: as typed, with python
-    kept, skip_value = [], False
-    for arg in argv:
-        flag = arg.split("=", 1)[0].replace("-", "_")
-        if skip_value:
-            skip_value = False
-        elif flag == "__resume_from_checkpoint":
-            skip_value = "=" not in arg
-        else:
-            kept.append(arg)
-    return kept

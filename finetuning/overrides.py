@@ -10,10 +10,11 @@
 | 6 | `torch.backends.cuda.enable_cudnn_sdp(False)`, for the whole process | torch >= 2.5 on Hopper | cuDNN's attention builds a plan per batch shape on the CPU, about 18 ms a call | bench/run_bench.py (speed only; the other SDPA kernels give the same answer) |
 | 7 | `GaLoreAdamW8bit.__init__` skipped to bind bitsandbytes' `Optimizer2State` by keyword; `torch.cuda.synchronize` a no-op inside `step` | galore-torch 1.0, bitsandbytes 0.50 (`optim_bits`, `is_paged` keywords) | galore-torch passes two settings by position that bitsandbytes 0.50 reads as `max_unorm=100, skip_zeros=True`; a GPU sync after every weight | tests/test_galore_optimizer.py |
 | 8 | `torch.serialization.add_safe_globals([GaLoreProjector])` | torch >= 2.4 | the Trainer resumes with `torch.load(weights_only=True)`, which refuses GaLore's projector state | tests/test_kill_resume.py (GaLore resume) |
+| 9 | `TrainingArguments._n_gpu = 1` (private; what the Trainer itself sets for model-parallel models) under plain python with several GPUs | transformers 4.57 `n_gpu` property reading `_n_gpu` | the Trainer would use nn.DataParallel, which fails with 4-bit models | tests/test_distributed.py::test_plain_python_on_two_gpus_* |
 
 Each install checks its target first (a version prefix and the names it touches). Where the target is not what
 it expects, it leaves the stock path in place and logs one line saying so: a library that moved costs speed,
-never a crash. `enable_fast_path` is the one call that switches 1-6 on; the scripts make it explicitly in main().
+never a crash (9, which has no stock path that runs, stops with the torchrun command instead). `enable_fast_path` is the one call that switches 1-6 on; the scripts make it explicitly in main().
 """
 from __future__ import annotations
 
@@ -146,12 +147,9 @@ def fuse_rms_norms(model, fp32_residual: bool = False) -> int:
 def fuse_lora_4bit(model, keep_dequantized_weight: bool) -> int:
     """Run every peft LoRA layer on a bitsandbytes 4-bit base through fused.Lora4bitLinear. Returns how many.
 
-    `keep_dequantized_weight`: save the dequantized weight for the backward pass
-    instead of dequantizing it again. Under gradient checkpointing only the
-    recomputed layer's weights are held at a time (tens of MB); without it, every
-    layer's would be, so the scripts pass their --gradient_checkpointing setting.
-    Layers with more than one active adapter, a DoRA or other variant, or merged
-    weights keep peft's own forward.
+    `keep_dequantized_weight`: save the dequantized weight for the backward pass instead of dequantizing it again;
+    only under gradient checkpointing (one recomputed layer's weights at a time), so the scripts pass that setting.
+    Layers with several active adapters, a DoRA or other variant, or merged weights keep peft's own forward.
     """
     what = "fused LoRA on 4-bit"
     if not _found(LoraLinear4bit, "peft's lora.bnb.Linear4bit", what):
@@ -192,11 +190,9 @@ def _lora_4bit_forward(stock_forward: Callable, adapter: str, keep_weight: bool)
 def dequantize_4bit(weight, quant_state, dtype):
     """bitsandbytes.functional.dequantize_4bit(weight, quant_state).to(dtype), in one kernel.
 
-    Double quantization stores the blocks' scales (absmax) in 8 bits, and
-    bitsandbytes undoes that on every call: three more kernels and about 0.2 ms
-    of Python a call, 364 calls a step for gemma-3-1b. The base weights are
-    frozen, so the float32 scales are computed once and kept on the quant state
-    (1/16 of the 16-bit weight's size: 44 MB for gemma-3-1b).
+    Double quantization stores the blocks' scales in 8 bits, which bitsandbytes undoes at every call (three more
+    kernels, 364 calls a step for gemma-3-1b). The base weights are frozen, so the float32 scales are computed once
+    and kept on the quant state (1/16 of the 16-bit weight's size).
     """
     absmax = getattr(quant_state, "float32_absmax", None)
     if absmax is None or absmax.device != weight.device:  # QuantState.to() moves only its own tensors
@@ -238,15 +234,11 @@ def _schema_has(op_name: str, names) -> bool:
 def use_varlen_attention() -> bool:
     """Run attention over packed batches record by record, with PyTorch's variable-length kernels.
 
-    transformers' SDPA path sees a packed row as one sequence under a
-    block-diagonal mask: it computes all row_tokens x row_tokens scores and masks
-    most away. The variable-length kernels take the records' bounds
-    (`cu_seq_lens_q`, from batching.pad_rows) and compute only each record's own
-    causal triangle. Flash attention where the GPU has it (Ampere or newer,
-    16-bit), the memory-efficient kernel on other GPUs (T4); batches without
-    bounds, the CPU, and sliding windows the memory-efficient kernel cannot
-    express keep transformers' SDPA with its mask. Registered under "sdpa", so
-    nothing else changes. Returns whether it was registered.
+    transformers' SDPA sees a packed row as one sequence under a block-diagonal mask (all row x row scores, most
+    masked away). The variable-length kernels take the records' bounds (`cu_seq_lens_q`, batching.pad_rows) and
+    compute each record's own causal triangle: flash attention on Ampere or newer in 16 bits, the memory-efficient
+    kernel elsewhere (T4). Batches without bounds, the CPU, and sliding windows that kernel cannot express keep
+    transformers' SDPA with its mask. Registered under "sdpa", so nothing else changes. Returns whether it was.
     """
     what = "variable-length attention"
     if not (_found(sdpa_attention_forward, "transformers' AttentionInterface and SDPA function", what)
@@ -371,14 +363,9 @@ def _galore_fixed(stock: type, optimizer_2_state: type) -> type:
     class GaLoreAdamW8bitFixed(stock):
         """galore-torch's GaLoreAdamW8bit with its bitsandbytes settings bound by keyword.
 
-        galore-torch 1.0 passes `percentile_clipping=100, block_wise=True` to
-        bitsandbytes' Optimizer2State by position. bitsandbytes 0.50 dropped those two
-        parameters, so the values land in `max_unorm=100, skip_zeros=True`. Where a
-        projected gradient is small enough for 32-bit states (under 4,096 values: small
-        layers, low ranks) that update-norm clipping holds the weights almost still;
-        the blockwise 8-bit path of larger ones ignores it, which hides the fault on
-        the real model. Binding by keyword gives what galore-torch meant everywhere: no
-        clipping, blockwise 8-bit states (bitsandbytes' default now).
+        galore-torch 1.0 passes `percentile_clipping=100, block_wise=True` by position; bitsandbytes 0.50 reads them
+        as `max_unorm=100, skip_zeros=True`, which holds small projected weights (32-bit states) almost still.
+        Bound by keyword: no clipping, blockwise 8-bit states, as galore-torch meant.
         """
 
         def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, is_paged=False):
@@ -402,3 +389,18 @@ def _galore_fixed(stock: type, optimizer_2_state: type) -> type:
                 torch.cuda.synchronize = synchronize
 
     return GaLoreAdamW8bitFixed
+
+
+# ---------------------------------------------------------------------------
+# 9. One GPU under plain python
+# ---------------------------------------------------------------------------
+
+
+def train_on_one_gpu(training_args) -> bool:
+    """Keep the Trainer on one GPU (no nn.DataParallel) where plain python sees several; False where it cannot."""
+    if not (_version_ok("transformers", "one GPU without a launcher")
+            and isinstance(getattr(type(training_args), "n_gpu", None), property)):
+        return False
+    _ = training_args.device  # sets the devices up (and _n_gpu) first, so nothing sets it back afterwards
+    training_args._n_gpu = 1
+    return training_args.n_gpu == 1

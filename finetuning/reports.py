@@ -11,8 +11,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+import distributed
 from arguments import DataArguments, ReportArguments
-from batching import pack_into_rows, row_fill
+from batching import PackedBatches, pack_into_rows, row_fill
 from common import token_lengths
 from common import Precision, RunData, format_example, format_prompt
 
@@ -78,18 +79,23 @@ def dry_run_report(loaded: RunData, data_args: DataArguments, training_args) -> 
         * training_args.gradient_accumulation_steps
         * max(1, training_args.world_size),
     }
-    batching = f"Effective batch size: {stats['effective_batch_size']}."
+    processes, accumulation = max(1, training_args.world_size), training_args.gradient_accumulation_steps
+    batching = f"Effective batch size: {stats['effective_batch_size']} records ({processes} process(es))."
+    if data_args.max_tokens_per_batch:
+        tokens = data_args.max_tokens_per_batch
+        stats["tokens_per_optimizer_step"] = tokens * accumulation * processes
+        batching = (f"Up to {tokens:,} tokens a micro-batch per process x {accumulation} accumulation x {processes} "
+                    f"process(es) = {stats['tokens_per_optimizer_step']:,} tokens an optimizer step.")
     if data_args.max_tokens_per_batch and data_args.padding_free:
         # The same packing training will do; longer records count as cut to one row, as training cuts them.
         row_tokens = data_args.max_seq_length
         rows = pack_into_rows(lengths, row_tokens)
         fill = row_fill(lengths, rows, row_tokens)
-        micro_batches = math.ceil(len(rows) / max(1, data_args.max_tokens_per_batch // row_tokens))
-        stats["optimizer_steps_per_epoch"] = math.ceil(micro_batches / training_args.gradient_accumulation_steps)
+        per_process = len(PackedBatches(len(rows), max(1, tokens // row_tokens), processes=processes)) // processes
+        stats["optimizer_steps_per_epoch"] = math.ceil(per_process / accumulation)
         batching = (
-            f"Packed without padding: {len(rows)} rows of {row_tokens} tokens ({100 * fill:.1f}% real tokens), "
-            f"{data_args.max_tokens_per_batch:,} tokens a micro-batch: {stats['optimizer_steps_per_epoch']} optimizer "
-            f"steps per epoch at accumulation {training_args.gradient_accumulation_steps}."
+            f"Packed without padding: {len(rows)} rows of {row_tokens} tokens ({100 * fill:.1f}% real tokens). "
+            f"{batching} {stats['optimizer_steps_per_epoch']} optimizer steps per epoch."
         )
     examples = [render_with_mask(record, tokenizer, collator, data_args.max_seq_length) for record in records.select(range(min(2, len(records))))]
     logger.info(
@@ -154,9 +160,11 @@ def check_saved_model(load, final: Path, loaded: RunData, report_args: ReportArg
     logger.info("Smoke run passed: the saved %s loads and generates: %r", what, sample["answer"])
 
 
-def sample_answers(model, loaded: RunData, report_args: ReportArguments) -> list[dict]:
-    """Answers to the first --num_sample_prompts prompts (of the eval records where there are any), for samples.md."""
-    if not report_args.num_sample_prompts:
+def sample_answers(trainer, loaded: RunData, report_args: ReportArguments) -> list[dict]:
+    """Answers to the first --num_sample_prompts prompts (of the eval records where there are any), for samples.md;
+    under DDP by the process that writes it only."""
+    model = trainer.model
+    if not report_args.num_sample_prompts or not distributed.writes(trainer.args):
         return []
     records = loaded.eval_records if loaded.eval_records is not None else loaded.records
     return generate_samples(model, loaded.tokenizer, records, report_args.num_sample_prompts,
@@ -170,13 +178,15 @@ def write_reports(trainer, train_result, loaded: RunData, report_args: ReportArg
     samples.md (the answers before training beside the trained model's) in the output directory; returns the
     metrics."""
     output_dir = Path(trainer.args.output_dir)
-    samples_after = sample_answers(trainer.model, loaded, report_args)
     metrics = dict(train_result.metrics)
-    if loaded.eval_records is not None:
+    if loaded.eval_records is not None:  # on every process under DDP: each evaluates its share
         evaluation = trainer.evaluate()
         metrics.update(evaluation)
         metrics["eval_perplexity"] = math.exp(min(evaluation["eval_loss"], 50.0))
         logger.info("Eval loss %.4f, perplexity %.2f", evaluation["eval_loss"], metrics["eval_perplexity"])
+    if not distributed.writes(trainer.args):
+        return metrics
+    samples_after = sample_answers(trainer, loaded, report_args)
     metrics["global_step"] = trainer.state.global_step
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     trainer.save_state()

@@ -108,6 +108,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> transformers.PreTr
     )
 
 
-def smoke_model(output_dir: str, texts: Iterable[str]) -> str:
-    """Build the tiny model for a smoke run, its tokenizer trained on the run's own texts; returns its folder."""
-    return str(build_random_gemma(Path(output_dir).resolve() / SMOKE_MODEL_DIR, texts))
+def smoke_model(output_dir: str, texts: Iterable[str], reuse: bool = False) -> str:
+    """Build the tiny model for a smoke run, its tokenizer trained on the run's own texts; returns its folder.
+    `reuse`: take the one another process of this run has just built there."""
+    folder = Path(output_dir).resolve() / SMOKE_MODEL_DIR
+    if reuse and (folder / "model.safetensors").is_file():
+        return str(folder)
+    return str(build_random_gemma(folder, texts))

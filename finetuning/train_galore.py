@@ -32,7 +32,8 @@ import common  # noqa: E402
 import overrides  # noqa: E402
 import reports  # noqa: E402
 import training  # noqa: E402
-from errors import UserInputError  # noqa: E402
+from accelerate.utils import gather_object  # noqa: E402
+from errors import TrainingFailed, UserInputError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,13 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
          training_args: TrainingArguments, callbacks: Optional[list[TrainerCallback]] = None) -> Optional[SFTTrainer]:
     # ===== Check: every flag, the machine and the output dir; nothing loads and nothing is deleted yet =====
     training_args, precision, output = common.check_run(
-        model_args, data_args, report_args, training_args, "GaLore with 8-bit optimizer states (bitsandbytes)")
+        model_args, data_args, report_args, training_args, "GaLore with 8-bit optimizer states (bitsandbytes)", __file__)
+    if "layerwise" in str(training_args.optim):
+        raise UserInputError(
+            f"--optim {training_args.optim}: layerwise GaLore steps each weight inside the backward pass, which DDP "
+            "(torchrun, several GPUs) cannot run, and the Trainer cannot clip or accumulate its gradients. This "
+            "script's GaLore steps once per batch and fits gemma-3-1b on a 16 GB T4: leave --optim out."
+        )
     if any(getattr(training_args, name) != TRAINER_DEFAULTS[name] for name in GaloreArguments.trainer_flags_not_used):
         raise UserInputError(
             f"{', '.join('--' + n for n in GaloreArguments.trainer_flags_not_used)}: this script's optimizer is always "
@@ -92,7 +99,8 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
         )
 
     # ===== Load data and tokenizer: a bad record must not cost a model load =====
-    loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
+    with training_args.main_process_first(local=True, desc="data and tokenizer"):  # DDP: one process fills the caches
+        loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
     if report_args.dry_run:
         reports.dry_run_report(loaded, data_args, training_args)
         return None
@@ -101,11 +109,13 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
     check_galore_targets(loaded.model_path, galore_args, model_args.trust_remote_code)
     if not model_args.smoke:
         torch.cuda.empty_cache()  # a notebook's earlier run may still hold cached blocks
-    model = load_model(loaded.model_path, precision, model_args.attn_implementation, model_args.trust_remote_code)
+    model = load_model(loaded.model_path, precision, training_args.device, model_args.attn_implementation,
+                       model_args.trust_remote_code)
     optimizer = build_optimizer(model, galore_args, training_args)
 
     # ===== Format: SFTTrainer formats and tokenizes the records =====
-    trainer = batching.build_trainer(model, loaded, data_args, training_args, callbacks,
+    trainer = batching.build_trainer(model, loaded, data_args, training_args,
+                                     [ProjectionsAgree(galore_args.galore_update_proj_gap), *(callbacks or [])],
                                      optimizers=(optimizer, None))  # the Trainer builds the scheduler
     overrides.enable_fast_path(trainer.model, precision.fp16, data_args.packs_without_padding,
                                keep_dequantized_weight=False)
@@ -120,23 +130,26 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
     })
 
     # ===== Train: an earlier run that --overwrite_output_dir replaces is deleted only now =====
-    samples_before = reports.sample_answers(trainer.model, loaded, report_args)
+    samples_before = reports.sample_answers(trainer, loaded, report_args)
     train_result = training.train(trainer, output)
 
     # ===== Save: the whole model (safetensors) and the tokenizer =====
     final = training.save_final(trainer, loaded.tokenizer)
     reports.write_reports(trainer, train_result, loaded, report_args, samples_before)
+    if final is None:  # under DDP one process writes; the others are done
+        return trainer
     if model_args.smoke:
         reports.check_saved_model(AutoModelForCausalLM.from_pretrained, final, loaded, report_args, "model")
     return trainer
 
 
-def load_model(model_path: str, precision: common.Precision, attn_implementation: str, trust_remote_code: bool = False):
+def load_model(model_path: str, precision: common.Precision, device: torch.device, attn_implementation: str,
+               trust_remote_code: bool = False):
     # fp16 training keeps fp32 master weights (the loss scaler cannot unscale fp16
     # gradients); with bf16 the weights themselves are bf16, as GaLore's paper trains.
     dtype = torch.bfloat16 if precision.bf16 else torch.float32
     model = common.load_causal_lm(model_path, trust_remote_code, dtype=dtype, attn_implementation=attn_implementation)
-    return model.to("cpu" if precision.name == "fp32" else "cuda")
+    return model.to(device)
 
 
 def projected_weights(model, galore_args: GaloreArguments) -> list:
@@ -187,6 +200,42 @@ def build_optimizer(model, galore_args: GaloreArguments, training_args):
         eps=training_args.adam_epsilon,
         weight_decay=training_args.weight_decay,
     )
+
+
+def projection_checksum(optimizer) -> list[float]:
+    """Two sums over every GaLore projection matrix: equal on two processes only if their projections are."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for state in getattr(optimizer, "optimizer", optimizer).state.values():
+        matrices = getattr(state.get("projector"), "ortho_matrix", None)
+        for matrix in matrices if isinstance(matrices, (list, tuple)) else [matrices]:
+            if matrix is not None:
+                total += torch.stack([matrix.double().sum(), matrix.double().abs().sum()]).cpu()
+    return total.tolist()
+
+
+class ProjectionsAgree(TrainerCallback):
+    """Under DDP, after each projection update: every process holds the same GaLore projections, or training stops.
+
+    Each process computes its projections (an SVD) from the same all-reduced gradient; DDP keeps the gradients in
+    step but not the optimizer, so a process whose SVD came out otherwise (another GPU model) would silently train
+    a different model.
+    """
+
+    def __init__(self, update_proj_gap: int):
+        self.update_proj_gap = update_proj_gap
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if args.world_size == 1 or (state.global_step - 1) % self.update_proj_gap:
+            return
+        checksums = gather_object([projection_checksum(optimizer)])
+        if any(not torch.allclose(torch.tensor(c), torch.tensor(checksums[0]), rtol=1e-6, atol=0) for c in checksums):
+            raise TrainingFailed(
+                f"GaLore's projections differ between the {args.world_size} processes after step {state.global_step} "
+                f"(checksums {checksums}): each GPU would train a different model. Run on GPUs of one model, or on "
+                "one GPU."
+            )
+        logger.info("GaLore projections identical on all %d processes after step %d (checksum %.9e, %.9e).",
+                    args.world_size, state.global_step, *checksums[0])
 
 
 def parse_args(argv: Sequence[str]) -> tuple:

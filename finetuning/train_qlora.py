@@ -94,17 +94,18 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
          training_args: TrainingArguments, callbacks: Optional[list[TrainerCallback]] = None) -> Optional[SFTTrainer]:
     # ===== Check: every flag, the machine and the output dir; nothing loads and nothing is deleted yet =====
     training_args, precision, output = common.check_run(
-        model_args, data_args, report_args, training_args, "QLoRA (bitsandbytes 4-bit layers)")
+        model_args, data_args, report_args, training_args, "QLoRA (bitsandbytes 4-bit layers)", __file__)
 
     # ===== Load data and tokenizer: a bad record must not cost a model download =====
-    loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
+    with training_args.main_process_first(local=True, desc="data and tokenizer"):  # DDP: one process fills the caches
+        loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
     if report_args.dry_run:
         reports.dry_run_report(loaded, data_args, training_args)
         return None
 
     # ===== Load model: 4-bit NF4 base weights =====
     check_lora_targets(loaded.model_path, lora_args, model_args.trust_remote_code)
-    model = load_quantized_model(loaded.model_path, precision, model_args.attn_implementation,
+    model = load_quantized_model(loaded.model_path, precision, training_args.device, model_args.attn_implementation,
                                  model_args.trust_remote_code)
 
     # ===== Format: SFTTrainer formats and tokenizes the records and wraps the model in LoRA =====
@@ -119,12 +120,14 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
     })
 
     # ===== Train: an earlier run that --overwrite_output_dir replaces is deleted only now =====
-    samples_before = reports.sample_answers(trainer.model, loaded, report_args)
+    samples_before = reports.sample_answers(trainer, loaded, report_args)
     train_result = training.train(trainer, output)
 
     # ===== Save: the adapter and the tokenizer (the base model stays where it came from); merged on request =====
     final = training.save_final(trainer, loaded.tokenizer)
     reports.write_reports(trainer, train_result, loaded, report_args, samples_before)
+    if final is None:  # under DDP one process writes; the others are done
+        return trainer
     if lora_args.merge:
         logger.info("Merged the adapter into a 16-bit copy of the base model: %s", merge_adapter(final, precision))
     if model_args.smoke:
@@ -145,8 +148,9 @@ def check_lora_targets(model_path: str, lora_args: LoraArguments, trust_remote_c
         )
 
 
-def load_quantized_model(model_path: str, precision: common.Precision, attn_implementation: str,
-                         trust_remote_code: bool = False):
+def load_quantized_model(model_path: str, precision: common.Precision, device: torch.device,
+                         attn_implementation: str, trust_remote_code: bool = False):
+    """The base model in 4 bits on `device`: this process's own GPU under DDP (a 4-bit model cannot be moved)."""
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -155,7 +159,6 @@ def load_quantized_model(model_path: str, precision: common.Precision, attn_impl
         # Gemma ties the 262k-row embedding to the output layer; quantizing it hurts quality most.
         llm_int8_skip_modules=["lm_head"],
     )
-    device_map = {"": "cpu"} if precision.name == "fp32" else {"": torch.cuda.current_device()}
     return common.load_causal_lm(
         model_path,
         trust_remote_code,
@@ -163,7 +166,7 @@ def load_quantized_model(model_path: str, precision: common.Precision, attn_impl
         # The layers left unquantized (embeddings, norms) load in float32, where peft's
         # k-bit preparation would put them anyway: with fp16, that keeps the residual stream out of overflow.
         dtype=torch.float32 if precision.fp16 else precision.torch_dtype,
-        device_map=device_map,
+        device_map={"": "cpu" if torch.device(device).type == "cpu" else device},  # DDP on the CPU gives "cpu:0"
         attn_implementation=attn_implementation,
     )
 

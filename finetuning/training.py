@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 from transformers import TrainerCallback
 
+import distributed
 from checkpoints import latest_complete_checkpoint, remove_cut_off_checkpoints, require_complete_checkpoint
 from errors import Interrupted, TrainingFailed, UserInputError
 from interruptions import StopOnSigterm, resume_hint
@@ -205,8 +206,9 @@ def train(trainer, output: Optional[OutputPlan] = None):
 
     What an --overwrite_output_dir replaces (`output.replaces`) is deleted here, right before training starts.
     """
-    if output is not None:
+    if output is not None and distributed.writes(trainer.args):
         clear_earlier_run(output)
+    distributed.wait_for_everyone(trainer.args)  # no process writes a checkpoint before the earlier run is gone
     resume_from_checkpoint = output.resume_from if output is not None else None
     args = trainer.args
     if resume_from_checkpoint is not None:
@@ -224,7 +226,8 @@ def train(trainer, output: Optional[OutputPlan] = None):
         with sigterm.installed():
             result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     except KeyboardInterrupt as e:
-        remove_cut_off_checkpoints(args.output_dir)
+        if distributed.writes(args):
+            remove_cut_off_checkpoints(args.output_dir)
         raise Interrupted(resume_hint(trainer, "Ctrl-C"), 130) from e
     except torch.OutOfMemoryError as e:
         checkpoint = latest_complete_checkpoint(args.output_dir)
@@ -279,8 +282,11 @@ def with_whole_run_train_loss(result, log_history):
 # ---------------------------------------------------------------------------
 
 
-def save_final(trainer, tokenizer) -> Path:
-    """Write the trained model (or adapter) and the tokenizer to OUTPUT_DIR/final, all or nothing."""
+def save_final(trainer, tokenizer) -> Optional[Path]:
+    """Write the trained model (or adapter) and the tokenizer to OUTPUT_DIR/final, all or nothing. Under DDP one
+    process writes (distributed.writes); the others get None."""
+    if not distributed.writes(trainer.args):
+        return None
 
     def write(folder: Path) -> None:
         trainer.save_model(str(folder))

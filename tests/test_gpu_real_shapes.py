@@ -221,7 +221,7 @@ def test_fused_lora_4bit_same_answer_as_peft_on_real_shapes(real_shape_model):
     records, labels = _records(count=4)
     losses, grads = [], []
     for fast in (False, True):
-        model = train_qlora.load_quantized_model(str(real_shape_model), precision, "sdpa")
+        model = train_qlora.load_quantized_model(str(real_shape_model), precision, "cuda", "sdpa")
         torch.manual_seed(0)  # the same adapter initialisation in both runs
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                                                  task_type="CAUSAL_LM")).train()

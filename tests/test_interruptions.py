@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 
 import arguments
 import errors
+import distributed
 import interruptions
 import checkpoints
 import training
@@ -353,10 +354,10 @@ def test_resume_command_keeps_the_flags_and_replaces_an_earlier_resume(monkeypat
     monkeypatch.setattr(sys, "orig_argv", ["python", "-u", "finetuning/train_galore.py", "--output_dir", "my run",
                                            "--resume_from_checkpoint", "out/checkpoint-5", "--resume-from-checkpoint=x",
                                            "--max_steps", "9"])
-    assert interruptions.command_line() == ["python", "-u", "finetuning/train_galore.py", "--output_dir", "my run",
+    assert distributed.command_line() == ["python", "-u", "finetuning/train_galore.py", "--output_dir", "my run",
                                        "--max_steps", "9"]
     monkeypatch.setattr(sys.modules["__main__"], "__file__", "/usr/lib/python3/site-packages/pytest/__main__.py")
-    assert interruptions.command_line() is None
+    assert distributed.command_line() is None
 
 
 # --- 4, 5. the real signals, to the real script ---------------------------------------------------------

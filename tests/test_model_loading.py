@@ -44,8 +44,8 @@ def test_unreadable_local_model_path_is_a_user_error(loader, where, tmp_path):
         path.mkdir()
     load = {
         "tokenizer": lambda: common.load_tokenizer(str(path)),
-        "qlora_model": lambda: train_qlora.load_quantized_model(str(path), CPU, "eager"),
-        "galore_model": lambda: train_galore.load_model(str(path), CPU, "eager"),
+        "qlora_model": lambda: train_qlora.load_quantized_model(str(path), CPU, "cpu", "eager"),
+        "galore_model": lambda: train_galore.load_model(str(path), CPU, "cpu", "eager"),
     }[loader]
     with pytest.raises(errors.UserInputError, match="--model_name_or_path") as info:
         load()
@@ -55,7 +55,7 @@ def test_unreadable_local_model_path_is_a_user_error(loader, where, tmp_path):
 def test_quantized_model_has_nf4_linear_layers(tiny_model_dir):
     import bitsandbytes as bnb
 
-    model = train_qlora.load_quantized_model(str(tiny_model_dir), CPU, "eager")
+    model = train_qlora.load_quantized_model(str(tiny_model_dir), CPU, "cpu", "eager")
     four_bit = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     projections = {name.rsplit(".", 1)[-1] for name in four_bit}
     assert projections == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -85,7 +85,7 @@ TRAINING = SimpleNamespace(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999,
 
 @pytest.fixture(scope="module")
 def galore_model(tiny_model_dir):
-    return train_galore.load_model(str(tiny_model_dir), CPU, "eager")
+    return train_galore.load_model(str(tiny_model_dir), CPU, "cpu", "eager")
 
 
 def test_build_optimizer_projects_the_attention_and_mlp_weights(galore_model):

@@ -75,7 +75,7 @@ def quantized_lora_model(directory, dropout: float):
 
     if not (directory / "config.json").is_file():
         small_gemma().save_pretrained(directory)
-    model = train_qlora.load_quantized_model(str(directory), common.Precision(False, False, torch.float32, "test"), "sdpa")
+    model = train_qlora.load_quantized_model(str(directory), common.Precision(False, False, torch.float32, "test"), torch.device("cpu"), "sdpa")
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config).train()  # eval mode would let bitsandbytes repack CPU weights
     torch.manual_seed(0)
@@ -364,7 +364,7 @@ def test_a_moved_peft_keeps_peft_s_lora_layers(transformers_moved_on, tiny_model
     import train_qlora
 
     precision = common.Precision(False, False, torch.float32, "test")
-    model = get_peft_model(train_qlora.load_quantized_model(str(tiny_model_dir), precision, "sdpa"),
+    model = get_peft_model(train_qlora.load_quantized_model(str(tiny_model_dir), precision, "cpu", "sdpa"),
                            LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     assert overrides.fuse_lora_4bit(model, keep_dequantized_weight=False) == 0
 
