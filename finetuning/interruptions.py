@@ -10,6 +10,8 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from checkpoints import latest_complete_checkpoint
@@ -25,12 +27,17 @@ class StopOnSigterm(TrainerCallback):
     def __init__(self):
         self.received = False  # set by the handler: a signal handler should do no more than that
         self.stopped_at: Optional[int] = None
+        self.processes = None  # under DDP: a CPU (gloo) process group to agree on the step to stop at
 
     def _handle(self, signum, frame):
         self.received = True
 
     @contextlib.contextmanager
     def installed(self):
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # The launcher signals every process, but each may see it at another step: stopping at different steps
+            # would leave the others waiting in DDP's all-reduce until the launcher kills them, unsaved.
+            self.processes = dist.new_group(backend="gloo")
         if threading.current_thread() is not threading.main_thread():
             # Python takes signal handlers in the main thread only (a UI that trains in a worker thread).
             yield
@@ -42,8 +49,17 @@ class StopOnSigterm(TrainerCallback):
             # None: a handler installed outside Python, which cannot be put back; the default is the nearest.
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
+    def _any_process_received(self) -> bool:
+        """Whether any process has the signal; every process asks at the same points (on the CPU, no GPU sync)."""
+        if self.processes is None:
+            return self.received
+        flag = torch.tensor([int(self.received)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.processes)
+        self.received = bool(flag.item())
+        return self.received
+
     def on_step_end(self, args, state, control, **kwargs):
-        if not self.received:
+        if not self._any_process_received():
             return
         if self.stopped_at is None:
             logger.warning("SIGTERM: saving checkpoint-%d, then stopping.", state.global_step)
@@ -52,7 +68,7 @@ class StopOnSigterm(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         # The signal came during a save the Trainer had started anyway: that checkpoint is the one to stop at.
-        if self.received:
+        if self._any_process_received():
             self.stopped_at = state.global_step
             control.should_training_stop = True
 
