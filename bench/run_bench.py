@@ -1,4 +1,4 @@
-"""Training speed and memory of both scripts against the stock trl 0.8.6 settings, on one GPU, in one command.
+"""Training speed and memory of both scripts against the stock trl 0.8.6 settings, on one GPU (and DDP on two), in one command.
 
     python bench/run_bench.py --config ../shared/gemma-3-1b/config.json \
         --data ../shared/datasets/alpaca_5000.json --results bench/RESULTS.md
@@ -103,7 +103,8 @@ def _profiler_callback():
     return Profiler
 
 
-def summarise(result: dict, warmup: int, parameters: int) -> dict:
+def summarise(result: dict, warmup: int, parameters: int, gpus: int = 1) -> dict:
+    """Tokens are the Trainer's count over every process (DDP gathers it); MFU is per GPU."""
     import torch
 
     steps = result["step_seconds"][warmup:]
@@ -117,8 +118,9 @@ def summarise(result: dict, warmup: int, parameters: int) -> dict:
         "median_step_s": statistics.median(steps),
         "tokens_per_step": sum(tokens) / len(steps),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "mfu": 6 * parameters * tokens_per_second / peak if peak else None,
+        "mfu": 6 * parameters * tokens_per_second / gpus / peak if peak else None,
         "gpu": gpu,
+        "gpus": gpus,
     }
 
 
@@ -127,10 +129,10 @@ def summarise(result: dict, warmup: int, parameters: int) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def run_ours(script: str, model: str, data: str, batch: int, steps: int, warmup: int, extra: list[str]) -> dict:
+def run_ours(script: str, model: str, data: str, batch: int, steps: int, warmup: int, extra: list[str],
+             output_dir: str, gpus: int = 1) -> dict:
     module = __import__(script)
     callbacks, result = measuring_callbacks(warmup)
-    output_dir = f"/tmp/bench-{script}-{os.getpid()}"
     # batch None: the script's own batch size and accumulation (its defaults).
     batch_flags = [] if batch is None else [
         "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1"]
@@ -141,7 +143,7 @@ def run_ours(script: str, model: str, data: str, batch: int, steps: int, warmup:
     ])
     training_args.include_num_input_tokens_seen = "non_padding"  # the flag parses as a bool only
     trainer = module.main(*parsed, training_args, callbacks=callbacks)
-    summary = summarise(result, warmup, _model_parameters(model))
+    summary = summarise(result, warmup, _model_parameters(model), gpus)
     return {**summary, "loss": _last_loss(trainer)}
 
 
@@ -216,7 +218,7 @@ def run_setup(spec: dict) -> dict:
     if spec["kind"] == "stock":
         return run_stock(spec["method"], spec["model"], spec["data"], spec["batch"], spec["steps"], spec["warmup"])
     return run_ours(f"train_{spec['method']}", spec["model"], spec["data"], spec["batch"], spec["steps"],
-                    spec["warmup"], spec.get("extra", []))
+                    spec["warmup"], spec.get("extra", []), spec["output_dir"], spec.get("gpus", 1))
 
 
 # ---------------------------------------------------------------------------
@@ -240,7 +242,9 @@ def main() -> None:
     parser.add_argument("--setup", help=argparse.SUPPRESS)  # internal: one setup as JSON, in a child process
     args = parser.parse_args()
     if args.setup:
-        print("RESULT " + json.dumps(run_setup(json.loads(args.setup))), flush=True)
+        result = run_setup(json.loads(args.setup))
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, the main process reports
+            print("RESULT " + json.dumps(result), flush=True)
         return
     if not (args.model / "config.json").is_file():
         import make_random_model
@@ -263,6 +267,10 @@ def main() -> None:
             )
             setups[f"ours {label}, {budget // 1024}k tokens/batch, padded"] = dict(
                 kind="ours", method=method, batch=1, extra=[*tokens(budget), "--padding_free", "false"]
+            )
+            # DDP, one process per GPU (torchrun): the budget is per GPU, so a step trains twice the tokens.
+            setups[f"ours {label}, {budget // 1024}k tokens/batch, 2 GPUs"] = dict(
+                kind="ours", method=method, batch=1, extra=tokens(budget), gpus=2
             )
     setups.update({
         "T4 emulation: ours QLoRA defaults": dict(kind="ours", method="qlora", batch=None, t4=True),
@@ -287,7 +295,15 @@ def main() -> None:
             label = "".join(c if c.isalnum() else "_" for c in name).strip("_")
             spec["profile"] = str(args.profile_dir / f"profile_{label}.txt")
         started = time.time()
-        child = subprocess.run([sys.executable, __file__, "--setup", json.dumps(spec)], capture_output=True, text=True)
+        spec["output_dir"] = f"/tmp/bench-{len(rows)}-{os.getpid()}"
+        gpus = spec.get("gpus", 1)
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)] \
+            if gpus > 1 else [sys.executable]
+        # One-GPU setups see one GPU: on a machine with more, the same card as a DDP run's first.
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")} if gpus == 1 \
+            else os.environ
+        child = subprocess.run([*launch, __file__, "--setup", json.dumps(spec)], capture_output=True, text=True,
+                               env=env)
         line = next((l for l in child.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
             tail = (child.stderr or child.stdout)[-1500:]
@@ -324,6 +340,12 @@ def write_results(args, rows) -> None:
             lines.append(f"| {name} | {r['tokens_per_second']:,.0f} | {r['median_step_s']:.3f} | "
                          f"{r['tokens_per_step']:,.0f} | {r['peak_gib']:.2f} | {_percent(r['mfu'])} | "
                          f"{r['loss']} |")
+    by_name = dict(rows)
+    for name, r in rows:
+        one_gpu = by_name.get(name.replace(", 2 GPUs", ""))
+        if r and ", 2 GPUs" in name and one_gpu:
+            lines.append(f"\n{name}: {r['tokens_per_second'] / one_gpu['tokens_per_second']:.2f}x the one-GPU "
+                         f"real tokens/s ({r['tokens_per_second']:,.0f} against {one_gpu['tokens_per_second']:,.0f}).")
     with open(args.results, "a") as results:
         results.write("\n".join(lines) + "\n")
     print("\n".join(lines))

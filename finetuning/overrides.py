@@ -10,7 +10,7 @@
 | 6 | `torch.backends.cuda.enable_cudnn_sdp(False)`, for the whole process | torch >= 2.5 on Hopper | cuDNN's attention builds a plan per batch shape on the CPU, about 18 ms a call | bench/run_bench.py (speed only; the other SDPA kernels give the same answer) |
 | 7 | `GaLoreAdamW8bit.__init__` skipped to bind bitsandbytes' `Optimizer2State` by keyword; `torch.cuda.synchronize` a no-op inside `step` | galore-torch 1.0, bitsandbytes 0.50 (`optim_bits`, `is_paged` keywords) | galore-torch passes two settings by position that bitsandbytes 0.50 reads as `max_unorm=100, skip_zeros=True`; a GPU sync after every weight | tests/test_galore_optimizer.py |
 | 8 | `torch.serialization.add_safe_globals([GaLoreProjector])` | torch >= 2.4 | the Trainer resumes with `torch.load(weights_only=True)`, which refuses GaLore's projector state | tests/test_kill_resume.py (GaLore resume) |
-| 9 | `TrainingArguments._n_gpu = 1` (private; what the Trainer itself sets for model-parallel models) under plain python with several GPUs | transformers 4.57 `n_gpu` property reading `_n_gpu` | the Trainer would use nn.DataParallel, which fails with 4-bit models | tests/test_distributed.py::test_plain_python_on_two_gpus_* |
+| 9 | `TrainingArguments.n_gpu` capped at 1 (the run's arguments become `OneGpuTrainingArguments`) under plain python with several GPUs | transformers 4.57 `n_gpu` property, read by the Trainer for DataParallel and the batch size | the Trainer would use nn.DataParallel, which fails with 4-bit models | tests/test_distributed.py::test_plain_python_on_two_gpus_* |
 
 Each install checks its target first (a version prefix and the names it touches). Where the target is not what
 it expects, it leaves the stock path in place and logs one line saying so: a library that moved costs speed,
@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 import bitsandbytes.functional as bnb_functional
 import torch
+from transformers import TrainingArguments
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import fused
@@ -396,11 +397,19 @@ def _galore_fixed(stock: type, optimizer_2_state: type) -> type:
 # ---------------------------------------------------------------------------
 
 
+class OneGpuTrainingArguments(TrainingArguments):
+    """TrainingArguments whose n_gpu is at most 1, so the Trainer never wraps the model in nn.DataParallel. A class
+    rather than the private `_n_gpu`: it survives the dataclasses.replace copies that trl and the scripts make."""
+
+    @property
+    def n_gpu(self):
+        return min(1, TrainingArguments.n_gpu.fget(self))
+
+
 def train_on_one_gpu(training_args) -> bool:
     """Keep the Trainer on one GPU (no nn.DataParallel) where plain python sees several; False where it cannot."""
-    if not (_version_ok("transformers", "one GPU without a launcher")
-            and isinstance(getattr(type(training_args), "n_gpu", None), property)):
+    if not (_version_ok("transformers", "one GPU without a launcher") and type(training_args) is TrainingArguments
+            and isinstance(getattr(TrainingArguments, "n_gpu", None), property)):
         return False
-    _ = training_args.device  # sets the devices up (and _n_gpu) first, so nothing sets it back afterwards
-    training_args._n_gpu = 1
+    training_args.__class__ = OneGpuTrainingArguments
     return training_args.n_gpu == 1

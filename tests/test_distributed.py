@@ -5,6 +5,7 @@ The GPU versions (NCCL, two GPUs) are in tests/test_gpu_ddp.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -212,10 +213,16 @@ def two_gpus(monkeypatch, tmp_path):
     return args
 
 
-def test_plain_python_on_two_gpus_trains_on_one_and_says_the_torchrun_command(two_gpus, caplog):
+def test_plain_python_on_two_gpus_trains_on_one_and_says_the_torchrun_command(two_gpus, caplog, monkeypatch):
     with caplog.at_level(logging.WARNING):
         distributed.use_one_gpu_without_launcher(two_gpus, "/x/finetuning/train_qlora.py", overrides.train_on_one_gpu)
     assert two_gpus.n_gpu == 1  # the Trainer wraps the model in nn.DataParallel when n_gpu > 1
+    # trl 0.8.6 copies the arguments (dataclasses.replace) before the Trainer reads them: the copy keeps one GPU.
+    monkeypatch.undo()  # the copy sets its devices up again: on this machine's real CPU
+    copy = dataclasses.replace(two_gpus, gradient_checkpointing=False)
+    _ = copy.device
+    copy._n_gpu = 2  # what that set-up gives on a machine with two GPUs
+    assert copy.n_gpu == 1 and copy.train_batch_size == copy.per_device_train_batch_size
     assert "This machine has 2 GPUs" in caplog.text
     assert "torchrun --nproc_per_node 2 finetuning/train_qlora.py <your flags>" in caplog.text
 
@@ -238,10 +245,10 @@ def test_the_command_names_torchrun_when_a_launcher_started_the_run(monkeypatch)
         "--nproc_per_node", "2", "finetuning/train_qlora.py", "--max_steps", "9"]
 
 
-@pytest.mark.parametrize("name, machines", [("accelerate_one_host.yaml", 1), ("accelerate_two_hosts.yaml", 2)])
+@pytest.mark.parametrize("name, machines", [("one_host.yaml", 1), ("two_hosts.yaml", 2)])
 def test_the_accelerate_configs_are_ddp_configs_accelerate_reads(name, machines):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    config = load_config_from_file(str(REPO_ROOT / "configs" / name))
+    config = load_config_from_file(str(REPO_ROOT / "configs" / "accelerate" / name))
     assert config.distributed_type == "MULTI_GPU" and config.num_machines == machines
     assert config.mixed_precision == "no"  # the scripts pick bf16 or fp16 for the GPU
