@@ -109,6 +109,11 @@ def summarise(result: dict, warmup: int, parameters: int, gpus: int = 1) -> dict
 
     steps = result["step_seconds"][warmup:]
     tokens = result["tokens"][warmup:]
+    # An epoch's last step holds the rows left over (a short batch): not a sample of training speed. Under DDP an
+    # epoch has half the steps, so within a short run it falls in the timed steps where one GPU's does not.
+    full = [i for i, n in enumerate(tokens) if n >= 0.9 * statistics.median(tokens)]
+    partial_steps = len(tokens) - len(full)
+    steps, tokens = [steps[i] for i in full], [tokens[i] for i in full]
     tokens_per_second = sum(tokens) / sum(steps)
     gpu = torch.cuda.get_device_name()
     # Under emulation the arithmetic runs on the bigger GPU: a T4's peak would give a meaningless MFU.
@@ -121,6 +126,7 @@ def summarise(result: dict, warmup: int, parameters: int, gpus: int = 1) -> dict
         "mfu": 6 * parameters * tokens_per_second / gpus / peak if peak else None,
         "gpu": gpu,
         "gpus": gpus,
+        "partial_steps_left_out": partial_steps,
     }
 
 
@@ -314,7 +320,8 @@ def main() -> None:
         rows.append((name, result))
         print(f"{name}: {result['tokens_per_second']:,.0f} tokens/s, step {result['median_step_s']:.3f} s, "
               f"{result['tokens_per_step']:,.0f} tokens/step, peak {result['peak_gib']:.2f} GiB, "
-              f"MFU {_percent(result['mfu'])}, loss {result['loss']}  ({time.time() - started:.0f} s)",
+              f"MFU {_percent(result['mfu'])}, loss {result['loss']}, partial epoch-end steps left out "
+              f"{result['partial_steps_left_out']}  ({time.time() - started:.0f} s)",
               flush=True)
     write_results(args, rows)
 
@@ -329,7 +336,7 @@ def write_results(args, rows) -> None:
         f"\n## {datetime.date.today()} on {gpu}\n",
         f"`python bench/run_bench.py --config {args.config} --model {args.model} --data {args.data} "
         f"--steps {args.steps} --warmup {args.warmup} --only \"{args.only}\"`: random-weight gemma-3-1b shapes, "
-        f"Alpaca text, 1,024-token cap, gradient checkpointing; median of {args.steps - args.warmup} steps.\n",
+        f"Alpaca text, 1,024-token cap, gradient checkpointing; timed steps after the first {args.warmup}, an epoch's partial last step left out.\n",
         "| setup | real tokens/s | step s | tokens/step | peak GiB | MFU | loss |",
         "|---|---|---|---|---|---|---|",
     ]
