@@ -65,11 +65,8 @@ def _prompt_text(record: Mapping[str, Any]) -> str:
 
 
 def render_messages(messages: Sequence[Mapping[str, str]]) -> str:
-    """A conversation of alternating user/assistant turns in Gemma's chat format, without <bos>.
-
-    The same text as Gemma's chat template (tests check it against the tokenizer's);
-    rendered here so the formatting function needs no tokenizer.
-    """
+    """Alternating user/assistant turns in Gemma's chat format, without <bos>: the chat template's text (tests check
+    it against the tokenizer's), rendered here so the formatting function needs no tokenizer."""
     turns = []
     for message in messages:
         role = "model" if message["role"] == "assistant" else message["role"]
@@ -87,12 +84,8 @@ def format_example(record: Mapping[str, Any]) -> str:
 
 
 def formatting_func(examples: Mapping[str, Any]) -> "list[str] | str":
-    """SFTTrainer's formatting function, for both ways trl 0.8.6 calls it.
-
-    Unpacked, trl maps over batches and passes a dict of lists: it must get a list
-    of strings back. Packed (ConstantLengthDataset), it passes one record and
-    expects one string.
-    """
+    """SFTTrainer's formatting function, for both ways trl 0.8.6 calls it: unpacked, a dict of lists (a batch), for
+    a list of strings; packed (ConstantLengthDataset), one record, for one string."""
     first_column = next(iter(examples.values()))
     if not isinstance(first_column, list) or (
         "messages" in examples and (not first_column or isinstance(first_column[0], Mapping))
@@ -163,7 +156,13 @@ def load_data_and_tokenizer(model_args: ModelArguments, data_args: DataArguments
                             training_args) -> RunData:
     """The records, then the tokenizer (under --smoke the tiny model is built first, its tokenizer trained on the
     records) and the loss mask. Stops where every record is longer than --max_seq_length or every answer is cut
-    off, except in a dry run, whose report shows the lengths."""
+    off, except in a dry run, whose report shows the lengths. Under DDP each host's first process runs first (it
+    fills the data caches and builds the smoke model); the others then read what it wrote."""
+    with training_args.main_process_first(local=True, desc="data and tokenizer"):
+        return _load_data_and_tokenizer(model_args, data_args, report_args, training_args)
+
+
+def _load_data_and_tokenizer(model_args, data_args, report_args, training_args) -> RunData:
     records, eval_records = data.load_train_and_eval(data_args, training_args.seed)
     if data_args.completion_only_loss and not response_only_loss(data_args, records):  # refuses --packing with it
         logger.info("Plain-text data has no prompt to mask: the loss covers every token.")
@@ -171,7 +170,6 @@ def load_data_and_tokenizer(model_args: ModelArguments, data_args: DataArguments
     if model_args.smoke:
         # A dry run writes nothing under --output_dir: its tiny model goes to a temporary folder.
         folder = tempfile.mkdtemp(prefix="smoke-dry-run-") if report_args.dry_run else training_args.output_dir
-        # Under DDP the host's first process builds it (training_args.main_process_first); the others read it.
         model_path = smoke.smoke_model(folder, [format_example(record) for record in records],
                                        reuse=training_args.local_process_index > 0 and not report_args.dry_run)
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)

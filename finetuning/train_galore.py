@@ -99,8 +99,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
         )
 
     # ===== Load data and tokenizer: a bad record must not cost a model load =====
-    with training_args.main_process_first(local=True, desc="data and tokenizer"):  # DDP: one process fills the caches
-        loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
+    loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
     if report_args.dry_run:
         reports.dry_run_report(loaded, data_args, training_args)
         return None
@@ -134,11 +133,9 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
     train_result = training.train(trainer, output)
 
     # ===== Save: the whole model (safetensors) and the tokenizer =====
-    final = training.save_final(trainer, loaded.tokenizer)
+    final = training.save_final(trainer, loaded.tokenizer)  # None on the processes that do not write (DDP)
     reports.write_reports(trainer, train_result, loaded, report_args, samples_before)
-    if final is None:  # under DDP one process writes; the others are done
-        return trainer
-    if model_args.smoke:
+    if final and model_args.smoke:
         reports.check_saved_model(AutoModelForCausalLM.from_pretrained, final, loaded, report_args, "model")
     return trainer
 

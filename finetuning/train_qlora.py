@@ -97,8 +97,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
         model_args, data_args, report_args, training_args, "QLoRA (bitsandbytes 4-bit layers)", __file__)
 
     # ===== Load data and tokenizer: a bad record must not cost a model download =====
-    with training_args.main_process_first(local=True, desc="data and tokenizer"):  # DDP: one process fills the caches
-        loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
+    loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
     if report_args.dry_run:
         reports.dry_run_report(loaded, data_args, training_args)
         return None
@@ -124,13 +123,11 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
     train_result = training.train(trainer, output)
 
     # ===== Save: the adapter and the tokenizer (the base model stays where it came from); merged on request =====
-    final = training.save_final(trainer, loaded.tokenizer)
+    final = training.save_final(trainer, loaded.tokenizer)  # None on the processes that do not write (DDP)
     reports.write_reports(trainer, train_result, loaded, report_args, samples_before)
-    if final is None:  # under DDP one process writes; the others are done
-        return trainer
-    if lora_args.merge:
+    if final and lora_args.merge:
         logger.info("Merged the adapter into a 16-bit copy of the base model: %s", merge_adapter(final, precision))
-    if model_args.smoke:
+    if final and model_args.smoke:
         reports.check_saved_model(AutoPeftModelForCausalLM.from_pretrained, final, loaded, report_args, "adapter")
     return trainer
 

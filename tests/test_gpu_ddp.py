@@ -51,9 +51,14 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("script", ["qlora", "galore"])
 def test_two_gpus_take_the_same_step_as_one_gpu_with_the_same_global_batch(script, tiny_model_dir, tmp_path):
-    # One packed row of 256 tokens on each GPU against two rows on one GPU: the same rows in each step.
-    two_log = run(script, tiny_model_dir, tmp_path / "two", [*TORCHRUN, "--standalone", "--nproc_per_node", "2"], 256)
-    run(script, tiny_model_dir, tmp_path / "one", [sys.executable], 512, "0")
+    # One packed row of 256 tokens on each GPU against the same two rows on one GPU, one after the other
+    # (accumulation 2): the same micro-batches, so bf16 rounds the same sums; only the two gradients' sum differs
+    # (an all-reduce against accumulation). Two rows in one micro-batch would round every sum in another order,
+    # which GaLore's SVD turns into a different subspace where singular values are near-equal (measured: 14% of
+    # the update on two H200s, against 2e-7 in float32 on the CPU, tests/test_distributed.py).
+    two_log = run(script, tiny_model_dir, tmp_path / "two", [*TORCHRUN, "--standalone", "--nproc_per_node", "2"], 256,
+                  "0,1", "--gradient_accumulation_steps", "1")
+    run(script, tiny_model_dir, tmp_path / "one", [sys.executable], 256, "0", "--gradient_accumulation_steps", "2")
 
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=2e-2)
     two = load_file(tmp_path / "two" / "final" / WEIGHTS[script])
@@ -65,13 +70,11 @@ def test_two_gpus_take_the_same_step_as_one_gpu_with_the_same_global_batch(scrip
         updates = {name: (two[name].float() - start[name].float(), one[name].float() - start[name].float())
                    for name in one if name in start and "proj" in name}
     assert updates
-    # The whole update, and each weight's: bf16 rounds each step's sums in another order on two GPUs, and GaLore's
-    # SVD turns that noise into a slightly different subspace for near-equal singular values, per weight.
     whole = relative_difference(torch.cat([a.flatten().float() for a, _ in updates.values()]),
                                 torch.cat([b.flatten().float() for _, b in updates.values()]))
     worst = max(relative_difference(a, b) for a, b in updates.values())
     print(f"{script}: update on two GPUs against one: {whole:.1%} overall, {worst:.1%} at worst")
-    assert whole < 0.1 and worst < (0.15 if script == "qlora" else 0.35), (whole, worst)
+    assert whole < 0.05 and worst < 0.1, (whole, worst)
     assert two_log.count("Saved to") == 1
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     if script == "galore":
