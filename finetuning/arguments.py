@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import logging
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,30 @@ class ReportArguments:
         default=3, metadata={"help": "Prompts answered before and after training, written to samples.md (0: none)."}
     )
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of each sample answer, in tokens."})
+    time_budget: Optional[str] = field(
+        default=None,
+        metadata={"help": "How long this run may take from its start, e.g. 80m, 1h30m, 45m (free Colab ends a "
+                  "session after a few hours). Training stops early enough to save a checkpoint, then prints the "
+                  "command that resumes it."},
+    )
+
+    def __post_init__(self):
+        if self.time_budget is not None:
+            self.time_budget_seconds  # refuses a malformed budget while parsing
+
+    @property
+    def time_budget_seconds(self) -> Optional[float]:
+        if self.time_budget is None:
+            return None
+        text = self.time_budget.strip().lower().replace(" ", "")
+        match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s)?", text)
+        seconds = (float(match[1] or 0) * 3600 + float(match[2] or 0) * 60 + float(match[3] or 0)) if match else 0
+        if not seconds:
+            raise UserInputError(
+                f"--time_budget {self.time_budget!r} is not a duration: write hours, minutes and seconds like 80m, "
+                "1h30m or 90s (a positive time)."
+            )
+        return seconds
 
 
 # Training defaults both scripts share; each script adds its own. Every one can be overridden by its flag.

@@ -53,6 +53,17 @@ def format_prompt(record: Mapping[str, Any]) -> str:
     return USER_TURN.format(prompt=_prompt_text(record)) + MODEL_TURN_START
 
 
+def reference_answer(record: Mapping[str, Any]) -> str:
+    """The answer the data gives for format_prompt(record): the last assistant turn, the text's second half, or the
+    output field."""
+    if "messages" in record:
+        answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+        return answers[-1].strip() if answers and record["messages"][-1]["role"] == "assistant" else ""
+    if "text" in record:
+        return record["text"][max(1, len(record["text"]) // 2):]
+    return record[OUTPUT_FIELD].strip()
+
+
 def format_record(record: Mapping[str, Any]) -> str:
     """One instruction record as a Gemma chat exchange, without <bos> (the tokenizer adds it)."""
     return USER_TURN.format(prompt=_prompt_text(record)) + MODEL_TURN.format(response=record[OUTPUT_FIELD].strip())

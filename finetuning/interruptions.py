@@ -7,6 +7,7 @@ import logging
 import shlex
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -20,14 +21,40 @@ from distributed import command_line
 logger = logging.getLogger(__name__)
 
 
-class StopOnSigterm(TrainerCallback):
-    """SIGTERM (Kaggle, Colab, job schedulers before they kill): save a checkpoint at the end of the current step,
-    then stop. Installed for the duration of training.train only (`installed`)."""
+# When this process started: --time_budget counts from here (model loading included).
+PROCESS_START = time.monotonic()
+# What a checkpoint is assumed to take before the first one has been timed.
+FIRST_SAVE_SECONDS = 60.0
 
-    def __init__(self):
+
+class StopOnSigterm(TrainerCallback):
+    """SIGTERM (Kaggle, Colab, job schedulers before they kill), or the end of --time_budget drawing near: save a
+    checkpoint at the end of the current step, then stop. Installed for the duration of training.train only
+    (`installed`).
+
+    The budget is spent when the time so far, two of the slowest steps and a checkpoint (the last one timed, or
+    FIRST_SAVE_SECONDS) would pass it.
+    """
+
+    def __init__(self, time_budget: Optional[float] = None, started: Optional[float] = None):
         self.received = False  # set by the handler: a signal handler should do no more than that
         self.stopped_at: Optional[int] = None
         self.processes = None  # under DDP: a CPU (gloo) process group to agree on the step to stop at
+        self.time_budget, self.started = time_budget, PROCESS_START if started is None else started
+        self.budget_spent = self.signalled = False
+        self.slowest_step = self.save_seconds = 0.0
+        self.step_started = self.step_ended = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_started = time.monotonic()
+
+    def _budget_nearly_spent(self) -> bool:
+        if self.time_budget is None or self.step_started is None:
+            return False
+        now = time.monotonic()
+        self.slowest_step = max(self.slowest_step, now - self.step_started)
+        save = self.save_seconds or max(FIRST_SAVE_SECONDS, self.slowest_step)
+        return now - self.started + 2 * self.slowest_step + save > self.time_budget
 
     def _handle(self, signum, frame):
         self.received = True
@@ -58,15 +85,25 @@ class StopOnSigterm(TrainerCallback):
         self.received = bool(flag.item())
         return self.received
 
+    @property
+    def reason(self) -> str:
+        return "time budget" if self.budget_spent and not self.signalled else "SIGTERM"
+
     def on_step_end(self, args, state, control, **kwargs):
+        self.step_ended = time.monotonic()
+        self.signalled = self.received
+        if not self.received and self._budget_nearly_spent():
+            self.received = self.budget_spent = True
         if not self._any_process_received():
             return
         if self.stopped_at is None:
-            logger.warning("SIGTERM: saving checkpoint-%d, then stopping.", state.global_step)
+            logger.warning("%s: saving checkpoint-%d, then stopping.", self.reason, state.global_step)
             self.stopped_at = state.global_step
         control.should_save = control.should_training_stop = control.should_log = True
 
     def on_save(self, args, state, control, **kwargs):
+        if self.step_ended is not None:
+            self.save_seconds = time.monotonic() - self.step_ended
         # The signal came during a save the Trainer had started anyway: that checkpoint is the one to stop at.
         if self._any_process_received():
             self.stopped_at = state.global_step

@@ -15,7 +15,7 @@ import distributed
 from arguments import DataArguments, ReportArguments
 from batching import PackedBatches, pack_into_rows, row_fill
 from common import token_lengths
-from common import Precision, RunData, format_example, format_prompt
+from common import Precision, RunData, format_example, format_prompt, reference_answer
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def generate_samples(model, tokenizer, records, count: int, max_new_tokens: int)
                 use_cache=True,
             )
         answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        samples.append({"prompt": prompt, "answer": answer})
+        samples.append({"prompt": prompt, "answer": answer, "reference": reference_answer(record)})
     model.train(was_training)
     return samples
 
@@ -192,10 +192,11 @@ def write_reports(trainer, train_result, loaded: RunData, report_args: ReportArg
     trainer.save_state()
     plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png")
     if samples_after:
-        lines = ["# Samples: the same prompts before and after training (greedy decoding)\n"]
+        lines = ["# Samples: the same prompts before and after training (greedy decoding), beside the data's answer\n"]
         for index, (before, after) in enumerate(zip(samples_before, samples_after)):
             lines += [
                 f"## Prompt {index}\n", "```", before["prompt"].rstrip(), "```\n",
+                "**Reference (the data's answer):**\n", "```", after["reference"], "```\n",
                 "**Before:**\n", "```", before["answer"], "```\n", "**After:**\n", "```", after["answer"], "```\n",
             ]
         (output_dir / "samples.md").write_text("\n".join(lines))

@@ -120,7 +120,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
 
     # ===== Train: an earlier run that --overwrite_output_dir replaces is deleted only now =====
     samples_before = reports.sample_answers(trainer, loaded, report_args)
-    train_result = training.train(trainer, output)
+    train_result = training.train(trainer, output, report_args.time_budget_seconds)
 
     # ===== Save: the adapter and the tokenizer (the base model stays where it came from); merged on request =====
     final = training.save_final(trainer, loaded.tokenizer)  # None on the processes that do not write (DDP)

@@ -28,6 +28,7 @@ from smoke import SMOKE_MODEL_DIR
 logger = logging.getLogger(__name__)
 
 RESUME_LATEST = ("true", "latest", "last")
+TIME_BUDGET_EXIT_CODE = 75  # EX_TEMPFAIL: stopped early on purpose, to be resumed
 FINAL_DIR = "final"
 MERGED_DIR = "merged"
 
@@ -199,12 +200,14 @@ def whole_run_train_loss(log_history) -> Optional[float]:
     return total / steps if steps else None
 
 
-def train(trainer, output: Optional[OutputPlan] = None):
+def train(trainer, output: Optional[OutputPlan] = None, time_budget: Optional[float] = None):
     """trainer.train() with the guards: a NaN loss stops it, an out-of-memory error says which settings to lower,
     Ctrl-C and SIGTERM end in errors.Interrupted with the command that resumes. Returns the Trainer's TrainOutput,
     its train_loss that of the whole run (whole_run_train_loss), resumed or not.
 
     What an --overwrite_output_dir replaces (`output.replaces`) is deleted here, right before training starts.
+    `time_budget` (--time_budget, seconds from the process's start): stop in time to save a checkpoint, then end in
+    errors.Interrupted with the command that resumes.
     """
     if output is not None and distributed.writes(trainer.args):
         clear_earlier_run(output)
@@ -214,7 +217,7 @@ def train(trainer, output: Optional[OutputPlan] = None):
     if resume_from_checkpoint is not None:
         # Checked when the run was planned too; a checkpoint missing its optimizer would resume as another run.
         require_complete_checkpoint(resume_from_checkpoint, args.output_dir)
-    sigterm = StopOnSigterm()
+    sigterm = StopOnSigterm(time_budget)
     added = [StopOnNonFiniteLoss(), LogAtEverySave(), sigterm]  # removed again afterwards: a trainer may train twice
     for callback in added:
         trainer.add_callback(callback)
@@ -256,6 +259,8 @@ def train(trainer, output: Optional[OutputPlan] = None):
     finally:
         for callback in added:
             trainer.remove_callback(callback)
+    if sigterm.stopped_at is not None and sigterm.reason == "time budget":
+        raise Interrupted(resume_hint(trainer, "--time_budget nearly spent"), TIME_BUDGET_EXIT_CODE)
     if sigterm.stopped_at is not None:
         raise Interrupted(resume_hint(trainer, "SIGTERM"), 143)
     if sigterm.received:

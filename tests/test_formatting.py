@@ -82,6 +82,18 @@ def test_format_prompt_is_the_start_of_format_record():
     assert common.format_record(WITH_INPUT).startswith(prompt)
 
 
+@pytest.mark.parametrize("record, reference", [
+    ({"instruction": "Add 2 and 2.", "input": "", "output": " 4 \n"}, "4"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello "},
+                   {"role": "user", "content": "Name?"}, {"role": "assistant", "content": " Gemma"}]}, "Gemma"),
+    ({"text": "abcdef"}, "def"),
+])
+def test_the_reference_answer_is_what_follows_the_prompt_in_the_data(record, reference):
+    assert common.reference_answer(record) == reference
+    if "text" in record:
+        assert common.format_prompt(record) + reference == record["text"]
+
+
 def test_tokenized_text_has_exactly_one_bos(tiny_tokenizer):
     tokenizer = tiny_tokenizer
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id) == (PAD, EOS, BOS)

@@ -451,3 +451,35 @@ def test_sigterm_to_the_script_saves_stops_with_143_and_resumes(signalled, caplo
 
 def test_ctrl_c_to_the_script_exits_130_with_nothing_cut_off(signalled):
     check_the_stop(signalled["SIGINT"], 130, "Ctrl-C")
+
+
+# --- --time_budget ---------------------------------------------------------------------------------------------
+
+
+def test_a_time_budget_stops_in_time_to_save_a_checkpoint_and_says_how_to_resume(tmp_path, caplog, monkeypatch):
+    out = tmp_path / "out"
+    # 10 minutes from a start 9 min 57 s ago: 3 s left, less than a first checkpoint is assumed to take.
+    monkeypatch.setattr(interruptions, "PROCESS_START", time.monotonic() - 597)
+    monkeypatch.setattr(interruptions, "FIRST_SAVE_SECONDS", 5.0)
+    exit_code, message = through_cli(smoke_argv(out, *RUN_ARGV, "--time_budget", "10m"), caplog)
+    assert exit_code == training.TIME_BUDGET_EXIT_CODE == 75
+    assert message == ("Training interrupted at step 1 (--time_budget nearly spent; latest checkpoint checkpoint-1); "
+                       "resume with the same arguments: add --resume_from_checkpoint latest")
+    assert checkpoints.latest_complete_checkpoint(out) == str(out / "checkpoint-1") and not (out / "final").exists()
+
+    # The next session, with its own budget: the run continues from step 1 and ends.
+    monkeypatch.setattr(interruptions, "PROCESS_START", time.monotonic())
+    trainer = run_galore(smoke_argv(out, *RUN_ARGV, "--time_budget", "10m", "--resume_from_checkpoint", "latest"))
+    assert trainer.state.global_step == 4 and (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("text, seconds", [("80m", 4800), ("1h30m", 5400), ("90s", 90), ("2h", 7200),
+                                           ("1.5h", 5400), ("45 min", 2700)])
+def test_time_budgets_read_as_durations(text, seconds):
+    assert arguments.ReportArguments(time_budget=text).time_budget_seconds == seconds
+
+
+@pytest.mark.parametrize("text", ["80", "80x", "0m", "m", ""])
+def test_a_time_budget_that_is_no_duration_is_refused(text):
+    with pytest.raises(errors.UserInputError, match="is not a duration: write hours, minutes and seconds like 80m"):
+        arguments.ReportArguments(time_budget=text)

@@ -126,6 +126,10 @@ def test_eval_split_metrics_plot_and_samples(tmp_path):
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = (out / "samples.md").read_text()
     assert samples.count("**Before:**") == 2 and samples.count("**After:**") == 2
+    # Beside each prompt, the answer the shipped data gives for it.
+    outputs = {record["output"].strip() for record in json.loads(data.DEFAULT_DATASET_FILE.read_text())}
+    references = [part.split("\n```")[0] for part in samples.split("**Reference (the data's answer):**\n\n```\n")[1:]]
+    assert len(references) == 2 and all(reference in outputs for reference in references)
 
 
 def test_merge_writes_a_16_bit_model_that_loads_without_peft(tmp_path):
