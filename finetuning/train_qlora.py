@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,6 +28,7 @@ from transformers import AutoTokenizer, BitsAndBytesConfig, TrainerCallback, Tra
 from trl import SFTTrainer  # noqa: E402
 
 import arguments  # noqa: E402
+import distributed  # noqa: E402
 from arguments import DataArguments, ModelArguments, ReportArguments  # noqa: E402
 import batching  # noqa: E402
 import common  # noqa: E402
@@ -36,6 +38,10 @@ import training  # noqa: E402
 from errors import UserInputError  # noqa: E402
 
 logger = logging.getLogger(__name__)
+
+
+LORA_INITS = ("default", "gaussian", "olora")
+LORA_INITS_NEEDING_16_BITS = ("pissa", "loftq")
 
 
 @dataclass
@@ -55,8 +61,37 @@ class LoraArguments:
         default=False,
         metadata={"help": "Also write OUTPUT_DIR/merged: the adapter merged into a 16-bit base, loadable without peft."},
     )
+    use_rslora: bool = field(
+        default=False,
+        metadata={"help": "Rank-stabilised LoRA: scale updates by alpha/sqrt(r) instead of alpha/r, so a high rank "
+                  "(64+) still learns."},
+    )
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA: learn each weight's magnitude apart from its direction. Slower (peft's own layers, "
+                  "not the fused 4-bit path)."},
+    )
+    init_lora_weights: str = field(
+        default="default",
+        metadata={"help": f"How the adapters start: {', '.join(LORA_INITS)}. default: A random, B zero (the update "
+                  "starts at zero); gaussian: A Gaussian; olora: from a QR decomposition of each 4-bit weight (saved "
+                  "converted into a plain LoRA adapter of twice the rank, for the original base). pissa and loftq need the base in 16 "
+                  "bits and are refused."},
+    )
 
     def __post_init__(self):
+        if self.init_lora_weights not in LORA_INITS + LORA_INITS_NEEDING_16_BITS:
+            raise UserInputError(
+                f"--init_lora_weights {self.init_lora_weights!r} is not one of {', '.join(LORA_INITS)}.")
+        if self.init_lora_weights in LORA_INITS_NEEDING_16_BITS:
+            raise UserInputError(
+                f"--init_lora_weights {self.init_lora_weights}: it starts from the base weights in 16 bits (an SVD, "
+                "or quantizing them itself), and QLoRA holds them in 4 bits. Use olora (which starts from the 4-bit "
+                "weights themselves) or gaussian; or train every weight with train_galore.py."
+            )
+        if self.use_dora and self.init_lora_weights == "olora":
+            raise UserInputError("--use_dora with --init_lora_weights olora: peft cannot convert the trained DoRA "
+                                 "adapter back onto the original base. Choose one.")
         if self.lora_r < 1:
             raise UserInputError(f"--lora_r must be 1 or more, got {self.lora_r}.")
         if self.lora_alpha <= 0:
@@ -73,6 +108,9 @@ class LoraArguments:
             target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
             bias="none",
             task_type="CAUSAL_LM",
+            use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
+            init_lora_weights=True if self.init_lora_weights == "default" else self.init_lora_weights,
         )
 
 
@@ -110,11 +148,14 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
     # ===== Format: SFTTrainer formats and tokenizes the records and wraps the model in LoRA =====
     trainer = batching.build_trainer(model, loaded, data_args, training_args, callbacks,
                                      peft_config=lora_args.peft_config())
+    initial_adapter = save_initial_adapter(trainer, lora_args)
     fast = overrides.enable_fast_path(trainer.model, precision.fp16, data_args.packs_without_padding,
                                       keep_dequantized_weight=training_args.gradient_checkpointing)
     reports.log_settings("QLoRA", trainer, precision, data_args, loaded, {
         "base weights": f"NF4 4-bit, double quantization, compute in {precision.torch_dtype}".replace("torch.", ""),
         "LoRA": f"r={lora_args.lora_r}, alpha={lora_args.lora_alpha}, targets={lora_args.lora_target_modules}, "
+                f"init {lora_args.init_lora_weights}{', rsLoRA' if lora_args.use_rslora else ''}"
+                f"{', DoRA (peft layers: the fused path has no DoRA)' if lora_args.use_dora else ''}, "
                 f"{fast['fused LoRA-on-4-bit layers']} layers on the fused 4-bit path",
     })
 
@@ -123,13 +164,24 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
     train_result = training.train(trainer, output, report_args.time_budget_seconds)
 
     # ===== Save: the adapter and the tokenizer (the base model stays where it came from); merged on request =====
-    final = training.save_final(trainer, loaded.tokenizer)  # None on the processes that do not write (DDP)
+    final = training.save_final(trainer, loaded.tokenizer, initial_adapter)  # None on processes that do not write
     reports.write_reports(trainer, train_result, loaded, report_args, samples_before)
     if final and lora_args.merge:
         logger.info("Merged the adapter into a 16-bit copy of the base model: %s", merge_adapter(final, precision))
     if final and model_args.smoke:
         reports.check_saved_model(AutoPeftModelForCausalLM.from_pretrained, final, loaded, report_args, "adapter")
     return trainer
+
+
+def save_initial_adapter(trainer, lora_args: LoraArguments) -> Optional[Path]:
+    """OLoRA moves part of each base weight into the adapter. The adapter as it starts, saved to a temporary folder,
+    lets save_final convert the trained one into a plain LoRA adapter for the original base, which tools that do
+    not rerun OLoRA's initialisation (vLLM, llama.cpp, a second adapter) load as well."""
+    if lora_args.init_lora_weights != "olora" or not distributed.writes(trainer.args):
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="olora-initial-adapter-"))
+    trainer.model.save_pretrained(folder)
+    return folder
 
 
 def check_lora_targets(model_path: str, lora_args: LoraArguments, trust_remote_code: bool) -> None:

@@ -287,14 +287,18 @@ def with_whole_run_train_loss(result, log_history):
 # ---------------------------------------------------------------------------
 
 
-def save_final(trainer, tokenizer) -> Optional[Path]:
+def save_final(trainer, tokenizer, initial_adapter: Optional[Path] = None) -> Optional[Path]:
     """Write the trained model (or adapter) and the tokenizer to OUTPUT_DIR/final, all or nothing. Under DDP one
-    process writes (distributed.writes); the others get None."""
+    process writes (distributed.writes); the others get None. `initial_adapter`: an OLoRA adapter as it started,
+    against which peft converts the trained one into a plain LoRA adapter for the original base."""
     if not distributed.writes(trainer.args):
         return None
 
     def write(folder: Path) -> None:
-        trainer.save_model(str(folder))
+        if initial_adapter is None:
+            trainer.save_model(str(folder))
+        else:
+            trainer.model.save_pretrained(str(folder), path_initial_model_for_weight_conversion=str(initial_adapter))
         tokenizer.save_pretrained(str(folder))
 
     final = write_atomically(Path(trainer.args.output_dir) / FINAL_DIR, write)
