@@ -122,6 +122,25 @@ def require_complete_checkpoint(checkpoint, output_dir) -> None:
     )
 
 
+def require_same_processes(checkpoint, processes: int, each_node_saves: bool = False) -> None:
+    """A checkpoint resumes with as many processes as wrote it (one random-state file each: rng_state.pth alone, or
+    rng_state_N.pth under DDP); with another count the Trainer skips a wrong number of batches, silently. Under
+    --save_on_each_node a host's folder holds its own processes' files only, so only a count too large is known."""
+    numbered = [int(p.stem.rsplit("_", 1)[1]) for p in Path(checkpoint).glob("rng_state_*.pth")
+                if p.stem.rsplit("_", 1)[1].isdigit()]
+    if not numbered and not (Path(checkpoint) / "rng_state.pth").is_file():
+        return  # written without random states (another tool): nothing to compare
+    wrote = max(numbered) + 1 if numbered else 1
+    if wrote == processes or (each_node_saves and numbered and wrote < processes):
+        return
+    raise UserInputError(
+        f"--resume_from_checkpoint: {Path(checkpoint).name} was written by {wrote} process(es) and this run has "
+        f"{processes}; resumed so, it would continue from another point of the data. Resume with as many GPUs as "
+        f"it was written with (" + ("plain python" if wrote == 1 else f"torchrun --nproc_per_node {wrote}")
+        + "), or start a new run in another --output_dir."
+    )
+
+
 def remove_cut_off_checkpoints(output_dir) -> None:
     """After Ctrl-C: a checkpoint-N folder without trainer_state.json (written last) was cut off mid-save, or
     mid-deletion by --save_total_limit; it can never be resumed, only fill the disk."""

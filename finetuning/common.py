@@ -167,9 +167,10 @@ def load_data_and_tokenizer(model_args: ModelArguments, data_args: DataArguments
                             training_args) -> RunData:
     """The records, then the tokenizer (under --smoke the tiny model is built first, its tokenizer trained on the
     records) and the loss mask. Stops where every record is longer than --max_seq_length or every answer is cut
-    off, except in a dry run, whose report shows the lengths. Under DDP each host's first process runs first (it
-    fills the data caches and builds the smoke model); the others then read what it wrote."""
-    with training_args.main_process_first(local=True, desc="data and tokenizer"):
+    off, except in a dry run, whose report shows the lengths. Under DDP the main process runs first (it fills the
+    data caches and builds the smoke model in the output dir, which other hosts may share); the others then read
+    what it wrote."""
+    with training_args.main_process_first(local=False, desc="data and tokenizer"):
         return _load_data_and_tokenizer(model_args, data_args, report_args, training_args)
 
 
@@ -182,7 +183,7 @@ def _load_data_and_tokenizer(model_args, data_args, report_args, training_args) 
         # A dry run writes nothing under --output_dir: its tiny model goes to a temporary folder.
         folder = tempfile.mkdtemp(prefix="smoke-dry-run-") if report_args.dry_run else training_args.output_dir
         model_path = smoke.smoke_model(folder, [format_example(record) for record in records],
-                                       reuse=training_args.local_process_index > 0 and not report_args.dry_run)
+                                       reuse=training_args.process_index > 0 and not report_args.dry_run)
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
     context = load_config(model_path, model_args.trust_remote_code).max_position_embeddings
     if data_args.max_seq_length > context:

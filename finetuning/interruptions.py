@@ -37,11 +37,11 @@ class StopOnSigterm(TrainerCallback):
     """
 
     def __init__(self, time_budget: Optional[float] = None, started: Optional[float] = None):
-        self.received = False  # set by the handler: a signal handler should do no more than that
+        self.signalled = False  # set by the handler: a signal handler should do no more than that
         self.stopped_at: Optional[int] = None
         self.processes = None  # under DDP: a CPU (gloo) process group to agree on the step to stop at
         self.time_budget, self.started = time_budget, PROCESS_START if started is None else started
-        self.budget_spent = self.signalled = False
+        self.budget_spent = False
         self.slowest_step = self.save_seconds = 0.0
         self.step_started = self.step_ended = None
 
@@ -57,7 +57,11 @@ class StopOnSigterm(TrainerCallback):
         return now - self.started + 2 * self.slowest_step + save > self.time_budget
 
     def _handle(self, signum, frame):
-        self.received = True
+        self.signalled = True
+
+    @property
+    def received(self) -> bool:
+        return self.signalled or self.budget_spent
 
     @contextlib.contextmanager
     def installed(self):
@@ -77,23 +81,22 @@ class StopOnSigterm(TrainerCallback):
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
     def _any_process_received(self) -> bool:
-        """Whether any process has the signal; every process asks at the same points (on the CPU, no GPU sync)."""
-        if self.processes is None:
-            return self.received
-        flag = torch.tensor([int(self.received)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.processes)
-        self.received = bool(flag.item())
+        """Whether any process has the signal or has spent the budget (and which): every process asks at the same
+        points, on the CPU (no GPU sync), so all stop at one step and give one reason."""
+        if self.processes is not None:
+            flags = torch.tensor([int(self.signalled), int(self.budget_spent)])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.processes)
+            self.signalled, self.budget_spent = bool(flags[0]), bool(flags[1])
         return self.received
 
     @property
     def reason(self) -> str:
-        return "time budget" if self.budget_spent and not self.signalled else "SIGTERM"
+        return "SIGTERM" if self.signalled else "time budget"
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_ended = time.monotonic()
-        self.signalled = self.received
         if not self.received and self._budget_nearly_spent():
-            self.received = self.budget_spent = True
+            self.budget_spent = True
         if not self._any_process_received():
             return
         if self.stopped_at is None:

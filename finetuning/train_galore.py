@@ -114,7 +114,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
 
     # ===== Format: SFTTrainer formats and tokenizes the records =====
     trainer = batching.build_trainer(model, loaded, data_args, training_args,
-                                     [ProjectionsAgree(galore_args.galore_update_proj_gap), *(callbacks or [])],
+                                     [ProjectionsAgree(), *(callbacks or [])],
                                      optimizers=(optimizer, None))  # the Trainer builds the scheduler
     overrides.enable_fast_path(trainer.model, precision.fp16, data_args.packs_without_padding,
                                keep_dequantized_weight=False)
@@ -199,14 +199,20 @@ def build_optimizer(model, galore_args: GaloreArguments, training_args):
     )
 
 
-def projection_checksum(optimizer) -> list[float]:
-    """Two sums over every GaLore projection matrix: equal on two processes only if their projections are."""
-    total = torch.zeros(2, dtype=torch.float64)
+def projections(optimizer) -> list:
+    """Every GaLore projection matrix the optimizer holds (none before its first step)."""
+    found = []
     for state in getattr(optimizer, "optimizer", optimizer).state.values():
         matrices = getattr(state.get("projector"), "ortho_matrix", None)
-        for matrix in matrices if isinstance(matrices, (list, tuple)) else [matrices]:
-            if matrix is not None:
-                total += torch.stack([matrix.double().sum(), matrix.double().abs().sum()]).cpu()
+        found += [m for m in (matrices if isinstance(matrices, (list, tuple)) else [matrices]) if m is not None]
+    return found
+
+
+def projection_checksum(matrices) -> list[float]:
+    """Two sums over the projection matrices: equal on two processes only if their projections are."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for matrix in matrices:
+        total += torch.stack([matrix.double().sum(), matrix.double().abs().sum()]).cpu()
     return total.tolist()
 
 
@@ -215,16 +221,22 @@ class ProjectionsAgree(TrainerCallback):
 
     Each process computes its projections (an SVD) from the same all-reduced gradient; DDP keeps the gradients in
     step but not the optimizer, so a process whose SVD came out otherwise (another GPU model) would silently train
-    a different model.
+    a different model. GaLore replaces a projection matrix when it updates it, so a step where the matrices are new
+    objects is an update step, on every process alike (the same gradients, the same skipped fp16 steps).
     """
 
-    def __init__(self, update_proj_gap: int):
-        self.update_proj_gap = update_proj_gap
+    def __init__(self):
+        self.checked: tuple = ()
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        if args.world_size == 1 or (state.global_step - 1) % self.update_proj_gap:
+        if args.world_size == 1:
             return
-        checksums = gather_object([projection_checksum(optimizer)])
+        matrices = projections(optimizer)
+        current = tuple(id(m) for m in matrices)  # the matrices last checked are alive: a new one has a new id
+        if not matrices or current == self.checked:
+            return
+        self.checked = current
+        checksums = gather_object([projection_checksum(matrices)])
         if any(not torch.allclose(torch.tensor(c), torch.tensor(checksums[0]), rtol=1e-6, atol=0) for c in checksums):
             raise TrainingFailed(
                 f"GaLore's projections differ between the {args.world_size} processes after step {state.global_step} "

@@ -20,7 +20,8 @@ import torch
 from transformers import TrainerCallback
 
 import distributed
-from checkpoints import latest_complete_checkpoint, remove_cut_off_checkpoints, require_complete_checkpoint
+from checkpoints import (latest_complete_checkpoint, remove_cut_off_checkpoints, require_complete_checkpoint,
+                         require_same_processes)
 from errors import Interrupted, TrainingFailed, UserInputError
 from interruptions import StopOnSigterm, resume_hint
 from smoke import SMOKE_MODEL_DIR
@@ -107,10 +108,11 @@ def plan_output_dir(training_args, smoke: bool = False) -> OutputPlan:
                 "checkpoint to resume from. Check --output_dir, or start a new run without the flag."
             )
         logger.info("Resuming from the latest complete checkpoint, %s", plan.resume_from)
-        return plan
-    if resume is not None:
+    elif resume is not None:
         require_complete_checkpoint(resume, output_dir)
         plan.resume_from = str(resume)
+    if plan.resume_from is not None:
+        require_same_processes(plan.resume_from, training_args.world_size, training_args.save_on_each_node)
         return plan
     if not smoke and smoke_folder:
         earlier.append(SMOKE_MODEL_DIR)
@@ -239,8 +241,9 @@ def train(trainer, output: Optional[OutputPlan] = None, time_budget: Optional[fl
             f"(batch {args.per_device_train_batch_size}, gradient checkpointing "
             f"{'on' if args.gradient_checkpointing else 'off'}).\n"
             "Fix, one at a time: halve --per_device_train_batch_size and double --gradient_accumulation_steps "
-            "(the same effective batch); lower --max_seq_length; turn on --gradient_checkpointing; or let "
-            "--auto_find_batch_size find the largest batch that fits.\n"
+            "(the same effective batch); lower --max_seq_length; turn on --gradient_checkpointing"
+            + ("; or let --auto_find_batch_size find the largest batch that fits.\n" if args.world_size == 1 else
+               " (--auto_find_batch_size would retry on one process while the others wait).\n")
             + (
                 f"Resume with --resume_from_checkpoint {checkpoint}"
                 if checkpoint
@@ -263,7 +266,7 @@ def train(trainer, output: Optional[OutputPlan] = None, time_budget: Optional[fl
         raise Interrupted(resume_hint(trainer, "--time_budget nearly spent"), TIME_BUDGET_EXIT_CODE)
     if sigterm.stopped_at is not None:
         raise Interrupted(resume_hint(trainer, "SIGTERM"), 143)
-    if sigterm.received:
+    if sigterm.signalled:
         # It came after the last step's end: training is done and no checkpoint holds its end; the final save will.
         logger.warning("SIGTERM came after the last training step: finishing the run (saving the final model).")
     return with_whole_run_train_loss(result, trainer.state.log_history)

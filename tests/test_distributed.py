@@ -252,3 +252,66 @@ def test_the_accelerate_configs_are_ddp_configs_accelerate_reads(name, machines)
     config = load_config_from_file(str(REPO_ROOT / "configs" / "accelerate" / name))
     assert config.distributed_type == "MULTI_GPU" and config.num_machines == machines
     assert config.mixed_precision == "no"  # the scripts pick bf16 or fp16 for the GPU
+
+
+def test_a_spent_time_budget_stops_every_process_at_the_same_step_for_the_same_reason(tmp_path):
+    # 20 s from the start: the first checkpoint is assumed to take 60 s, so both processes stop after step 1.
+    run = torchrun("qlora", tmp_path / "run", "--max_tokens_per_batch", "256", "--time_budget", "20s", steps=50)
+    output = run.communicate(timeout=300)[0]
+    stops = [line.split("Training interrupted at ")[1] for line in output.splitlines()
+             if "Training interrupted at" in line]
+    assert len(stops) == 2 and stops[0] == stops[1], output[-3000:]
+    assert stops[0].startswith("step 1 (--time_budget nearly spent; latest checkpoint checkpoint-1)")
+    assert (tmp_path / "run" / "checkpoint-1" / "rng_state_1.pth").is_file()
+
+
+# ---------------------------------------------------------------------------
+# GaLore's projections, resuming with another number of processes
+# ---------------------------------------------------------------------------
+
+
+class _Projector:
+    def __init__(self, matrix):
+        self.ortho_matrix = matrix
+
+
+def test_galore_projections_that_differ_between_processes_stop_training(monkeypatch):
+    import errors
+    import train_galore
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=1.0)
+    args = type("Args", (), {"world_size": 2})()
+    state = type("State", (), {"global_step": 1})()
+    check = train_galore.ProjectionsAgree()
+    gathered = []
+
+    def gather(values):  # this process's checksum, and another process's
+        gathered.append(values[0])
+        return [values[0], [values[0][0] + 1.0, values[0][1]]]
+
+    monkeypatch.setattr(train_galore, "gather_object", gather)
+    check.on_step_end(args, state, None, optimizer=optimizer)
+    assert gathered == [], "nothing to compare before GaLore's first step"
+    optimizer.state[optimizer.param_groups[0]["params"][0]]["projector"] = _Projector(torch.eye(2))
+    with pytest.raises(errors.TrainingFailed, match="GaLore's projections differ between the 2 processes"):
+        check.on_step_end(args, state, None, optimizer=optimizer)
+    check.on_step_end(args, state, None, optimizer=optimizer)
+    assert len(gathered) == 1, "the same matrices are compared once, not at every step"
+
+
+@pytest.mark.parametrize("files, processes, refused", [
+    (["rng_state.pth"], 1, False), (["rng_state.pth"], 2, True),
+    (["rng_state_0.pth", "rng_state_1.pth"], 2, False), (["rng_state_0.pth", "rng_state_1.pth"], 1, True),
+    (["rng_state_0.pth", "rng_state_1.pth"], 4, True), ([], 2, False),
+])
+def test_a_checkpoint_resumes_with_as_many_processes_as_wrote_it(files, processes, refused, tmp_path):
+    import checkpoints
+    import errors
+
+    for name in files:
+        (tmp_path / name).write_bytes(b"")
+    if refused:
+        with pytest.raises(errors.UserInputError, match=f"this run has {processes}"):
+            checkpoints.require_same_processes(tmp_path, processes)
+    else:
+        checkpoints.require_same_processes(tmp_path, processes)
