@@ -53,17 +53,6 @@ def format_prompt(record: Mapping[str, Any]) -> str:
     return USER_TURN.format(prompt=_prompt_text(record)) + MODEL_TURN_START
 
 
-def reference_answer(record: Mapping[str, Any]) -> str:
-    """The answer the data gives for format_prompt(record): the last assistant turn, the text's second half, or the
-    output field."""
-    if "messages" in record:
-        answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
-        return answers[-1].strip() if answers and record["messages"][-1]["role"] == "assistant" else ""
-    if "text" in record:
-        return record["text"][max(1, len(record["text"]) // 2):]
-    return record[OUTPUT_FIELD].strip()
-
-
 def format_record(record: Mapping[str, Any]) -> str:
     """One instruction record as a Gemma chat exchange, without <bos> (the tokenizer adds it)."""
     return USER_TURN.format(prompt=_prompt_text(record)) + MODEL_TURN.format(response=record[OUTPUT_FIELD].strip())
@@ -317,12 +306,9 @@ def linear_layer_names(model: torch.nn.Module) -> set:
 def load_causal_lm(model_path: str, trust_remote_code: bool, **kwargs):
     """AutoModelForCausalLM.from_pretrained for training: safetensors only, and a path that holds no model is a user error."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,  # never unpickle weights: a .bin checkpoint can run arbitrary code
-            **kwargs,
-        )
+        # Safetensors only: never unpickle weights, a .bin checkpoint can run arbitrary code.
+        model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True, **kwargs)
     except (OSError, ValueError) as e:  # ValueError: a malformed hub id, or a folder with no config.json
         raise UserInputError(_model_not_found_message(model_path, e)) from e
     model.config.use_cache = False  # the KV cache is useless while training and clashes with checkpointing

@@ -106,14 +106,9 @@ def enable_fast_path(model, fp16: bool, padding_free: bool, keep_dequantized_wei
 
 
 def fuse_rms_norms(model, fp32_residual: bool = False) -> int:
-    """Compute every Gemma3RMSNorm with one fused `rms_norm` call. Returns how many were changed.
-
-    Gemma's norm is `x / rms(x) * (1 + weight)` in float32, cast back to the
-    input's dtype. With `fp32_residual` (fp16 training) the output keeps the
-    promoted dtype of input and weight, so float32 weights give a float32 residual
-    stream: Gemma 3's residual grows past float16's 65,504 (transformers issue
-    36822), and the norms are where it would be cast down.
-    """
+    """Compute every Gemma3RMSNorm (`x / rms(x) * (1 + weight)` in float32) with one fused `rms_norm` call; returns
+    how many. `fp32_residual` (fp16 training): the output keeps float32 weights' dtype, so the residual stream,
+    which grows past float16's 65,504 in Gemma 3 (transformers issue 36822), is not cast down at the norms."""
     what = "fused RMSNorm"
     if not (_found(Gemma3RMSNorm, "Gemma3RMSNorm", what) and _version_ok("transformers", what)
             and _has(torch.nn.functional, ["rms_norm"], what)):
@@ -305,14 +300,9 @@ def _varlen(query, key, value, dropout, scaling, sliding_window, kwargs) -> Opti
 
 
 def use_chunked_loss(causal_lm: torch.nn.Module, chunk_tokens: Optional[int] = None) -> bool:
-    """Compute the training loss from the hidden states in chunks, never holding the full logits.
-
-    Gemma's 262,144-token vocabulary makes the logits the largest tensor of a step
-    (1 GiB in fp32 per 1,024 tokens, and cross_entropy keeps several copies). The
-    chunked loss also skips positions whose label is masked (padding). Returns
-    False, leaving the model as it was, where the output layer is not a plain
-    Linear (a quantized one, say) or the model has no `model` that returns hidden states.
-    """
+    """Compute the training loss from the hidden states in chunks, never holding the full logits (Gemma's 262k
+    vocabulary: 1 GiB of fp32 logits per 1,024 tokens), skipping masked positions. Returns False, leaving the model
+    as it was, where the output layer is not a plain Linear or there is no `model` returning hidden states."""
     lm_head = causal_lm.get_output_embeddings()
     if type(lm_head) is not torch.nn.Linear or lm_head.bias is not None:
         logger.warning("Output layer is %s, not a plain Linear: using the stock loss.", type(lm_head).__name__)

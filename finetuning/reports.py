@@ -15,7 +15,8 @@ import distributed
 from arguments import DataArguments, ReportArguments
 from batching import PackedBatches, pack_into_rows, row_fill
 from common import token_lengths
-from common import Precision, RunData, format_example, format_prompt, reference_answer
+from common import Precision, RunData, format_example, format_prompt
+from data import OUTPUT_FIELD
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,17 @@ def render_with_mask(record, tokenizer, collator, max_seq_length: int) -> str:
 # ---------------------------------------------------------------------------
 # After training: samples, metrics, the loss curve
 # ---------------------------------------------------------------------------
+
+
+def reference_answer(record: Mapping[str, Any]) -> str:
+    """The answer the data gives for format_prompt(record): the last assistant turn, the text's second half, or the
+    output field."""
+    if "messages" in record:
+        answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+        return answers[-1].strip() if answers and record["messages"][-1]["role"] == "assistant" else ""
+    if "text" in record:
+        return record["text"][max(1, len(record["text"]) // 2):]
+    return record[OUTPUT_FIELD].strip()
 
 
 def generate_samples(model, tokenizer, records, count: int, max_new_tokens: int) -> list[dict]:

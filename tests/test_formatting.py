@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 import common
+import reports
 
 BOS, EOS, PAD = 2, 1, 0
 
@@ -89,7 +90,7 @@ def test_format_prompt_is_the_start_of_format_record():
     ({"text": "abcdef"}, "def"),
 ])
 def test_the_reference_answer_is_what_follows_the_prompt_in_the_data(record, reference):
-    assert common.reference_answer(record) == reference
+    assert reports.reference_answer(record) == reference
     if "text" in record:
         assert common.format_prompt(record) + reference == record["text"]
 
