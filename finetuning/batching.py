@@ -289,8 +289,9 @@ class TokenBudgetSFTTrainer(SFTTrainer):
                 len(sampler), self.max_tokens, len(dataset) / len(sampler),
             )
         if sampler.repeated:
-            logger.info("So that each of the %d processes takes the same number of steps, %d %s are seen twice an "
-                        "epoch.", processes, sampler.repeated, "rows" if self.padding_free else "batches")
+            unit = (("batch", "batches"), ("row", "rows"))[self.padding_free][sampler.repeated != 1]
+            logger.info("So that each of the %d processes takes the same number of steps, %d %s of the epoch %s "
+                        "seen twice.", processes, sampler.repeated, unit, "is" if sampler.repeated == 1 else "are")
         loader = DataLoader(
             data, batch_sampler=sampler, collate_fn=collate,
             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
