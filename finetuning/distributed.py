@@ -1,6 +1,7 @@
 """Several processes, one per GPU (torchrun or accelerate launch, PyTorch DDP): which process this is, the writes
 that happen on one process only, the command that launches a run on every GPU, and plain `python` on a machine
-with several GPUs (one GPU, never nn.DataParallel).
+with several GPUs (one GPU, never nn.DataParallel), and the check that GaLore's projections stay the same on
+every process.
 
 Before TrainingArguments set the processes up, the launcher's environment says who this process is (RANK,
 WORLD_SIZE, LOCAL_WORLD_SIZE); afterwards the TrainingArguments do (`process_index`, `world_size`, `should_save`).
@@ -15,8 +16,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from accelerate.utils import gather_object
+from transformers import TrainerCallback
 
-from errors import SetupError
+from errors import SetupError, TrainingFailed
 
 logger = logging.getLogger(__name__)
 
@@ -123,3 +126,56 @@ def use_one_gpu_without_launcher(training_args, script: str, pin_one_gpu: Callab
         )
     logger.warning("This machine has %d GPUs; started by plain python, this run trains on one (cuda:0). To train on "
                    "all %d (DDP, one process each): %s", gpus, gpus, command)
+
+
+# ---------------------------------------------------------------------------
+# GaLore's projections, the same on every process
+# ---------------------------------------------------------------------------
+
+
+def galore_projections(optimizer) -> list:
+    """Every GaLore projection matrix the optimizer holds (none before its first step)."""
+    found = []
+    for state in getattr(optimizer, "optimizer", optimizer).state.values():
+        matrices = getattr(state.get("projector"), "ortho_matrix", None)
+        found += [m for m in (matrices if isinstance(matrices, (list, tuple)) else [matrices]) if m is not None]
+    return found
+
+
+def projection_checksum(matrices) -> list[float]:
+    """Two sums over the projection matrices: equal on two processes only if their projections are."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for matrix in matrices:
+        total += torch.stack([matrix.double().sum(), matrix.double().abs().sum()]).cpu()
+    return total.tolist()
+
+
+class GaloreProjectionsAgree(TrainerCallback):
+    """Under DDP, after each projection update: every process holds the same GaLore projections, or training stops.
+
+    Each process computes its projections (an SVD) from the same all-reduced gradient; DDP keeps the gradients in
+    step but not the optimizer, so a process whose SVD came out otherwise (another GPU model) would silently train
+    a different model. GaLore replaces a projection matrix when it updates it, so a step where the matrices are new
+    objects is an update step, on every process alike (the same gradients, the same skipped fp16 steps).
+    """
+
+    def __init__(self):
+        self.checked: tuple = ()
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if args.world_size == 1:
+            return
+        matrices = galore_projections(optimizer)
+        current = tuple(id(m) for m in matrices)  # the matrices last checked are alive: a new one has a new id
+        if not matrices or current == self.checked:
+            return
+        self.checked = current
+        checksums = gather_object([projection_checksum(matrices)])
+        if any(not torch.allclose(torch.tensor(c), torch.tensor(checksums[0]), rtol=1e-6, atol=0) for c in checksums):
+            raise TrainingFailed(
+                f"GaLore's projections differ between the {args.world_size} processes after step {state.global_step} "
+                f"(checksums {checksums}): each GPU would train a different model. Run on GPUs of one model, or on "
+                "one GPU."
+            )
+        logger.info("GaLore projections identical on all %d processes after step %d (checksum %.9e, %.9e).",
+                    args.world_size, state.global_step, *checksums[0])

@@ -36,11 +36,11 @@ class StopOnSigterm(TrainerCallback):
     FIRST_SAVE_SECONDS) would pass it.
     """
 
-    def __init__(self, time_budget: Optional[float] = None, started: Optional[float] = None):
+    def __init__(self, time_budget: Optional[float] = None):
         self.signalled = False  # set by the handler: a signal handler should do no more than that
         self.stopped_at: Optional[int] = None
         self.processes = None  # under DDP: a CPU (gloo) process group to agree on the step to stop at
-        self.time_budget, self.started = time_budget, PROCESS_START if started is None else started
+        self.time_budget = time_budget
         self.budget_spent = False
         self.slowest_step = self.save_seconds = 0.0
         self.step_started = self.step_ended = None
@@ -54,7 +54,7 @@ class StopOnSigterm(TrainerCallback):
         now = time.monotonic()
         self.slowest_step = max(self.slowest_step, now - self.step_started)
         save = self.save_seconds or max(FIRST_SAVE_SECONDS, self.slowest_step)
-        return now - self.started + 2 * self.slowest_step + save > self.time_budget
+        return now - PROCESS_START + 2 * self.slowest_step + save > self.time_budget
 
     def _handle(self, signum, frame):
         self.signalled = True

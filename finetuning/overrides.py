@@ -81,11 +81,9 @@ def _has(target, names, what: str) -> bool:
 
 
 def enable_fast_path(model, fp16: bool, padding_free: bool, keep_dequantized_weight: bool) -> dict:
-    """Switch on overrides 1-6 for `model` (the trainer's model, peft-wrapped or not). Returns what was changed.
-
-    `fp16`: keep the residual stream in float32 (fp16 training). `padding_free`: batches of packed rows
-    (variable-length attention). `keep_dequantized_weight`: see fuse_lora_4bit.
-    """
+    """Switch on overrides 1-6 for `model` (the trainer's, peft-wrapped or not); returns what changed. `fp16`: a
+    float32 residual stream. `padding_free`: packed rows (variable-length attention). `keep_dequantized_weight`: see
+    fuse_lora_4bit."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     changed = {
         "chunked loss": use_chunked_loss(causal_lm),
@@ -388,8 +386,8 @@ def _galore_fixed(stock: type, optimizer_2_state: type) -> type:
 
 
 class OneGpuTrainingArguments(TrainingArguments):
-    """TrainingArguments whose n_gpu is at most 1, so the Trainer never wraps the model in nn.DataParallel. A class
-    rather than the private `_n_gpu`: it survives the dataclasses.replace copies that trl and the scripts make."""
+    """n_gpu at most 1: the Trainer never uses nn.DataParallel. A class, not the private `_n_gpu`, so that it
+    survives the dataclasses.replace copies that trl and the scripts make."""
 
     @property
     def n_gpu(self):

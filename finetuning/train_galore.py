@@ -29,11 +29,11 @@ import arguments  # noqa: E402
 from arguments import DataArguments, ModelArguments, ReportArguments  # noqa: E402
 import batching  # noqa: E402
 import common  # noqa: E402
+import distributed  # noqa: E402
 import overrides  # noqa: E402
 import reports  # noqa: E402
 import training  # noqa: E402
-from accelerate.utils import gather_object  # noqa: E402
-from errors import TrainingFailed, UserInputError  # noqa: E402
+from errors import UserInputError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
 
     # ===== Format: SFTTrainer formats and tokenizes the records =====
     trainer = batching.build_trainer(model, loaded, data_args, training_args,
-                                     [ProjectionsAgree(), *(callbacks or [])],
+                                     [distributed.GaloreProjectionsAgree(), *(callbacks or [])],
                                      optimizers=(optimizer, None))  # the Trainer builds the scheduler
     overrides.enable_fast_path(trainer.model, precision.fp16, data_args.packs_without_padding,
                                keep_dequantized_weight=False)
@@ -197,54 +197,6 @@ def build_optimizer(model, galore_args: GaloreArguments, training_args):
         eps=training_args.adam_epsilon,
         weight_decay=training_args.weight_decay,
     )
-
-
-def projections(optimizer) -> list:
-    """Every GaLore projection matrix the optimizer holds (none before its first step)."""
-    found = []
-    for state in getattr(optimizer, "optimizer", optimizer).state.values():
-        matrices = getattr(state.get("projector"), "ortho_matrix", None)
-        found += [m for m in (matrices if isinstance(matrices, (list, tuple)) else [matrices]) if m is not None]
-    return found
-
-
-def projection_checksum(matrices) -> list[float]:
-    """Two sums over the projection matrices: equal on two processes only if their projections are."""
-    total = torch.zeros(2, dtype=torch.float64)
-    for matrix in matrices:
-        total += torch.stack([matrix.double().sum(), matrix.double().abs().sum()]).cpu()
-    return total.tolist()
-
-
-class ProjectionsAgree(TrainerCallback):
-    """Under DDP, after each projection update: every process holds the same GaLore projections, or training stops.
-
-    Each process computes its projections (an SVD) from the same all-reduced gradient; DDP keeps the gradients in
-    step but not the optimizer, so a process whose SVD came out otherwise (another GPU model) would silently train
-    a different model. GaLore replaces a projection matrix when it updates it, so a step where the matrices are new
-    objects is an update step, on every process alike (the same gradients, the same skipped fp16 steps).
-    """
-
-    def __init__(self):
-        self.checked: tuple = ()
-
-    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        if args.world_size == 1:
-            return
-        matrices = projections(optimizer)
-        current = tuple(id(m) for m in matrices)  # the matrices last checked are alive: a new one has a new id
-        if not matrices or current == self.checked:
-            return
-        self.checked = current
-        checksums = gather_object([projection_checksum(matrices)])
-        if any(not torch.allclose(torch.tensor(c), torch.tensor(checksums[0]), rtol=1e-6, atol=0) for c in checksums):
-            raise TrainingFailed(
-                f"GaLore's projections differ between the {args.world_size} processes after step {state.global_step} "
-                f"(checksums {checksums}): each GPU would train a different model. Run on GPUs of one model, or on "
-                "one GPU."
-            )
-        logger.info("GaLore projections identical on all %d processes after step %d (checksum %.9e, %.9e).",
-                    args.world_size, state.global_step, *checksums[0])
 
 
 def parse_args(argv: Sequence[str]) -> tuple:

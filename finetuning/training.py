@@ -262,10 +262,10 @@ def train(trainer, output: Optional[OutputPlan] = None, time_budget: Optional[fl
     finally:
         for callback in added:
             trainer.remove_callback(callback)
-    if sigterm.stopped_at is not None and sigterm.reason == "time budget":
-        raise Interrupted(resume_hint(trainer, "--time_budget nearly spent"), TIME_BUDGET_EXIT_CODE)
     if sigterm.stopped_at is not None:
-        raise Interrupted(resume_hint(trainer, "SIGTERM"), 143)
+        if sigterm.signalled:
+            raise Interrupted(resume_hint(trainer, "SIGTERM"), 143)
+        raise Interrupted(resume_hint(trainer, "--time_budget nearly spent"), TIME_BUDGET_EXIT_CODE)
     if sigterm.signalled:
         # It came after the last step's end: training is done and no checkpoint holds its end; the final save will.
         logger.warning("SIGTERM came after the last training step: finishing the run (saving the final model).")

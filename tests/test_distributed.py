@@ -277,19 +277,18 @@ class _Projector:
 
 def test_galore_projections_that_differ_between_processes_stop_training(monkeypatch):
     import errors
-    import train_galore
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=1.0)
     args = type("Args", (), {"world_size": 2})()
     state = type("State", (), {"global_step": 1})()
-    check = train_galore.ProjectionsAgree()
+    check = distributed.GaloreProjectionsAgree()
     gathered = []
 
     def gather(values):  # this process's checksum, and another process's
         gathered.append(values[0])
         return [values[0], [values[0][0] + 1.0, values[0][1]]]
 
-    monkeypatch.setattr(train_galore, "gather_object", gather)
+    monkeypatch.setattr(distributed, "gather_object", gather)
     check.on_step_end(args, state, None, optimizer=optimizer)
     assert gathered == [], "nothing to compare before GaLore's first step"
     optimizer.state[optimizer.param_groups[0]["params"][0]]["projector"] = _Projector(torch.eye(2))
