@@ -305,6 +305,8 @@ def save_final(trainer, tokenizer, initial_adapter: Optional[Path] = None) -> Op
         tokenizer.save_pretrained(str(folder))
 
     final = write_atomically(Path(trainer.args.output_dir) / FINAL_DIR, write)
+    if initial_adapter is not None:
+        shutil.rmtree(initial_adapter, ignore_errors=True)  # a temporary folder, used up by the conversion
     logger.info("Saved to %s", final)
     return final
 
