@@ -20,7 +20,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 import distributed
 from config_files import CONFIG_SUFFIXES, config_argv, read_config_file
-from errors import Interrupted, SetupError, TrainingFailed, UserInputError
+from errors import ExportFailed, Interrupted, SetupError, TrainingFailed, UserInputError
 from help_text import HELP_GROUPS, HelpFormatter, write_help
 from smoke_flags import parse_smoke
 
@@ -291,6 +291,15 @@ def _parse(parser, argv: list[str]) -> tuple:
     return tuple(parsed)
 
 
+def parse_flags(dataclass_types: tuple, argv: Sequence[str]) -> tuple:
+    """A small script's own flags (no TrainingArguments), with the training scripts' rules: an unknown or repeated
+    flag is an error, and a missing or malformed one is a UserInputError rather than argparse's exit."""
+    parser = _Parser(dataclass_types, allow_abbrev=False)
+    argv = [str(arg) for arg in argv]
+    _refuse_repeated_flags(parser, argv)
+    return _parse(parser, argv)
+
+
 def default_report_to() -> str:
     """TensorBoard logs where tensorboard is installed (Colab has it), none otherwise."""
     return "tensorboard" if importlib.util.find_spec("tensorboard") is not None else "none"
@@ -362,7 +371,7 @@ def run_cli(parse: Callable[[Sequence[str]], tuple], main: Callable[..., Any], a
     setup_logging()
     try:
         main(*parse(sys.argv[1:] if argv is None else list(argv)))
-    except (UserInputError, SetupError, TrainingFailed) as e:
+    except (UserInputError, SetupError, TrainingFailed, ExportFailed) as e:
         logger.error("%s", e)
         return 2
     except Interrupted as e:

@@ -16,6 +16,11 @@ class TrainingFailed(RuntimeError):
     """Training cannot go on (NaN loss, out of memory, full disk); the message says what to change and what was saved."""
 
 
+class ExportFailed(RuntimeError):
+    """An export did not give a file that answers like the trained model (a converter error, a GGUF that never
+    stops); the message says what was found and what to try."""
+
+
 class Interrupted(RuntimeError):
     """Training was stopped from outside (Ctrl-C, SIGTERM); the message says where and how to resume.
 

@@ -20,6 +20,8 @@ from data import OUTPUT_FIELD
 
 logger = logging.getLogger(__name__)
 
+SAMPLES_JSON = "samples.json"
+
 
 # ---------------------------------------------------------------------------
 # Before training: the settings, the dry run
@@ -212,7 +214,11 @@ def write_reports(trainer, train_result, loaded: RunData, report_args: ReportArg
                 "**Before:**\n", "```", before["answer"], "```\n", "**After:**\n", "```", after["answer"], "```\n",
             ]
         (output_dir / "samples.md").write_text("\n".join(lines))
-    logger.info("metrics.json, loss_curve.png%s in %s", " and samples.md" if samples_after else "", output_dir)
+        # The same, for tools: export_gguf.py answers these prompts with the exported model.
+        (output_dir / SAMPLES_JSON).write_text(json.dumps(
+            [{"prompt": after["prompt"], "reference": after["reference"], "before": before["answer"],
+              "after": after["answer"]} for before, after in zip(samples_before, samples_after)], indent=2))
+    logger.info("metrics.json, loss_curve.png%s in %s", " and samples.md/.json" if samples_after else "", output_dir)
     return metrics
 
 

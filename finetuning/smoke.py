@@ -9,8 +9,8 @@ from typing import Iterable, Optional
 
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+import sentencepiece
+from transformers import AutoConfig, Gemma3ForCausalLM, Gemma3TextConfig, GemmaTokenizerFast
 
 from errors import UserInputError
 
@@ -52,7 +52,7 @@ def build_random_gemma(
     formatting and training code runs on it unchanged.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(texts, vocab_size)
+    tokenizer = train_tokenizer(texts, vocab_size, directory)
     tokenizer.save_pretrained(directory)
     if config_file is None:
         config = Gemma3TextConfig(
@@ -65,6 +65,8 @@ def build_random_gemma(
             head_dim=32,
             max_position_embeddings=2048,
             sliding_window=64,
+            # As gemma-3-1b (both 256): llama.cpp scales attention by head_dim and ignores this field.
+            query_pre_attn_scalar=32,
         )
     else:
         config = AutoConfig.from_pretrained(Path(config_file).parent)
@@ -79,32 +81,31 @@ def build_random_gemma(
     return directory
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> transformers.PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on the spot, shaped like Gemma's (ids, special tokens, chat template)."""
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.NFKC()
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", SPECIAL_TOKENS.index("<bos>"))]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+def train_tokenizer(texts: Iterable[str], vocab_size: int, directory: Path) -> transformers.PreTrainedTokenizerFast:
+    """A SentencePiece BPE tokenizer trained on the spot, shaped like Gemma's: its ids (<pad>=0, <eos>=1, <bos>=2,
+    <unk>=3), chat turns as whole pieces, byte fallback, no normalisation and no space prefix. Its
+    `tokenizer.model` is written to `directory`, so llama.cpp's converter reads it as it reads Gemma's (GGUF export).
+    """
+    model_file = directory / "tokenizer.model"
+    with model_file.open("wb") as writer:
+        sentencepiece.SentencePieceTrainer.train(
+            # SentencePiece trains on lines; a newline falls back to its byte, as any character it has not seen.
+            sentence_iterator=(text.replace("\n", " ") for text in texts), model_writer=writer,
+            vocab_size=vocab_size, hard_vocab_limit=False, model_type="bpe", byte_fallback=True,
+            character_coverage=1.0, split_digits=True, allow_whitespace_only_pieces=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+            unk_piece="<unk>", user_defined_symbols=SPECIAL_TOKENS[4:], minloglevel=2, num_threads=1,
+        )
+    return GemmaTokenizerFast(
+        vocab_file=str(model_file),
         bos_token="<bos>",
         eos_token="<eos>",
         pad_token="<pad>",
         unk_token="<unk>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        additional_special_tokens=SPECIAL_TOKENS[4:],
         model_max_length=32768,
         chat_template=GEMMA_CHAT_TEMPLATE,
-        model_input_names=["input_ids", "attention_mask"],  # as Gemma's; no token_type_ids
     )
 
 

@@ -24,7 +24,7 @@ noise.silence()  # before bitsandbytes loads: it warns at import
 
 import torch  # noqa: E402
 from peft import AutoPeftModelForCausalLM, LoraConfig  # noqa: E402
-from transformers import AutoTokenizer, BitsAndBytesConfig, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import BitsAndBytesConfig, TrainerCallback, TrainingArguments  # noqa: E402
 from trl import SFTTrainer  # noqa: E402
 
 import arguments  # noqa: E402
@@ -167,7 +167,8 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
     final = training.save_final(trainer, loaded.tokenizer, initial_adapter)  # None on processes that do not write
     reports.write_reports(trainer, train_result, loaded, report_args, samples_before)
     if final and lora_args.merge:
-        logger.info("Merged the adapter into a 16-bit copy of the base model: %s", merge_adapter(final, precision))
+        dtype = torch.bfloat16 if precision.bf16 or precision.name == "fp32" else torch.float16
+        logger.info("Merged the adapter into a 16-bit copy of the base model: %s", training.merge_adapter(final, dtype))
     if final and model_args.smoke:
         reports.check_saved_model(AutoPeftModelForCausalLM.from_pretrained, final, loaded, report_args, "adapter")
     return trainer
@@ -218,25 +219,6 @@ def load_quantized_model(model_path: str, precision: common.Precision, device: t
         device_map={"": "cpu" if torch.device(device).type == "cpu" else device},  # DDP on the CPU gives "cpu:0"
         attn_implementation=attn_implementation,
     )
-
-
-def merge_adapter(adapter_dir: Path, precision: common.Precision) -> Path:
-    """OUTPUT_DIR/merged: the adapter merged into a 16-bit base model, loadable without peft.
-
-    The base is loaded again in 16 bits (on the CPU, so the GPU's memory is not
-    needed): merging into the 4-bit weights would round the update away and
-    leave a model only bitsandbytes can load.
-    """
-    dtype = torch.bfloat16 if precision.bf16 or precision.name == "fp32" else torch.float16
-    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=dtype, device_map={"": "cpu"})
-    merged_model = model.merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-
-    def write(folder: Path) -> None:
-        merged_model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-
-    return training.write_atomically(adapter_dir.parent / training.MERGED_DIR, write)
 
 
 def parse_args(argv: Sequence[str]) -> tuple:

@@ -311,6 +311,24 @@ def save_final(trainer, tokenizer, initial_adapter: Optional[Path] = None) -> Op
     return final
 
 
+def merge_adapter(adapter_dir: Path, dtype: torch.dtype) -> Path:
+    """OUTPUT_DIR/merged: the adapter merged into a 16-bit base model, loadable without peft (and convertible to
+    GGUF). The base is loaded again in 16 bits on the CPU, so the GPU's memory is not needed: merging into the 4-bit
+    weights would round the update away and leave a model only bitsandbytes can load."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    merged_model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=dtype,
+                                                            device_map={"": "cpu"}).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+
+    def write(folder: Path) -> None:
+        merged_model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    return write_atomically(adapter_dir.parent / MERGED_DIR, write)
+
+
 def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
     """Have `write` fill a temporary folder, then rename it to `final`.
 

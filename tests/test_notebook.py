@@ -132,6 +132,10 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["global_step"] == 4 and "eval_loss" in metrics
 
+    gguf = output_dir / "gguf"  # the export cell: both files, the Modelfile and the parity report it displays
+    assert {"model-f16.gguf", "model-q8_0.gguf", "Modelfile", "parity.md"} <= {p.name for p in gguf.iterdir()}
+    assert "Parity" in cell_text(cell_with(notebook, "export_gguf.py"))
+
     plot = cell_with(notebook, "loss_curve.png")
     assert any("image/png" in output.get("data", {}) for output in plot.outputs)
     answer_lines = [line for line in cell_text(cell_with(notebook, "AutoPeftModelForCausalLM")).splitlines()
