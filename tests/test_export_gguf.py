@@ -58,7 +58,8 @@ def test_a_trained_run_exports_ggufs_that_answer_and_stop_as_it_does(run_that_st
     modelfile = (folder / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./model-q8_0.gguf\n")  # the smaller file
     assert 'PARAMETER stop "<end_of_turn>"' in modelfile and "<start_of_turn>model" in modelfile
-    assert "| 0 | model-f16.gguf | yes | 4/4 | <end_of_turn> | <end_of_turn> |" in (folder / "parity.md").read_text()
+    # "Yes, it is." and the stop token, all compared and all agreeing
+    assert "| 0 | model-f16.gguf | yes | 6/6 | <end_of_turn> | <end_of_turn> |" in (folder / "parity.md").read_text()
 
 
 @pytest.mark.slow
