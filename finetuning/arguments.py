@@ -187,6 +187,10 @@ SHARED_TRAINING_DEFAULTS = dict(
     save_steps=200,
     save_total_limit=2,
     eval_strategy="no",
+    # --report_to trackio keeps its runs on this machine (TRACKIO_DIR); transformers' default would create a
+    # Hugging Face Space named "trackio" and upload to it. --trackio_space_id USER/NAME still deploys one.
+    trackio_space_id=None,
+    project="gemma-finetuning",  # trackio's project (the Trainer's default is "huggingface")
 )
 
 # Flags users bring from older tutorials; transformers 4.46 renamed or removed them.

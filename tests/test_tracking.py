@@ -1,6 +1,14 @@
-"""--report_to: the loss reaches each tracker, offline (TensorBoard's event files, wandb's offline run). The
+"""--report_to: the loss reaches each tracker, offline (TensorBoard's event files, wandb's offline run, trackio's
+local store). The
 trackers are optional (finetuning/requirements-tracking.txt); a test skips where its package is missing."""
 from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +42,19 @@ def test_the_loss_reaches_wandb_offline(tmp_path, monkeypatch):
     wandb.finish()  # what the end of the script's process does (wandb's exit hook)
     (saved,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")  # the run, for `wandb sync` later
     assert saved.stat().st_size > 0
+
+
+def test_the_loss_reaches_trackios_local_store(tmp_path):
+    pytest.importorskip("trackio")
+    store = tmp_path / "trackio"
+    # A process of its own: trackio reads TRACKIO_DIR once, when it is first imported.
+    done = subprocess.run(
+        [sys.executable, "finetuning/train_qlora.py", "--smoke", "--output_dir", str(tmp_path / "run"),
+         "--report_to", "trackio", "--project", "gemma-smoke", "--num_sample_prompts", "0"],
+        cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRACKIO_DIR": str(store)}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "huggingface.co" not in done.stdout + done.stderr  # local only: no Space was created
+    with sqlite3.connect(store / "gemma-smoke.db") as db:
+        logged = [json.loads(row[0]) for row in db.execute("SELECT metrics FROM metrics ORDER BY step")]
+    history = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["log_history"]
+    assert [m["train/loss"] for m in logged if "train/loss" in m] == [e["loss"] for e in history if "loss" in e]
