@@ -193,6 +193,9 @@ SHARED_TRAINING_DEFAULTS = dict(
     project="gemma-finetuning",  # trackio's project (the Trainer's default is "huggingface")
 )
 
+# --report_to names whose package is named otherwise
+TRACKER_PACKAGES = {"azure_ml": "azureml", "flyte": "flytekit"}
+
 # Flags users bring from older tutorials; transformers 4.46 renamed or removed them.
 RENAMED_FLAGS = {
     "--evaluation_strategy": "--eval_strategy",
@@ -351,6 +354,10 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         )
     if training_args.eval_strategy == "no" and (data_args.eval_split_ratio or data_args.eval_file):
         logger.info("Evaluation data given and --eval_strategy no: evaluating once, after training.")
+    missing = [t for t in training_args.report_to if importlib.util.find_spec(TRACKER_PACKAGES.get(t, t)) is None]
+    if missing:  # the Trainer would say so only once the model is loaded
+        raise UserInputError(f"--report_to {','.join(missing)}: not installed. pip install -r "
+                             "finetuning/requirements-tracking.txt (tensorboard, wandb, trackio), or --report_to none.")
 
 
 # ---------------------------------------------------------------------------
