@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import signal
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import gguf_files
+import gguf_run
 from errors import ExportFailed, SetupError
 from gguf_files import END_OF_TURN
+from gguf_run import Answer
 
 logger = logging.getLogger(__name__)
 
@@ -24,14 +29,6 @@ INSTALL_LLAMA_CPP = (
     "pip install -r finetuning/requirements-export.txt (it compiles llama.cpp: about 8 minutes on 2 cores), "
     "or pass --check_parity false to export without the check"
 )
-
-
-@dataclass
-class Answer:
-    prompt_ids: list
-    ids: list
-    text: str
-    stopped_at: Optional[str]  # the stop token's text, None where it ran to the token limit
 
 
 @dataclass
@@ -77,36 +74,20 @@ def hf_answers(model_dir: Path, prompts: Sequence[str], max_new_tokens: int) -> 
 
 
 def gguf_answers(gguf: Path, prompts: Sequence[str], max_new_tokens: int) -> tuple[list[Answer], list[str]]:
-    """The GGUF's greedy answers, and what is wrong with its stop tokens or chat template (empty if nothing)."""
-    import llama_cpp
-
-    context = max(512, max_new_tokens + 4 * max(len(p) for p in prompts))
-    model = llama_cpp.Llama(model_path=str(gguf), n_ctx=min(context, 8192), n_threads=os.cpu_count() or 1,
-                            seed=0, verbose=False)
-    vocab = model._model.vocab
-    end_of_turn = model.tokenize(END_OF_TURN.encode(), add_bos=False, special=True)
-    problems = []
-    if len(end_of_turn) != 1 or not llama_cpp.llama_vocab_is_eog(vocab, end_of_turn[0]):
-        problems.append(f"llama.cpp does not stop at {END_OF_TURN} (it tokenizes as {end_of_turn})")
-    elif model.metadata.get("tokenizer.ggml.eot_token_id") != str(end_of_turn[0]):
-        problems.append(f"the metadata has no end-of-turn token id ({end_of_turn[0]})")
-    if "tokenizer.chat_template" not in model.metadata:
-        problems.append("the metadata has no chat template")
-    answers = []
-    for prompt in prompts:
-        prompt_ids = model.tokenize(prompt.encode(), add_bos=True, special=True)
-        ids, stopped_at = [], None
-        for token in model.generate(prompt_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
-            ids.append(token)
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
-                stopped_at = model.detokenize([token], special=True).decode(errors="replace")
-                break
-            if len(ids) >= max_new_tokens:
-                break
-        text = model.detokenize(ids[:-1] if stopped_at else ids).decode(errors="replace")
-        answers.append(Answer(prompt_ids, ids, text, stopped_at))
-    model.close()
-    return answers, problems
+    """The GGUF's greedy answers and what is wrong with its stop tokens or chat template (gguf_run.py), in a process
+    of its own: llama.cpp compiled for another CPU dies of SIGILL, which would end this one without a word."""
+    done = subprocess.run([sys.executable, str(Path(gguf_run.__file__)), str(gguf), str(max_new_tokens)],
+                          input=json.dumps(list(prompts)), capture_output=True, text=True)
+    if done.returncode in (-signal.SIGILL, 128 + signal.SIGILL):
+        raise SetupError(
+            "llama-cpp-python stopped with 'Illegal instruction': it was compiled for another CPU (a wheel from a pip "
+            "cache or another machine). Rebuild it here: CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install --no-cache-dir "
+            "--force-reinstall --no-deps llama-cpp-python==" + gguf_files.llama_cpp_python_version()
+            + "; or pass --check_parity false.")
+    if done.returncode != 0:
+        raise ExportFailed(f"llama.cpp could not run {gguf.name} (exit {done.returncode}):\n{done.stderr.strip()[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return [Answer(**answer) for answer in result["answers"]], result["problems"]
 
 
 def compare(prompts: Sequence[str], file: str, hf: Sequence[Answer], gguf: Sequence[Answer],

@@ -18,6 +18,7 @@ import gguf_files
 import parity
 import train_galore
 import train_qlora
+import errors
 from errors import ExportFailed
 
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
@@ -141,3 +142,12 @@ def test_the_tools_are_unpacked_from_the_source_distribution_alone(tmp_path):
     assert sorted(str(p.relative_to(tools)) for p in tools.rglob("*") if p.is_file()) == [
         "conversion/gemma.py", "convert_hf_to_gguf.py", "gguf-py/gguf/scripts/gguf_new_metadata.py"]
     assert gguf_files.tools_dir(str(tools)) == tools
+
+
+def test_llama_cpp_built_for_another_cpu_is_a_message_not_a_crash(tmp_path, monkeypatch):
+    # Met for real: a llama-cpp-python wheel from a pip cache filled on another machine dies of SIGILL in llama.cpp.
+    dies = tmp_path / "gguf_run.py"
+    dies.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGILL)\n")
+    monkeypatch.setattr(parity.gguf_run, "__file__", str(dies))
+    with pytest.raises(errors.SetupError, match="Illegal instruction.*-DGGML_NATIVE=OFF"):
+        parity.gguf_answers(tmp_path / "model-f16.gguf", ["a prompt"], 8)
