@@ -10,6 +10,9 @@ A random-weight model of the config's shapes and a tokenizer trained on the data
 step time, peak GPU memory, MFU (6 FLOPs per parameter per token against the
 GPU's dense bf16 peak). Then the peak memory of both scripts' defaults under T4
 emulation (bf16 off, 15 GiB cap). Results are appended to --results.
+
+The "Unsloth ..." setups run Unsloth's QLoRA beside ours (bench/unsloth_run.py), in a child whose PYTHONPATH is
+--unsloth_site alone (transformers 5.x; bench/unsloth_setup.md installs it); without it they are skipped.
 """
 from __future__ import annotations
 
@@ -212,6 +215,10 @@ def run_stock(method: str, model: str, data: str, batch: int, steps: int, warmup
 
 
 def run_setup(spec: dict) -> dict:
+    if spec["kind"] == "unsloth":  # before torch: Unsloth sets the allocator and patches the libraries as they import
+        import unsloth_run
+
+        return unsloth_run.run_unsloth(spec, measuring_callbacks, summarise, _model_parameters, _last_loss)
     import torch
 
     if spec.get("profile"):
@@ -245,6 +252,9 @@ def main() -> None:
                              "script flags to one of our setups, e.g. 'ours QLoRA, 32k tokens/batch + --lora_dropout 0'.")
     parser.add_argument("--profile_dir", type=Path, help="Write a torch.profiler table of each of our setups here.")
     parser.add_argument("--ours_args", default="", help="Extra flags for every one of our setups (e.g. '--attn_implementation sdpa').")
+    parser.add_argument("--unsloth_site", type=Path, default=Path("/tmp/unsloth-site"),
+                        help="pip --target folder with Unsloth and its transformers-5 stack (bench/unsloth_setup.md); "
+                             "the Unsloth setups run with PYTHONPATH set to it alone, and are skipped without it.")
     parser.add_argument("--setup", help=argparse.SUPPRESS)  # internal: one setup as JSON, in a child process
     args = parser.parse_args()
     if args.setup:
@@ -264,7 +274,9 @@ def main() -> None:
             setups[f"stock {label}, batch {batch}"] = dict(kind="stock", method=method, batch=batch)
         for batch in (8, 32, 64):
             setups[f"ours {label}, batch {batch}"] = dict(kind="ours", method=method, batch=batch)
-        for budget in (16384, 32768, 65536):
+        # No batch flag at all: the batch the script chooses for this GPU and data (auto_batch.py).
+        setups[f"ours {label}, defaults"] = dict(kind="ours", method=method, batch=None)
+        for budget in (8192, 16384, 32768, 65536):
             setups[f"ours {label}, {budget // 1024}k tokens/batch"] = dict(
                 kind="ours", method=method, batch=1, extra=tokens(budget)
             )
@@ -288,6 +300,8 @@ def main() -> None:
         "T4 emulation: ours GaLore, 4k tokens/batch": dict(kind="ours", method="galore", batch=1, t4=True,
                                                             extra=tokens(4096)),
     })
+    for rows_per_step in (8, 32):  # trl's packing: each row is up to 1,024 tokens of whole records
+        setups[f"Unsloth QLoRA, packing, {rows_per_step} rows x 1,024"] = dict(kind="unsloth", batch=rows_per_step)
     wanted = [name.strip() for name in args.only.split(";") if name.strip()] or list(setups)
     rows = []
     for name in wanted:
@@ -300,6 +314,18 @@ def main() -> None:
         if args.profile_dir and spec["kind"] == "ours" and not spec.get("t4"):
             label = "".join(c if c.isalnum() else "_" for c in name).strip("_")
             spec["profile"] = str(args.profile_dir / f"profile_{label}.txt")
+        if spec["kind"] == "unsloth":
+            import unsloth_run
+
+            skipped = unsloth_run.missing(args.unsloth_site)
+            if skipped:
+                print(f"{name}: skipped: {skipped}", flush=True)
+                rows.append((name, {"skipped": skipped}))
+                continue
+            # Unsloth compiles each block before its first step (56-133 s measured): more steps left untimed.
+            spec["warmup"] = max(args.warmup, 6)
+            print(f"{name}: Unsloth from {args.unsloth_site}, the first {spec['warmup']} steps untimed "
+                  f"(max(--warmup, 6): compilation)", flush=True)
         started = time.time()
         spec["output_dir"] = f"/tmp/bench-{len(rows)}-{os.getpid()}"
         gpus = spec.get("gpus", 1)
@@ -308,6 +334,8 @@ def main() -> None:
         # One-GPU setups see one GPU: on a machine with more, the same card as a DDP run's first.
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")} if gpus == 1 \
             else os.environ
+        if spec["kind"] == "unsloth":  # its own stack only (transformers 5.x), not ours; offline, no statistics
+            env = {**env, **unsloth_run.CHILD_ENV, "PYTHONPATH": str(args.unsloth_site.resolve())}
         child = subprocess.run([*launch, __file__, "--setup", json.dumps(spec)], capture_output=True, text=True,
                                env=env)
         line = next((l for l in child.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -331,7 +359,7 @@ def _percent(fraction) -> str:
 
 
 def write_results(args, rows) -> None:
-    gpu = next((r["gpu"] for _, r in rows if r), "unknown GPU")
+    gpu = next((r["gpu"] for _, r in rows if r and "gpu" in r), "unknown GPU")
     lines = [
         f"\n## {datetime.date.today()} on {gpu}\n",
         f"`python bench/run_bench.py --config {args.config} --model {args.model} --data {args.data} "
@@ -343,10 +371,17 @@ def write_results(args, rows) -> None:
     for name, r in rows:
         if r is None:
             lines.append(f"| {name} | failed | | | | | |")
+        elif "skipped" in r:
+            lines.append(f"| {name} | skipped: {r['skipped'].split(';')[0]} | | | | | |")
         else:
             lines.append(f"| {name} | {r['tokens_per_second']:,.0f} | {r['median_step_s']:.3f} | "
                          f"{r['tokens_per_step']:,.0f} | {r['peak_gib']:.2f} | {_percent(r['mfu'])} | "
                          f"{r['loss']} |")
+    for name, r in rows:
+        if r and "versions" in r:
+            lines.append(f"\n{name}: timed steps after the first {r['warmup']} (Unsloth compiles first); packing "
+                         f"{'on' if r['packing'] else 'OFF'}; "
+                         + ", ".join(f"{package} {version}" for package, version in r["versions"].items()) + ".")
     by_name = dict(rows)
     for name, r in rows:
         one_gpu = by_name.get(name.replace(", 2 GPUs", ""))
