@@ -26,6 +26,18 @@ def emulate_t4() -> None:
     # Everything that asks whether bf16 exists must hear no, as on a T4.
     torch.cuda.is_bf16_supported = lambda including_emulation=True: False
     torch.cuda.get_device_name = lambda device=None: "Tesla T4 (emulated)"
+    # The scripts size their default batch from the card's memory (auto_batch.py): a T4's 15 GiB.
+    real_properties = torch.cuda.get_device_properties
+
+    class T4Properties:
+        def __init__(self, properties):
+            self._properties = properties
+            self.total_memory, self.name = int(T4_USABLE_GIB * 2**30), "Tesla T4 (emulated)"
+
+        def __getattr__(self, name):
+            return getattr(self._properties, name)
+
+    torch.cuda.get_device_properties = lambda device=None: T4Properties(real_properties(device))
 
 
 def main(argv: list[str]) -> int:

@@ -93,9 +93,11 @@ class DataArguments:
     )
     max_tokens_per_batch: Optional[int] = field(
         default=None,
-        metadata={"help": "Batch by tokens instead of records: each micro-batch holds as many records as fit this "
-                  "many tokens. A step's fixed cost is then spread over many short records; "
-                  "--per_device_train_batch_size is ignored for training."},
+        metadata={"help": "Batch by tokens: a micro-batch holds as many records as fit this many tokens, spreading "
+                  "a step's fixed cost over many short records (--per_device_train_batch_size is ignored). Default, "
+                  "given no batch flag (this, --per_device_train_batch_size, --packing, --padding_free, "
+                  "--gradient_accumulation_steps, --auto_find_batch_size): packed rows, 32768 tokens on a GPU of "
+                  "20 GiB or more, 8192 (QLoRA) or 4096 (GaLore) below; fewer where an epoch would have < 32 steps."},
     )
     padding_free: bool = field(
         default=True,
@@ -109,6 +111,7 @@ class DataArguments:
     eval_file: Optional[str] = field(
         default=None, metadata={"help": "A separate file of evaluation records (same formats as --dataset_name)."}
     )
+    auto_batch: bool = field(default=False, init=False)  # not a flag: set by parse_arguments, read by auto_batch.py
 
     def __post_init__(self):
         if self.max_seq_length < 16:
@@ -196,6 +199,9 @@ SHARED_TRAINING_DEFAULTS = dict(
 # --report_to names whose package is named otherwise
 TRACKER_PACKAGES = {"azure_ml": "azureml", "flyte": "flytekit"}
 
+BATCH_FLAGS = frozenset({"max_tokens_per_batch", "per_device_train_batch_size", "gradient_accumulation_steps",
+                         "packing", "padding_free", "auto_find_batch_size"})  # given none, auto_batch.py chooses
+
 # Flags users bring from older tutorials; transformers 4.46 renamed or removed them.
 RENAMED_FLAGS = {
     "--evaluation_strategy": "--eval_strategy",
@@ -260,7 +266,10 @@ def parse_arguments(script_arguments: type, defaults: Mapping[str, Any], argv: S
     namespace = parser.parse_known_args(config_argv(config) + argv)[0]
     if namespace.smoke:
         return parse_smoke(parser, lambda args: _parse(parser, args), defaults, config, argv, namespace)
-    return _parse(parser, config_argv(config) + argv)
+    parsed = _parse(parser, config_argv(config) + argv)
+    given = {getattr(parser.action_for(arg), "dest", None) for arg in config_argv(config) + argv}  # and the file's keys
+    parsed[1].auto_batch = not given & BATCH_FLAGS  # by name, not value: a flag given at its default is still chosen
+    return parsed
 
 
 def _refuse_repeated_flags(parser: _Parser, argv: Sequence[str]) -> None:

@@ -245,8 +245,9 @@ def build_trainer(model, loaded: RunData, data_args: DataArguments, training_arg
     )
     if data_args.max_tokens_per_batch is None:
         logger.info(
-            "Batches of %d records, each padded to the longest. On short records, --max_tokens_per_batch 8192 "
-            "(packed, no padding) trains many times faster: README.md, 'Speed'.", training_args.per_device_train_batch_size,
+            "Batches of %d records, each padded to the longest. On short records, token batches (packed, no "
+            "padding: what runs where no batch flag is given) train many times faster: README.md, 'Speed'.",
+            training_args.per_device_train_batch_size,
         )
         trainer = SFTTrainer(**inputs)
     else:

@@ -50,6 +50,11 @@ def wait_for_everyone(training_args) -> None:
         training_args.distributed_state.wait_for_everyone()
 
 
+def gather(value, training_args) -> list:
+    """Every process's `value`, in process order; [value] with one process."""
+    return gather_object([value]) if training_args.world_size > 1 else [value]
+
+
 # ---------------------------------------------------------------------------
 # The command line, and the one that uses every GPU
 # ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +20,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
             action = copy.copy(action)
             action.option_strings = shown
         return super()._format_action_invocation(action)
+
+    def _get_help_string(self, action):
+        # A help that says its default (one chosen at run time) would read "(default: None)" after it.
+        if isinstance(action.help, str) and re.search(r"\bDefault[:,]", action.help):
+            return action.help
+        return super()._get_help_string(action)
 
 
 # The --help sections, in this order: the toolkit's own flags first, the Trainer's last.
@@ -62,6 +69,15 @@ dashes; a key set to null (~) keeps its default."""
                                 "--resume_from_checkpoint latest. Without either, such a folder is refused.",
         "resume_from_checkpoint": "Continue an interrupted run: 'latest' (the newest complete checkpoint in "
                                   "--output_dir) or a checkpoint-N folder.",
+        # Without any batch flag the run batches by tokens (--max_tokens_per_batch): these defaults apply only
+        # where a batch flag was given.
+        "per_device_train_batch_size": f"Records per GPU in a training micro-batch: give it (without "
+                                       f"--max_tokens_per_batch) to batch by records instead of the default token "
+                                       f"batches. Default: {defaults.get('per_device_train_batch_size')}, where "
+                                       f"batches are counted in records.",
+        "gradient_accumulation_steps": f"Micro-batches per optimizer step. Default: 1 where no batch flag is given "
+                                       f"(token batches chosen for the GPU), "
+                                       f"{defaults.get('gradient_accumulation_steps')} otherwise.",
     }
     # Refused flags, and a deprecated one that would also put a token in shell history.
     hidden = {flag.removeprefix("--") for flag in refused_flags} | {"push_to_hub_token"}

@@ -26,7 +26,8 @@ from gguf_run import Answer
 logger = logging.getLogger(__name__)
 
 INSTALL_LLAMA_CPP = (
-    "pip install -r finetuning/requirements-export.txt (it compiles llama.cpp: about 8 minutes on 2 cores), "
+    "CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install -r finetuning/requirements-export.txt (it compiles llama.cpp: "
+    "8 to 13 minutes on 2 cores), "
     "or pass --check_parity false to export without the check"
 )
 

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArgument
 from trl import SFTTrainer  # noqa: E402
 
 import arguments  # noqa: E402
+import auto_batch  # noqa: E402
 from arguments import DataArguments, ModelArguments, ReportArguments  # noqa: E402
 import batching  # noqa: E402
 import common  # noqa: E402
@@ -100,6 +101,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
 
     # ===== Load data and tokenizer: a bad record must not cost a model load =====
     loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
+    data_args, training_args = auto_batch.choose_batch("GaLore", data_args, training_args, loaded)
     if report_args.dry_run:
         reports.dry_run_report(loaded, data_args, training_args)
         return None

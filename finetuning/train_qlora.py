@@ -28,6 +28,7 @@ from transformers import BitsAndBytesConfig, TrainerCallback, TrainingArguments 
 from trl import SFTTrainer  # noqa: E402
 
 import arguments  # noqa: E402
+import auto_batch  # noqa: E402
 import distributed  # noqa: E402
 from arguments import DataArguments, ModelArguments, ReportArguments  # noqa: E402
 import batching  # noqa: E402
@@ -136,6 +137,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
 
     # ===== Load data and tokenizer: a bad record must not cost a model download =====
     loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
+    data_args, training_args = auto_batch.choose_batch("QLoRA", data_args, training_args, loaded)
     if report_args.dry_run:
         reports.dry_run_report(loaded, data_args, training_args)
         return None

@@ -202,6 +202,26 @@ def whole_run_train_loss(log_history) -> Optional[float]:
     return total / steps if steps else None
 
 
+def _out_of_memory_advice(trainer) -> str:
+    """What ran out of memory, and what to lower, one at a time."""
+    args, tokens = trainer.args, getattr(trainer, "max_tokens", None)  # batching.TokenBudgetSFTTrainer's budget
+    if tokens is None:
+        batch, fixes = f"batch {args.per_device_train_batch_size}", [
+            "halve --per_device_train_batch_size and double --gradient_accumulation_steps (the same effective batch)"]
+    else:
+        half = tokens // 2 // trainer.row_tokens * trainer.row_tokens  # whole rows of --max_seq_length, as trained
+        batch = f"{tokens:,} tokens a batch"
+        fixes = [f"set --max_tokens_per_batch {half} --gradient_accumulation_steps "
+                 f"{2 * args.gradient_accumulation_steps} (the same tokens a step)"] if half >= trainer.row_tokens else []
+    fixes += ["lower --max_seq_length", "turn on --gradient_checkpointing"]
+    last = "."  # --auto_find_batch_size halves --per_device_train_batch_size, which token batches do not use
+    if tokens is None:
+        last = ("; or let --auto_find_batch_size find the largest batch that fits." if args.world_size == 1 else
+                " (--auto_find_batch_size would retry on one process while the others wait).")
+    return (f"The GPU ran out of memory ({batch}, gradient checkpointing "
+            f"{'on' if args.gradient_checkpointing else 'off'}).\nFix, one at a time: {'; '.join(fixes)}{last}\n")
+
+
 def train(trainer, output: Optional[OutputPlan] = None, time_budget: Optional[float] = None):
     """trainer.train() with the guards: a NaN loss stops it, an out-of-memory error says which settings to lower,
     Ctrl-C and SIGTERM end in errors.Interrupted with the command that resumes. Returns the Trainer's TrainOutput,
@@ -237,13 +257,7 @@ def train(trainer, output: Optional[OutputPlan] = None, time_budget: Optional[fl
     except torch.OutOfMemoryError as e:
         checkpoint = latest_complete_checkpoint(args.output_dir)
         raise TrainingFailed(
-            "The GPU ran out of memory "
-            f"(batch {args.per_device_train_batch_size}, gradient checkpointing "
-            f"{'on' if args.gradient_checkpointing else 'off'}).\n"
-            "Fix, one at a time: halve --per_device_train_batch_size and double --gradient_accumulation_steps "
-            "(the same effective batch); lower --max_seq_length; turn on --gradient_checkpointing"
-            + ("; or let --auto_find_batch_size find the largest batch that fits.\n" if args.world_size == 1 else
-               " (--auto_find_batch_size would retry on one process while the others wait).\n")
+            _out_of_memory_advice(trainer)
             + (
                 f"Resume with --resume_from_checkpoint {checkpoint}"
                 if checkpoint

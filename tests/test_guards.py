@@ -68,6 +68,23 @@ def test_out_of_memory_names_the_settings_and_the_checkpoint(tiny_model_dir, tin
     assert isinstance(error.value.__cause__, torch.OutOfMemoryError)
 
 
+def test_out_of_memory_with_token_batches_names_the_token_budget(tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch):
+    # Token batches are the default: halving --per_device_train_batch_size would change nothing there.
+    trainer = tiny_trainer(tiny_model_dir, tiny_tokenizer, tmp_path)
+    trainer.max_tokens, trainer.row_tokens = 32768, 1024  # as batching.TokenBudgetSFTTrainer holds them
+
+    def out_of_memory(**kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    monkeypatch.setattr(trainer, "train", out_of_memory)
+    with pytest.raises(errors.TrainingFailed) as error:
+        training.train(trainer)
+    message = str(error.value)
+    assert "(32,768 tokens a batch" in message
+    assert "--max_tokens_per_batch 16384 --gradient_accumulation_steps 2 (the same tokens a step)" in message
+    assert "--per_device_train_batch_size" not in message and "--auto_find_batch_size" not in message
+
+
 def test_run_cli_turns_a_training_failure_into_exit_code_2(caplog):
     def failing_main(*parsed):
         raise errors.TrainingFailed("The training loss became nan at step 3")

@@ -1,6 +1,6 @@
 """--report_to: the loss reaches each tracker, offline (TensorBoard's event files, wandb's offline run, trackio's
-local store). The
-trackers are optional (finetuning/requirements-tracking.txt); a test skips where its package is missing."""
+local store). The trackers are optional (finetuning/requirements-tracking.txt); a test skips where its package is
+missing."""
 from __future__ import annotations
 
 import json
@@ -47,11 +47,15 @@ def test_the_loss_reaches_wandb_offline(tmp_path, monkeypatch):
 def test_the_loss_reaches_trackios_local_store(tmp_path):
     pytest.importorskip("trackio")
     store = tmp_path / "trackio"
+    # A TRACKIO_SPACE_ID, TRACKIO_DATASET_ID or TRACKIO_PROJECT in the caller's environment would send the run to a
+    # Space or another project: the test's run stays local.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRACKIO_SPACE_ID", "TRACKIO_DATASET_ID", "TRACKIO_PROJECT")}
     # A process of its own: trackio reads TRACKIO_DIR once, when it is first imported.
     done = subprocess.run(
         [sys.executable, "finetuning/train_qlora.py", "--smoke", "--output_dir", str(tmp_path / "run"),
          "--report_to", "trackio", "--project", "gemma-smoke", "--num_sample_prompts", "0"],
-        cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRACKIO_DIR": str(store)}, capture_output=True, text=True)
+        cwd=Path(__file__).resolve().parents[1], env={**env, "TRACKIO_DIR": str(store)}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "huggingface.co" not in done.stdout + done.stderr  # local only: no Space was created
     with sqlite3.connect(store / "gemma-smoke.db") as db:

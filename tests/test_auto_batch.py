@@ -1,0 +1,241 @@
+"""With no batch flag, a run trains on packed rows in a token budget chosen from the GPU's memory and the data's size;
+any batch flag (command line or config file) keeps the batch as given."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import arguments
+import auto_batch
+import common
+import data
+import distributed
+import reports
+import train_galore
+import train_qlora
+
+SCRIPTS = {"QLoRA": train_qlora, "GaLore": train_galore}
+H100 = (79.19, "NVIDIA H100 80GB HBM3")
+T4 = (14.74, "Tesla T4")
+
+
+def parse(module, argv):
+    """The script's real parse_args; the devices are set up now, before a test fakes a GPU."""
+    parsed = module.parse_args([str(arg) for arg in argv])
+    parsed[4].device
+    return parsed
+
+
+def fake_gpu(monkeypatch, gpu):
+    gib, name = gpu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(total_memory=int(gib * 2**30), name=name))
+
+
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: pytest.fail("no GPU may be read"))
+
+
+@pytest.fixture
+def loaded(tiny_tokenizer):
+    """The shipped 200 records (about 22,000 tokens) with the tiny model's tokenizer."""
+    records, _ = data.load_train_and_eval(arguments.DataArguments(), seed=0)
+    return common.RunData(records, None, tiny_tokenizer, None, "unused")
+
+
+def many_tokens(monkeypatch, count=20000, length=200):
+    """A large data set (4M tokens), as its token lengths: the data cap never bites."""
+    monkeypatch.setattr(auto_batch, "token_lengths", lambda records, tokenizer: [length] * count)
+
+
+@pytest.mark.parametrize("script, gpu, expected", [
+    ("QLoRA", T4, 8192), ("GaLore", T4, 4096), ("QLoRA", (11.8, "NVIDIA GeForce RTX 3060"), 8192),
+    ("QLoRA", H100, 32768), ("GaLore", H100, 32768), ("GaLore", (22.0, "NVIDIA L4"), 32768),
+    ("QLoRA", (39.4, "NVIDIA A100-SXM4-40GB"), 32768), ("GaLore", (19.9, "a card just under the tier"), 4096),
+])
+def test_no_batch_flag_gets_packed_rows_in_the_budget_of_the_gpus_tier(script, gpu, expected, monkeypatch, loaded):
+    model, data_args, _, _, training_args = parse(SCRIPTS[script], [])
+    assert data_args.auto_batch and data_args.max_tokens_per_batch is None
+    many_tokens(monkeypatch)
+    fake_gpu(monkeypatch, gpu)
+    data_args, training_args = auto_batch.choose_batch(script, data_args, training_args, loaded)
+    assert data_args.max_tokens_per_batch == expected
+    assert data_args.padding_free and data_args.packs_without_padding
+    assert training_args.gradient_accumulation_steps == 1
+    arguments.check_arguments(model, data_args, training_args)  # what the run checks holds for the choice
+
+
+BATCH_FLAGS = [
+    ["--max_tokens_per_batch", "4096"],
+    ["--per_device_train_batch_size", "2"],  # QLoRA's default value, given: still given
+    ["--per-device-train-batch-size", "2"],
+    ["--gradient_accumulation_steps=4"],
+    ["--packing", "--completion_only_loss", "false"],
+    ["--padding_free", "true"],
+    ["--no_padding_free"],
+    ["--auto_find_batch_size"],
+]
+
+
+@pytest.mark.parametrize("flags", BATCH_FLAGS, ids=[" ".join(f) for f in BATCH_FLAGS])
+def test_any_batch_flag_on_the_command_line_keeps_the_batch_as_given(flags, monkeypatch, loaded):
+    data_args, training_args = parse(train_qlora, flags)[1::3]
+    before = (data_args.max_tokens_per_batch, data_args.padding_free, data_args.packing,
+              training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps)
+    fake_gpu(monkeypatch, H100)
+    chosen = auto_batch.choose_batch("QLoRA", data_args, training_args, loaded)
+    assert chosen[0] is data_args and chosen[1] is training_args and not data_args.auto_batch
+    assert (chosen[0].max_tokens_per_batch, chosen[0].padding_free, chosen[0].packing,
+            chosen[1].per_device_train_batch_size, chosen[1].gradient_accumulation_steps) == before
+
+
+def test_the_record_batch_keeps_the_scripts_accumulation(monkeypatch, loaded):
+    data_args, training_args = parse(train_qlora, ["--per_device_train_batch_size", "2"])[1::3]
+    fake_gpu(monkeypatch, H100)
+    data_args, training_args = auto_batch.choose_batch("QLoRA", data_args, training_args, loaded)
+    assert data_args.max_tokens_per_batch is None
+    assert (training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps) == (2, 4)
+
+
+@pytest.mark.parametrize("key, value", [("per_device_train_batch_size", 1), ("gradient_accumulation_steps", 8),
+                                        ("max_tokens_per_batch", 2048), ("padding_free", False)])
+def test_a_batch_key_in_a_config_file_keeps_the_batch_as_given(key, value, tmp_path, monkeypatch, loaded):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({key: value, "learning_rate": 1e-5}))
+    data_args, training_args = parse(train_galore, [config])[1::3]
+    assert not data_args.auto_batch
+    fake_gpu(monkeypatch, H100)
+    chosen = auto_batch.choose_batch("GaLore", data_args, training_args, loaded)
+    assert chosen[0] is data_args and chosen[1] is training_args
+
+
+def test_a_config_file_without_batch_keys_gets_the_chosen_batch(tmp_path, monkeypatch, loaded):
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rate: 1.0e-5\nmax_seq_length: 512\n")
+    data_args, training_args = parse(train_galore, [config])[1::3]
+    many_tokens(monkeypatch)
+    fake_gpu(monkeypatch, T4)
+    assert auto_batch.choose_batch("GaLore", data_args, training_args, loaded)[0].max_tokens_per_batch == 4096
+
+
+@pytest.mark.parametrize("name", ["qlora_t4.yaml", "galore_a100.yaml"])
+def test_the_shipped_configs_keep_their_budgets(name, monkeypatch, loaded):
+    module = train_qlora if name.startswith("qlora") else train_galore
+    data_args, training_args = parse(module, [Path(__file__).parents[1] / "configs" / name])[1::3]
+    expected = data_args.max_tokens_per_batch
+    fake_gpu(monkeypatch, T4 if "a100" in name else H100)  # the other tier's GPU: the file still wins
+    chosen = auto_batch.choose_batch("QLoRA" if module is train_qlora else "GaLore", data_args, training_args, loaded)
+    assert chosen[0].max_tokens_per_batch == expected
+
+
+def test_a_small_data_set_still_gets_32_steps_an_epoch(monkeypatch, loaded):
+    data_args, training_args = parse(train_qlora, ["--max_seq_length", "256"])[1::3]
+    fake_gpu(monkeypatch, H100)
+    data_args, training_args = auto_batch.choose_batch("QLoRA", data_args, training_args, loaded)
+    tokens = data_args.max_tokens_per_batch
+    assert 256 <= tokens < 32768 and tokens % 256 == 0
+    # The steps as the dry run counts them, which tests/test_token_batching.py checks against a real run.
+    steps = reports.dry_run_report(loaded, data_args, training_args)["optimizer_steps_per_epoch"]
+    assert steps >= auto_batch.MIN_STEPS_PER_EPOCH
+    # The largest budget that does so: one more row a step would give fewer.
+    assert tokens + 256 > sum(min(n, 256) for n in common.token_lengths(loaded.records, loaded.tokenizer)) // 32
+
+
+@pytest.mark.parametrize("script, gib, data_tokens, max_seq_length, expected", [
+    ("QLoRA", 79, 10**8, 1024, 32768),
+    ("QLoRA", 79, 10**8, 3000, 30000),  # whole rows of --max_seq_length
+    ("QLoRA", 15, 10**8, 16384, 16384),  # a row longer than the tier's budget: one row, never less
+    ("GaLore", 15, 10**8, 2048, 4096),
+    ("QLoRA", 79, 40_000, 1024, 1024),  # tiny data: one row a step
+    ("QLoRA", 79, 200_000, 512, 6144),  # 200,000 // 32 = 6,250, down to whole rows
+    ("GaLore", 15, 200_000, 512, 4096),  # the tier's budget is below the data's cap
+])
+def test_token_budget(script, gib, data_tokens, max_seq_length, expected):
+    assert auto_batch.token_budget(script, gib, data_tokens, max_seq_length) == expected
+
+
+def test_under_ddp_the_cap_counts_every_gpus_steps():
+    # Two GPUs take a step together: 32 steps an epoch need half the tokens per GPU.
+    assert auto_batch.token_budget("QLoRA", 79, 200_000, 512, processes=2) == 3072
+
+
+def test_under_ddp_every_process_takes_the_smallest_gpu(monkeypatch):
+    training_args = parse(train_qlora, [])[4]
+    fake_gpu(monkeypatch, H100)
+    monkeypatch.setattr(distributed, "gather", lambda value, args: [value, T4, None])
+    assert auto_batch.smallest_gpu(training_args) == T4
+
+
+def test_the_log_line_says_what_was_chosen_and_why(monkeypatch, loaded, caplog):
+    caplog.set_level("INFO", logger="auto_batch")
+    data_args, training_args = parse(train_qlora, [])[1::3]
+    many_tokens(monkeypatch)
+    fake_gpu(monkeypatch, H100)
+    auto_batch.choose_batch("QLoRA", data_args, training_args, loaded)
+    assert [record.getMessage() for record in caplog.records if record.name == "auto_batch"] == [
+        "No batch flags given: packed rows, 32,768 tokens per step per GPU (NVIDIA H100 80GB HBM3, 79 GiB; the data's "
+        "4,000,000 tokens make 125 steps an epoch). --max_tokens_per_batch N sets the budget; "
+        "--per_device_train_batch_size N batches by records instead."]
+
+
+def test_the_log_line_says_when_the_data_cut_the_budget(monkeypatch, loaded, caplog):
+    caplog.set_level("INFO", logger="auto_batch")
+    data_args, training_args = parse(train_qlora, ["--max_seq_length", "256"])[1::3]
+    fake_gpu(monkeypatch, T4)
+    auto_batch.choose_batch("QLoRA", data_args, training_args, loaded)
+    assert "packed rows, 512 tokens per step per GPU (Tesla T4, 15 GiB: up to 8,192, cut so that the data's " in \
+        caplog.text
+    assert "tokens make 45 steps an epoch)" in caplog.text
+
+
+def test_the_dry_run_without_a_gpu_states_each_tiers_budget(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    no_gpu(monkeypatch)
+    many_tokens(monkeypatch, count=2000, length=1024)  # 2,048,000 tokens: neither tier is cut
+    reported = {}
+    real_report = reports.dry_run_report
+    monkeypatch.setattr(reports, "dry_run_report", lambda *args: reported.update(real_report(*args)))
+    caplog.set_level("INFO")
+    assert train_qlora.main(*parse(train_qlora, ["--dry_run", "--model_name_or_path", tiny_model_dir,
+                                                 "--output_dir", tmp_path / "out"])) is None
+    assert ("No batch flags given: packed rows, 8,192 tokens per step per GPU under 20 GiB of memory, 32,768 from "
+            "20 GiB (the data's 2,048,000 tokens make 250 or 63 steps an epoch; no GPU here: what follows counts "
+            "8,192).") in caplog.text
+    # The dry run's own statistics are those of the budget it names: the real records, packed as training packs them.
+    assert reported["tokens_per_optimizer_step"] == 8192 and "Packed without padding" in caplog.text
+
+
+def test_the_dry_run_on_a_gpu_states_its_budget(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    model_args, data_args, report_args, _, training_args = parse(
+        train_galore, ["--dry_run", "--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path / "out",
+                       "--max_seq_length", "256"])
+    loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
+    fake_gpu(monkeypatch, T4)
+    caplog.set_level("INFO")
+    data_args, training_args = auto_batch.choose_batch("GaLore", data_args, training_args, loaded)
+    stats = reports.dry_run_report(loaded, data_args, training_args)
+    assert "packed rows, 512 tokens per step per GPU (Tesla T4, 15 GiB: up to 4,096, cut so that" in caplog.text
+    assert f"make {stats['optimizer_steps_per_epoch']} steps an epoch" in caplog.text
+
+
+def test_a_smoke_run_keeps_its_record_batches_and_reads_no_gpu(monkeypatch, loaded):
+    data_args, training_args = parse(train_qlora, ["--smoke"])[1::3]
+    no_gpu(monkeypatch)
+    chosen = auto_batch.choose_batch("QLoRA", data_args, training_args, loaded)
+    assert chosen[0] is data_args and chosen[1] is training_args
+    assert (training_args.per_device_train_batch_size, data_args.max_tokens_per_batch) == (2, None)
+
+
+def test_the_help_states_the_default_budgets():
+    help_text = arguments.DataArguments.__dataclass_fields__["max_tokens_per_batch"].metadata["help"]
+    for script, budgets in auto_batch.TOKEN_BUDGETS.items():
+        for budget in budgets:
+            assert str(budget) in help_text
+        assert f"{budgets[0]} ({script})" in help_text
+    assert f"{auto_batch.LARGE_GPU_GIB} GiB" in help_text and f"{auto_batch.MIN_STEPS_PER_EPOCH} steps" in help_text
+    assert all(f"--{flag}" in help_text for flag in arguments.BATCH_FLAGS if flag != "max_tokens_per_batch")
