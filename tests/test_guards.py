@@ -45,6 +45,10 @@ def test_finite_training_is_untouched(tiny_model_dir, tiny_tokenizer, tmp_path):
     assert trainer.state.global_step == 6
 
 
+
+def out_of_memory(**kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
 def test_out_of_memory_names_the_settings_and_the_checkpoint(tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch):
     trainer = tiny_trainer(tiny_model_dir, tiny_tokenizer, tmp_path)
     (tmp_path / "checkpoint-40").mkdir()
@@ -53,9 +57,6 @@ def test_out_of_memory_names_the_settings_and_the_checkpoint(tiny_model_dir, tin
         torch.save({}, tmp_path / "checkpoint-40" / name)
     trainer.save_model(str(tmp_path / "checkpoint-40"))
     (tmp_path / "checkpoint-50").mkdir()  # cut off mid-save: no trainer_state.json
-
-    def out_of_memory(**kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
 
     monkeypatch.setattr(trainer, "train", out_of_memory)
     with pytest.raises(errors.TrainingFailed) as error:
@@ -72,9 +73,6 @@ def test_out_of_memory_with_token_batches_names_the_token_budget(tiny_model_dir,
     # Token batches are the default: halving --per_device_train_batch_size would change nothing there.
     trainer = tiny_trainer(tiny_model_dir, tiny_tokenizer, tmp_path)
     trainer.max_tokens, trainer.row_tokens = 32768, 1024  # as batching.TokenBudgetSFTTrainer holds them
-
-    def out_of_memory(**kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
 
     monkeypatch.setattr(trainer, "train", out_of_memory)
     with pytest.raises(errors.TrainingFailed) as error:
