@@ -38,7 +38,7 @@ from reports import SAMPLES_JSON  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-EXPORT_DIR = "gguf"
+EXPORT_DIR = training.GGUF_DIR
 PROMPTS_WITHOUT_SAMPLES = 3  # from the default instructions, where the run wrote no samples.json
 
 

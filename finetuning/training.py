@@ -32,6 +32,7 @@ RESUME_LATEST = ("true", "latest", "last")
 TIME_BUDGET_EXIT_CODE = 75  # EX_TEMPFAIL: stopped early on purpose, to be resumed
 FINAL_DIR = "final"
 MERGED_DIR = "merged"
+GGUF_DIR = "gguf"  # export_gguf.py's files, made from final/: stale once final/ is replaced
 
 
 # ---------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def plan_output_dir(training_args, smoke: bool = False) -> OutputPlan:
         )
     if output_dir.is_dir() and training_args.overwrite_output_dir:
         # A smoke run keeps the tiny model it has just built; a real run replaces a smoke run's whole folder.
-        names = (FINAL_DIR, f".{FINAL_DIR}.partial", MERGED_DIR) + (() if smoke else (SMOKE_MODEL_DIR,))
+        names = (FINAL_DIR, f".{FINAL_DIR}.partial", MERGED_DIR, GGUF_DIR) + (() if smoke else (SMOKE_MODEL_DIR,))
         plan.replaces = sorted((p for p in output_dir.iterdir() if p.is_dir() and (
             p.name.startswith("checkpoint-") or p.name in names)), key=lambda p: p.name)
     return plan

@@ -259,6 +259,14 @@ def test_a_real_run_replaces_a_smoke_runs_whole_folder_and_never_resumes_it(tmp_
     assert training.plan_output_dir(overwrite).replaces == [out / "checkpoint-2", out / "smoke_base_model"]
 
 
+def test_overwrite_replaces_the_merged_model_and_gguf_files_made_from_the_earlier_final(tmp_path):
+    out = tmp_path / "out"
+    for name in ("final", "merged", "gguf", "notes"):
+        (out / name).mkdir(parents=True)
+    overwrite = transformers.TrainingArguments(output_dir=str(out), overwrite_output_dir=True, report_to=[])
+    assert training.plan_output_dir(overwrite).replaces == [out / "final", out / "gguf", out / "merged"]
+
+
 @pytest.mark.parametrize("leftover", ["checkpoint-7", "final"])
 def test_any_earlier_output_is_refused(leftover, tmp_path):
     out = tmp_path / "out"
