@@ -11,7 +11,7 @@ import torch
 import distributed
 from arguments import DataArguments
 from batching import PackedBatches, pack_into_rows
-from common import RunData, token_lengths
+from common import RunData
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def choose_batch(script: str, data_args: DataArguments, training_args, loaded: R
     if not data_args.auto_batch:
         return data_args, training_args
     row = data_args.max_seq_length
-    lengths = [min(length, row) for length in token_lengths(loaded.records, loaded.tokenizer)]
+    lengths = [min(length, row) for length in loaded.lengths]
     data_tokens, processes = sum(lengths), max(1, training_args.world_size)
     rows = len(pack_into_rows(lengths, row))
 

@@ -150,6 +150,7 @@ class RunData:
     tokenizer: Any
     collator: Any
     model_path: str
+    lengths: list  # each training record's tokens as trl tokenizes it, uncut: counted once, for every later use
 
 
 def load_data_and_tokenizer(model_args: ModelArguments, data_args: DataArguments, report_args: ReportArguments,
@@ -181,9 +182,9 @@ def _load_data_and_tokenizer(model_args, data_args, report_args, training_args) 
             f"(max_position_embeddings in {model_path}'s config.json). Use at most {context}."
         )
     collator = completion_only_collator(tokenizer, data_args, records)
-    if not report_args.dry_run:
+    lengths = token_lengths(records, tokenizer) if report_args.dry_run else \
         check_lengths(records, tokenizer, collator, data_args.max_seq_length, data_source(data_args), context)
-    return RunData(records, eval_records, tokenizer, collator, model_path)
+    return RunData(records, eval_records, tokenizer, collator, model_path, lengths)
 
 
 def response_only_loss(data_args: DataArguments, records) -> bool:

@@ -175,7 +175,7 @@ class GaloreProjectionsAgree(TrainerCallback):
         if not matrices or current == self.checked:
             return
         self.checked = current
-        checksums = gather_object([projection_checksum(matrices)])
+        checksums = gather(projection_checksum(matrices), args)
         if any(not torch.allclose(torch.tensor(c), torch.tensor(checksums[0]), rtol=1e-6, atol=0) for c in checksums):
             raise TrainingFailed(
                 f"GaLore's projections differ between the {args.world_size} processes after step {state.global_step} "

@@ -103,12 +103,9 @@ def main(args: ExportArguments) -> Path:
             answers, problems[file.name] = parity.gguf_answers(file, prompts, args.max_new_tokens)
             rows += parity.compare(prompts, file.name, reference, answers, args.parity_tokens)
         report = parity.write_report(partial, rows, problems)
-        try:
-            parity.verdict(rows, problems, run_dir / EXPORT_DIR / report.name)
-        finally:  # a failed check keeps its files and report, for a look
-            folder = replace(partial, run_dir / EXPORT_DIR)
-    else:
-        folder = replace(partial, run_dir / EXPORT_DIR)
+    folder = replace(partial, run_dir / EXPORT_DIR)  # before the verdict: a failed check keeps files and report
+    if args.check_parity:
+        parity.verdict(rows, problems, folder / report.name)
 
     # ===== Done: how to run it =====
     logger.info("GGUF export in %s. Ollama: ollama create %s -f %s && ollama run %s. llama.cpp: llama-cli -m %s",

@@ -14,7 +14,6 @@ import torch
 import distributed
 from arguments import DataArguments, ReportArguments
 from batching import PackedBatches, pack_into_rows, row_fill
-from common import token_lengths
 from common import Precision, RunData, format_example, format_prompt
 from data import OUTPUT_FIELD
 
@@ -69,7 +68,7 @@ def log_settings(script: str, trainer, precision: Precision, data_args: DataArgu
 def dry_run_report(loaded: RunData, data_args: DataArguments, training_args) -> dict:
     """What training would see, without loading the model: logged, and returned for tests."""
     records, tokenizer, collator = loaded.records, loaded.tokenizer, loaded.collator
-    lengths = token_lengths(records, tokenizer)
+    lengths = loaded.lengths
     ordered = sorted(lengths)
     stats = {
         "records": len(lengths),

@@ -46,12 +46,15 @@ def no_gpu(monkeypatch):
 def loaded(tiny_tokenizer):
     """The shipped 200 records (about 22,000 tokens) with the tiny model's tokenizer."""
     records, _ = data.load_train_and_eval(arguments.DataArguments(), seed=0)
-    return common.RunData(records, None, tiny_tokenizer, None, "unused")
+    return common.RunData(records, None, tiny_tokenizer, None, "unused", common.token_lengths(records, tiny_tokenizer))
 
 
-def many_tokens(monkeypatch, count=20000, length=200):
-    """A large data set (4M tokens), as its token lengths: the data cap never bites."""
-    monkeypatch.setattr(auto_batch, "token_lengths", lambda records, tokenizer: [length] * count)
+def many_tokens(monkeypatch, loaded=None, count=20000, length=200):
+    """A large data set (4M tokens), as its token lengths (those `loaded` holds, or those the load step counts): the
+    data cap never bites."""
+    if loaded is not None:
+        monkeypatch.setattr(loaded, "lengths", [length] * count)
+    monkeypatch.setattr(common, "token_lengths", lambda records, tokenizer: [length] * count)
 
 
 @pytest.mark.parametrize("script, gpu, expected", [
@@ -62,7 +65,7 @@ def many_tokens(monkeypatch, count=20000, length=200):
 def test_no_batch_flag_gets_packed_rows_in_the_budget_of_the_gpus_tier(script, gpu, expected, monkeypatch, loaded):
     model, data_args, _, _, training_args = parse(SCRIPTS[script], [])
     assert data_args.auto_batch and data_args.max_tokens_per_batch is None
-    many_tokens(monkeypatch)
+    many_tokens(monkeypatch, loaded)
     fake_gpu(monkeypatch, gpu)
     data_args, training_args = auto_batch.choose_batch(script, data_args, training_args, loaded)
     assert data_args.max_tokens_per_batch == expected
@@ -119,7 +122,7 @@ def test_a_config_file_without_batch_keys_gets_the_chosen_batch(tmp_path, monkey
     config = tmp_path / "run.yaml"
     config.write_text("learning_rate: 1.0e-5\nmax_seq_length: 512\n")
     data_args, training_args = parse(train_galore, [config])[1::3]
-    many_tokens(monkeypatch)
+    many_tokens(monkeypatch, loaded)
     fake_gpu(monkeypatch, T4)
     assert auto_batch.choose_batch("GaLore", data_args, training_args, loaded)[0].max_tokens_per_batch == 4096
 
@@ -175,7 +178,7 @@ def test_under_ddp_every_process_takes_the_smallest_gpu(monkeypatch):
 def test_the_log_line_says_what_was_chosen_and_why(monkeypatch, loaded, caplog):
     caplog.set_level("INFO", logger="auto_batch")
     data_args, training_args = parse(train_qlora, [])[1::3]
-    many_tokens(monkeypatch)
+    many_tokens(monkeypatch, loaded)
     fake_gpu(monkeypatch, H100)
     auto_batch.choose_batch("QLoRA", data_args, training_args, loaded)
     assert [record.getMessage() for record in caplog.records if record.name == "auto_batch"] == [
@@ -206,7 +209,7 @@ def test_the_dry_run_without_a_gpu_states_each_tiers_budget(tiny_model_dir, tmp_
     assert ("No batch flags given: packed rows, 8,192 tokens per step per GPU under 20 GiB of memory, 32,768 from "
             "20 GiB (the data's 2,048,000 tokens make 250 or 63 steps an epoch; no GPU here: what follows counts "
             "8,192).") in caplog.text
-    # The dry run's own statistics are those of the budget it names: the real records, packed as training packs them.
+    # The dry run's own statistics are those of the budget it names: the same lengths, packed as training packs them.
     assert reported["tokens_per_optimizer_step"] == 8192 and "Packed without padding" in caplog.text
 
 
