@@ -45,6 +45,17 @@ class ModelArguments:
         default=False,
         metadata={"help": "Run Python code shipped with the model. Off: Gemma needs none, and it runs anything."},
     )
+    compile_layers: str = field(
+        default="auto",
+        metadata={"help": "torch.compile each decoder layer: fewer, fused GPU kernels. The first run on a machine "
+                  "waits about a minute for the compiler; later runs read its cache. 'auto' (on for packed batches on "
+                  "an NVIDIA GPU of compute capability 8.0 or newer), 'yes' or 'no'."},
+    )
+    offload_activations: str = field(
+        default="auto",
+        metadata={"help": "Keep each checkpointed layer input in pinned CPU memory until the backward pass: less GPU "
+                  "memory, a little slower. 'auto' (speed_choices.py), 'yes' or 'no'."},
+    )
     smoke: bool = field(
         default=False,
         metadata={
@@ -346,6 +357,12 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise UserInputError("--save_only_model: checkpoints without the optimizer and scheduler state cannot be "
                              "resumed, and resuming is what they are for here. Leave the flag out; OUTPUT_DIR/final "
                              "holds the model alone either way.")
+    for name in ("compile_layers", "offload_activations"):
+        if getattr(model_args, name) not in ("auto", "yes", "no"):
+            raise UserInputError(f"--{name} {getattr(model_args, name)!r}: give auto, yes or no.")
+    if model_args.offload_activations == "yes" and not training_args.gradient_checkpointing:
+        raise UserInputError("--offload_activations yes moves checkpointed layer inputs, and --gradient_checkpointing "
+                             "is off: turn checkpointing on, or leave the offload flag out.")
     if data_args.eval_split_ratio and data_args.eval_file:
         raise UserInputError("Give either --eval_split_ratio or --eval_file, not both.")
     if data_args.max_tokens_per_batch is not None:

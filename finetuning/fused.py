@@ -94,6 +94,18 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 
 
+def lora_4bit_traced(x, weight, absmax, quantization, compute_dtype, bias, lora_a, lora_b, scale, p, training):
+    """Lora4bitLinear's value in plain operations, for torch.compile to trace inside a compiled decoder layer: it
+    derives the backward pass and fuses the element-wise work itself. `quantization`: (blocksize, quant_type,
+    shape, dtype) of the 4-bit weight; `absmax`: its float32 block scales."""
+    w = torch.ops.bitsandbytes.dequantize_4bit.default(weight, absmax, *quantization).to(compute_dtype)
+    xc = x.to(compute_dtype)
+    dropped = torch.nn.functional.dropout(xc, p, training) if p > 0 else xc
+    adapter = (dropped @ lora_a.to(compute_dtype).t() * scale) @ lora_b.to(compute_dtype).t()
+    out = torch.nn.functional.linear(xc, w, None if bias is None else bias.to(compute_dtype))
+    return (out + adapter).to(x.dtype)
+
+
 class Lora4bitLinear(torch.autograd.Function):
     """y = x W^T + b + scale * dropout(x) A^T B^T, W stored in 4 bits; the same value and gradients as peft + bitsandbytes.
 

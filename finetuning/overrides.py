@@ -26,19 +26,21 @@ from typing import Callable, Optional
 
 import bitsandbytes.functional as bnb_functional
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import fused
+import offload
+from speed_choices import SpeedChoices
 from versions import installed_version
 
 logger = logging.getLogger(__name__)
 
 # The targets, imported here so that one that moved leaves its override off (with a log line), not a crash.
 try:
-    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer, Gemma3RMSNorm
 except ImportError:
-    Gemma3RMSNorm = None
+    Gemma3DecoderLayer = Gemma3RMSNorm = None
 try:
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 except ImportError:
@@ -80,17 +82,23 @@ def _has(target, names, what: str) -> bool:
     return not missing
 
 
-def enable_fast_path(model, fp16: bool, padding_free: bool, keep_dequantized_weight: bool) -> dict:
-    """Switch on overrides 1-6 for `model` (the trainer's, peft-wrapped or not); returns what changed. `fp16`: a
+def enable_fast_path(trainer, fp16: bool, padding_free: bool, keep_dequantized_weight: bool,
+                     speed: Optional[SpeedChoices] = None) -> dict:
+    """Switch on overrides 1-6, and 10-11 as `speed` says, for the trainer's model; returns what changed. `fp16`: a
     float32 residual stream. `padding_free`: packed rows (variable-length attention). `keep_dequantized_weight`: see
     fuse_lora_4bit."""
+    model = trainer.model
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     changed = {
         "chunked loss": use_chunked_loss(causal_lm),
         "fused RMSNorms": fuse_rms_norms(model, fp32_residual=fp16),
         "fused LoRA-on-4-bit layers": fuse_lora_4bit(model, keep_dequantized_weight),
         "variable-length attention": padding_free and use_varlen_attention(),
+        "compiled decoder layers": speed.compile_layers and compile_decoder_layers(model) if speed else 0,
     }
+    if speed and speed.offload_activations and offload_target_found(model):
+        trainer.add_callback(OffloadLayerInputs())
+        changed["checkpointed inputs offloaded"] = "from the first step"
     if getattr(causal_lm.config, "_attn_implementation", None) == "sdpa" and _has(
             torch.backends.cuda, ["enable_cudnn_sdp"], "cuDNN attention off"):
         torch.backends.cuda.enable_cudnn_sdp(False)
@@ -160,6 +168,7 @@ def fuse_lora_4bit(model, keep_dequantized_weight: bool) -> int:
         if adapter not in module.lora_A or adapter in getattr(module, "lora_variant", {}):
             continue
         module.forward = types.MethodType(_lora_4bit_forward(module.forward, adapter, keep_dequantized_weight), module)
+        float32_absmax(module.base_layer.weight.quant_state, module.base_layer.weight.device)
         changed += 1
     return changed
 
@@ -173,6 +182,13 @@ def _lora_4bit_forward(stock_forward: Callable, adapter: str, keep_weight: bool)
         if args or kwargs or self.disable_adapters or self.merged or repacked:
             return stock_forward(x, *args, **kwargs)
         p = getattr(self.lora_dropout[adapter], "p", 0.0) if self.training else 0.0  # nn.Identity where 0
+        if torch.compiler.is_compiling():  # inside a compiled decoder layer (override 10)
+            state = base.weight.quant_state
+            return fused.lora_4bit_traced(
+                x, base.weight, state.float32_absmax, (state.blocksize, state.quant_type, state.shape, state.dtype),
+                base.compute_dtype or x.dtype, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                self.scaling[adapter], p, self.training,
+            )
         return fused.Lora4bitLinear.apply(
             x, base.weight, base.weight.quant_state, dequantize_4bit, base.compute_dtype or x.dtype, base.bias,
             self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], p, keep_weight,
@@ -188,16 +204,22 @@ def dequantize_4bit(weight, quant_state, dtype):
     kernels, 364 calls a step for gemma-3-1b). The base weights are frozen, so the float32 scales are computed once
     and kept on the quant state (1/16 of the 16-bit weight's size).
     """
+    weight = torch.ops.bitsandbytes.dequantize_4bit.default(
+        weight, float32_absmax(quant_state, weight.device), quant_state.blocksize, quant_state.quant_type,
+        quant_state.shape, quant_state.dtype,
+    )
+    return weight.to(dtype)
+
+
+def float32_absmax(quant_state, device):
+    """The quant state's block scales in float32, computed once and kept on it as `float32_absmax`."""
     absmax = getattr(quant_state, "float32_absmax", None)
-    if absmax is None or absmax.device != weight.device:  # QuantState.to() moves only its own tensors
+    if absmax is None or absmax.device != device:  # QuantState.to() moves only its own tensors
         absmax = quant_state.absmax
         if quant_state.nested:
             absmax = bnb_functional.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset
         absmax = quant_state.float32_absmax = absmax.float()
-    weight = torch.ops.bitsandbytes.dequantize_4bit.default(
-        weight, absmax, quant_state.blocksize, quant_state.quant_type, quant_state.shape, quant_state.dtype
-    )
-    return weight.to(dtype)
+    return absmax
 
 
 # ---------------------------------------------------------------------------
@@ -321,6 +343,47 @@ def use_chunked_loss(causal_lm: torch.nn.Module, chunk_tokens: Optional[int] = N
 
     causal_lm.forward = forward
     return True
+
+
+# ---------------------------------------------------------------------------
+# 10. Decoder layers compiled as regions
+# ---------------------------------------------------------------------------
+
+
+def compile_decoder_layers(model, backend="inductor") -> int:
+    """torch.compile each decoder layer as one region; returns how many. All layers share one compiled code (torch
+    inlines modules, so a layer's weights are inputs of the graph, not constants), one per attention kind."""
+    what = "compiled decoder layers"
+    if not (_found(Gemma3DecoderLayer, "Gemma3DecoderLayer", what) and _version_ok("transformers", what)
+            and _has(torch.nn.Module, ["compile"], what)):
+        return 0
+    layers = [module for module in model.modules() if isinstance(module, Gemma3DecoderLayer)]
+    for layer in layers:
+        layer.compile(backend=backend)
+    return len(layers)
+
+
+# ---------------------------------------------------------------------------
+# 11. Checkpointed layer inputs in pinned CPU memory
+# ---------------------------------------------------------------------------
+
+
+def offload_target_found(model) -> bool:
+    what = "offloaded layer inputs"
+    return (_found(Gemma3DecoderLayer, "Gemma3DecoderLayer", what) and _version_ok("transformers", what)
+            and any(isinstance(module, Gemma3DecoderLayer) for module in model.modules()))
+
+
+class OffloadLayerInputs(TrainerCallback):
+    """At the start of train(), once the Trainer has switched checkpointing on (which sets each layer's
+    `_gradient_checkpointing_func`), makes offload.checkpoint every decoder layer's checkpointing function."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        layers = [module for module in model.modules()
+                  if isinstance(module, Gemma3DecoderLayer) and getattr(module, "gradient_checkpointing", False)]
+        for layer in layers:
+            layer._gradient_checkpointing_func = offload.checkpoint
+        logger.info("Checkpointed inputs of %d decoder layers go to pinned CPU memory.", len(layers))
 
 
 # ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import common  # noqa: E402
 import distributed  # noqa: E402
 import overrides  # noqa: E402
 import reports  # noqa: E402
+import speed_choices  # noqa: E402
 import training  # noqa: E402
 from errors import UserInputError  # noqa: E402
 
@@ -102,6 +103,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
     # ===== Load data and tokenizer: a bad record must not cost a model load =====
     loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
     data_args, training_args = auto_batch.choose_batch("GaLore", data_args, training_args, loaded)
+    speed = speed_choices.choose(model_args, data_args, training_args)
     if report_args.dry_run:
         reports.dry_run_report(loaded, data_args, training_args)
         return None
@@ -118,8 +120,8 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
     trainer = batching.build_trainer(model, loaded, data_args, training_args,
                                      [distributed.GaloreProjectionsAgree(), *(callbacks or [])],
                                      optimizers=(optimizer, None))  # the Trainer builds the scheduler
-    overrides.enable_fast_path(trainer.model, precision.fp16, data_args.packs_without_padding,
-                               keep_dequantized_weight=False)
+    overrides.enable_fast_path(trainer, precision.fp16, data_args.packs_without_padding,
+                               keep_dequantized_weight=False, speed=speed)
     reports.log_settings("GaLore", trainer, precision, data_args, loaded, {
         "optimizer": f"{type(optimizer).__name__} (galore-torch, bitsandbytes 8-bit states)",
         "GaLore": f"rank={galore_args.galore_rank}, update_proj_gap={galore_args.galore_update_proj_gap}, "

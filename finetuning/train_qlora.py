@@ -35,6 +35,7 @@ import batching  # noqa: E402
 import common  # noqa: E402
 import overrides  # noqa: E402
 import reports  # noqa: E402
+import speed_choices  # noqa: E402
 import training  # noqa: E402
 from errors import UserInputError  # noqa: E402
 
@@ -138,6 +139,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
     # ===== Load data and tokenizer: a bad record must not cost a model download =====
     loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
     data_args, training_args = auto_batch.choose_batch("QLoRA", data_args, training_args, loaded)
+    speed = speed_choices.choose(model_args, data_args, training_args, lora_args.lora_dropout)
     if report_args.dry_run:
         reports.dry_run_report(loaded, data_args, training_args)
         return None
@@ -151,8 +153,8 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
     trainer = batching.build_trainer(model, loaded, data_args, training_args, callbacks,
                                      peft_config=lora_args.peft_config())
     initial_adapter = save_initial_adapter(trainer, lora_args)
-    fast = overrides.enable_fast_path(trainer.model, precision.fp16, data_args.packs_without_padding,
-                                      keep_dequantized_weight=training_args.gradient_checkpointing)
+    fast = overrides.enable_fast_path(trainer, precision.fp16, data_args.packs_without_padding,
+                                      keep_dequantized_weight=training_args.gradient_checkpointing, speed=speed)
     reports.log_settings("QLoRA", trainer, precision, data_args, loaded, {
         "base weights": f"NF4 4-bit, double quantization, compute in {precision.torch_dtype}".replace("torch.", ""),
         "LoRA": f"r={lora_args.lora_r}, alpha={lora_args.lora_alpha}, targets={lora_args.lora_target_modules}, "

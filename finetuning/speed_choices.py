@@ -1,0 +1,55 @@
+"""--compile_layers and --offload_activations: what 'auto' means on this machine for this batch, said in one log line.
+
+Measured on an H100 (bench/RESULTS.md, issue 13): compiled layers remove most of the CPU time of a step, which bounds
+small batches. Offloading the checkpointed layer inputs costs copies that run beside the compute; `OFFLOAD_FROM_TOKENS`
+is where it pays by the numbers there.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+COMPILE_FROM_CAPABILITY = (8, 0)  # A100, L4, H100: measured there; a T4 (7.5) keeps the eager kernels
+OFFLOAD_FROM_TOKENS = 1  # tokens per micro-batch from which 'auto' offloads
+
+
+@dataclass(frozen=True)
+class SpeedChoices:
+    compile_layers: bool
+    offload_activations: bool
+
+
+def choose(model_args, data_args, training_args, dropout: float = 0.0) -> SpeedChoices:
+    """Resolve 'auto' for both flags; 'yes' and 'no' stand."""
+    gpu = torch.cuda.is_available() and not training_args.use_cpu
+    capability = torch.cuda.get_device_capability(training_args.device) if gpu else (0, 0)
+    packed = bool(data_args.packs_without_padding)  # fixed [rows, row length] shapes: nothing to recompile
+    single = training_args.world_size <= 1
+    tokens = (data_args.max_tokens_per_batch or 0) if packed else 0
+    why = {}
+
+    compiled = model_args.compile_layers == "yes"
+    if model_args.compile_layers == "auto":
+        compiled = gpu and capability >= COMPILE_FROM_CAPABILITY and packed and importlib.util.find_spec("triton")
+        version = f"compute capability {capability[0]}.{capability[1]}"
+        why["compile"] = (f"auto: packed batches, {version}" if compiled else "auto: " + (
+            "no GPU" if not gpu else "batches not packed" if not packed
+            else f"{version}, under 8.0" if capability < COMPILE_FROM_CAPABILITY else "no triton"))
+    offloaded = model_args.offload_activations == "yes"
+    if model_args.offload_activations == "auto":
+        offloaded = (gpu and training_args.gradient_checkpointing and single and not (compiled and dropout)
+                     and tokens >= OFFLOAD_FROM_TOKENS)
+        why["offload"] = "auto" if offloaded else "auto: " + (
+            "no GPU" if not gpu else "no gradient checkpointing" if not training_args.gradient_checkpointing
+            else "several processes" if not single else "dropout in compiled layers" if compiled and dropout
+            else f"{tokens:,} tokens a micro-batch, under {OFFLOAD_FROM_TOKENS:,}")
+    compile_text = ("compiled" if compiled else "eager") + f" ({why.get('compile', 'as given')})"
+    offload_text = ("in pinned CPU memory" if offloaded else "kept on the GPU") + f" ({why.get('offload', 'as given')})"
+    logger.info("Decoder layers %s; their checkpointed inputs %s. --compile_layers and --offload_activations "
+                "(auto, yes, no) set this.", compile_text, offload_text)
+    return SpeedChoices(bool(compiled), bool(offloaded))

@@ -1,0 +1,179 @@
+"""Overrides 10 and 11 (issue 13): decoder layers compiled as regions, and checkpointed layer inputs offloaded.
+
+On the CPU the compiled layers run through torch.compile's "aot_eager" backend (dynamo's graph capture and the derived
+backward pass, without inductor's code generation, which the GPU test in test_gpu_real_shapes.py covers). The
+offloaded checkpoint keeps its stash as it is on the CPU; the recomputation, random state and autocast handling are
+the same code as on a GPU.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+import offload
+import overrides
+import speed_choices
+from arguments import DataArguments, ModelArguments
+from test_speed import quantized_lora_model
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs it is given (one per compilation) and runs them eagerly."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        from torch._dynamo.backends.debugging import aot_eager
+
+        self.graphs += 1
+        return aot_eager(graph_module, example_inputs)
+
+
+@pytest.fixture(scope="module")
+def lora_model(tmp_path_factory):
+    """A tiny QLoRA model of four layers, one of them full attention, on the fused 4-bit path."""
+    import test_speed
+
+    small = test_speed.small_gemma
+    test_speed.small_gemma = lambda layers=2, **changes: small(
+        layers=4, layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        **changes)
+    try:
+        model = quantized_lora_model(tmp_path_factory.mktemp("four_layers"), dropout=0.1)
+    finally:
+        test_speed.small_gemma = small
+    assert overrides.fuse_lora_4bit(model, keep_dequantized_weight=True) == 4 * 7
+    return model
+
+
+def loss_and_grads(model, input_ids, seed=0, autocast=False):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def checkpointed(model, function=None, dropout=True):
+    copied = copy.deepcopy(model).train()
+    if not dropout:  # compiled graphs draw their dropout masks otherwise than eager code
+        for module in copied.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    copied.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if function is not None:
+        for layer in copied.base_model.model.model.layers:
+            layer._gradient_checkpointing_func = function
+    return copied
+
+
+def assert_same(a, b, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(a[0], b[0], rtol=rtol, atol=atol)
+    assert set(a[1]) == set(b[1])
+    for name, grad in a[1].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(b[1][name], grad, rtol=rtol * 10, atol=atol, msg=name)
+
+
+def batch(length, rows=2, seed=1):
+    return torch.randint(3, 300, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_offloaded_checkpoint_gives_the_stock_checkpoints_loss_and_gradients(lora_model):
+    """With LoRA dropout: the random state must be replayed in the recomputation."""
+    ids = batch(24)
+    stock = loss_and_grads(checkpointed(lora_model), ids)
+    offloaded = loss_and_grads(checkpointed(lora_model, offload.checkpoint), ids)
+    assert_same(stock, offloaded)
+    assert offload._newest[torch.device("cpu")].host is None  # every stash went back
+
+
+def test_offloaded_checkpoint_recomputes_under_the_forward_passes_autocast():
+    """Full training (GaLore's case: every weight has a gradient) under bf16 autocast, which the backward pass,
+    where the layer is run again, does not have on its own."""
+    from test_speed import small_gemma
+
+    model = small_gemma(layers=2).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    stock = loss_and_grads(model, batch(24), autocast=True)
+    for layer in model.model.layers:
+        layer._gradient_checkpointing_func = offload.checkpoint
+    assert_same(stock, loss_and_grads(model, batch(24), autocast=True))
+
+
+def test_compiled_layers_give_the_eager_answer_and_compile_once_per_kind(lora_model):
+    eager = checkpointed(lora_model, dropout=False)
+    compiled = checkpointed(lora_model, dropout=False)
+    backend = CountingBackend()
+    assert overrides.compile_decoder_layers(compiled, backend=backend) == 4
+    assert_same(loss_and_grads(eager, batch(20)), loss_and_grads(compiled, batch(20)))
+    # Shared by the four layers, not one per layer: the first layer (sliding window, its input from frozen embeddings,
+    # without grad), the full-attention layer, the other sliding-window layers.
+    assert backend.graphs == 3
+    loss_and_grads(compiled, batch(24))  # a new length: compiled once more, with the length as a symbol
+    after_warmup = backend.graphs
+    for length in (28, 31, 40):
+        assert_same(loss_and_grads(eager, batch(length, seed=length)), loss_and_grads(compiled, batch(length, seed=length)))
+    assert backend.graphs == after_warmup
+
+
+def test_compiled_and_offloaded_layers_together_give_the_eager_answer(lora_model):
+    eager = checkpointed(lora_model, dropout=False)
+    both = checkpointed(lora_model, offload.checkpoint, dropout=False)
+    backend = CountingBackend()
+    overrides.compile_decoder_layers(both, backend=backend)
+    for length in (20, 24, 28):
+        assert_same(loss_and_grads(eager, batch(length)), loss_and_grads(both, batch(length)))
+    graphs = backend.graphs
+    assert_same(loss_and_grads(eager, batch(36)), loss_and_grads(both, batch(36)))
+    assert backend.graphs == graphs
+
+
+def test_offload_callback_installs_on_train_begin(lora_model, caplog):
+    model = checkpointed(lora_model)
+    with caplog.at_level(logging.INFO, logger="overrides"):
+        overrides.OffloadLayerInputs().on_train_begin(None, None, None, model=model)
+    assert all(layer._gradient_checkpointing_func is offload.checkpoint for layer in model.base_model.model.model.layers)
+    assert "Checkpointed inputs of 4 decoder layers go to pinned CPU memory." in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# What 'auto' means
+# ---------------------------------------------------------------------------
+
+
+class Training:
+    def __init__(self, world_size=1, gradient_checkpointing=True):
+        self.use_cpu, self.device, self.world_size = False, torch.device("cuda:0"), world_size
+        self.gradient_checkpointing = gradient_checkpointing
+
+
+def choose(monkeypatch, capability=(9, 0), gpu=True, packed=True, dropout=0.0, **training):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(speed_choices.importlib.util, "find_spec", lambda name: object())
+    data = DataArguments(max_tokens_per_batch=8192 if packed else None, padding_free=packed)
+    return speed_choices.choose(ModelArguments(), data, Training(**training), dropout)
+
+
+def test_auto_compiles_packed_batches_on_ampere_or_newer_and_says_why_not_elsewhere(monkeypatch, caplog):
+    with caplog.at_level(logging.INFO, logger="speed_choices"):
+        assert choose(monkeypatch).compile_layers
+        assert "Decoder layers compiled (auto: packed batches, compute capability 9.0)" in caplog.text
+        assert not choose(monkeypatch, capability=(7, 5)).compile_layers
+        assert "eager (auto: compute capability 7.5, under 8.0)" in caplog.text
+        assert not choose(monkeypatch, packed=False).compile_layers
+        assert not choose(monkeypatch, gpu=False).compile_layers
+
+
+def test_auto_offloads_only_where_the_reentrant_scheme_is_safe(monkeypatch):
+    assert choose(monkeypatch).offload_activations
+    assert not choose(monkeypatch, world_size=2).offload_activations
+    assert not choose(monkeypatch, gradient_checkpointing=False).offload_activations
+    assert not choose(monkeypatch, dropout=0.05).offload_activations  # compiled: its two graphs draw differently
+    assert choose(monkeypatch, capability=(7, 5), dropout=0.05).offload_activations  # eager layers replay dropout
