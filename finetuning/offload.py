@@ -45,13 +45,15 @@ class OffloadedCheckpoint(torch.autograd.Function):
         ctx.autocast = _autocast_state(hidden.device.type)
         ctx.rng = _rng_state(hidden.device)
         ctx.stash = Stash(hidden)
-        outputs = run(hidden)  # autograd.Function runs its forward without grad
+        # Without grad here (autograd.Function's forward), with grad in backward; as input, always a tensor that does
+        # not require grad here and one that does there, so that a compiled layer sees two cases, not four.
+        outputs = run(hidden.detach())
         return outputs[0] if isinstance(outputs, tuple) else outputs
 
     @staticmethod
     def backward(ctx, grad):
         stash, ctx.stash = ctx.stash, None
-        hidden = stash.load().detach().requires_grad_(ctx.needs_input_grad[1])
+        hidden = stash.load().detach().requires_grad_(True)
         device = hidden.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
             _set_rng_state(device, ctx.rng)

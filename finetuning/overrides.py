@@ -351,16 +351,26 @@ def use_chunked_loss(causal_lm: torch.nn.Module, chunk_tokens: Optional[int] = N
 
 
 def compile_decoder_layers(model, backend="inductor") -> int:
-    """torch.compile each decoder layer as one region; returns how many. All layers share one compiled code (torch
-    inlines modules, so a layer's weights are inputs of the graph, not constants), one per attention kind."""
+    """torch.compile each decoder layer's forward as one region, in training mode only (evaluation and generation,
+    with their caches and changing shapes, stay eager); returns how many. All layers share the compiled code: torch
+    inlines modules, so a layer's weights are inputs of the graph, not constants. Sizes are symbols from the first
+    compilation (`dynamic=True`): a batch with other record bounds or fewer rows is not compiled again."""
     what = "compiled decoder layers"
     if not (_found(Gemma3DecoderLayer, "Gemma3DecoderLayer", what) and _version_ok("transformers", what)
-            and _has(torch.nn.Module, ["compile"], what)):
+            and _has(torch, ["compile"], what)):
         return 0
     layers = [module for module in model.modules() if isinstance(module, Gemma3DecoderLayer)]
     for layer in layers:
-        layer.compile(backend=backend)
+        compiled = torch.compile(layer.forward, backend=backend, dynamic=True)
+        layer.forward = types.MethodType(_training_only(compiled, layer.forward), layer)
     return len(layers)
+
+
+def _training_only(compiled: Callable, stock: Callable) -> Callable:
+    def forward(self, *args, **kwargs):
+        return (compiled if self.training else stock)(*args, **kwargs)
+
+    return forward
 
 
 # ---------------------------------------------------------------------------

@@ -240,3 +240,55 @@ def test_fused_lora_4bit_same_answer_as_peft_on_real_shapes(real_shape_model):
         del model
         torch.cuda.empty_cache()
     _same_answer(losses[0], losses[1], grads[0], grads[1])
+
+
+def test_compiled_offloaded_qlora_layers_same_answer_and_compiled_once_on_real_shapes(real_shape_model):
+    """Overrides 10 and 11 with inductor: compiled decoder layers whose checkpointed inputs wait in pinned CPU memory,
+    against the eager fast path, on packed batches with other record bounds (and row counts) each step. The same
+    loss and gradients, and nothing compiled after the first step."""
+    import offload
+    import train_qlora
+    from peft import LoraConfig, get_peft_model
+    from torch._inductor.compile_fx import compile_fx
+
+    model = train_qlora.load_quantized_model(str(real_shape_model), common.Precision(True, False, torch.bfloat16, "t"),
+                                             "cuda", "sdpa")
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                             task_type="CAUSAL_LM")).train()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.02)
+    overrides.use_chunked_loss(model.get_base_model())
+    overrides.fuse_rms_norms(model)
+    overrides.fuse_lora_4bit(model, keep_dequantized_weight=True)
+    assert overrides.use_varlen_attention()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batches = [_packed(*_records(count=8, seed=seed)) for seed in range(4)]
+
+    def step(batch):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.float().item(), {n: p.grad.float().clone() for n, p in model.named_parameters()
+                                     if p.requires_grad and ("layers.0." in n or "layers.25." in n)}
+
+    eager = [step(batch) for batch in batches]
+    graphs = []
+
+    def counting(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return compile_fx(graph_module, example_inputs)
+
+    assert overrides.compile_decoder_layers(model, backend=counting) == 26
+    for layer in model.get_base_model().model.layers:
+        layer._gradient_checkpointing_func = offload.checkpoint
+    fast = [step(batches[0])]
+    first = len(graphs)
+    fast += [step(batch) for batch in batches[1:]]
+    assert len(graphs) == first <= 5, len(graphs)
+    assert len({batch["input_ids"].shape[0] for batch in batches}) > 1  # other row counts did not compile again
+    for (stock_loss, stock_grads), (fast_loss, fast_grads) in zip(eager, fast):
+        _same_answer(stock_loss, fast_loss, stock_grads, fast_grads)
