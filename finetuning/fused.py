@@ -21,7 +21,7 @@ def chunked_causal_lm_loss(hidden, weight, labels, softcap=None, num_items_in_ba
     else:
         divisor = num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch
     if chunk_tokens is None:
-        chunk_tokens = max(64, 2**29 // (4 * weight.shape[0]))  # about 512 MiB of fp32 logits a chunk
+        chunk_tokens = max(64, 2**28 // (4 * weight.shape[0]))  # about 256 MiB of fp32 probabilities a chunk
     return ChunkedCrossEntropy.apply(
         shift_hidden.index_select(0, kept), weight, shift_labels.index_select(0, kept), softcap, divisor, chunk_tokens
     )
@@ -60,6 +60,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             # target) and its gradient (p - one_hot) both come from it, where log-sum-exp, subtract and
             # exp would each read and write the whole float32 chunk.
             probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            del logits  # each chunk tensor is freed as soon as it is used: they are a step's largest
             rows = torch.arange(target.shape[0], device=target.device)
             total -= probs[rows, target].clamp_min(tiny).log().sum()
             if not (need_hidden_grad or need_weight_grad):
@@ -68,6 +69,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if softcap:
                 probs *= 1 - capped * capped
             grad_logits = probs.to(compute_dtype)
+            del probs
             if need_hidden_grad:
                 grad_hidden[start : start + chunk_tokens] = grad_logits @ weight_c
             if need_weight_grad:

@@ -244,38 +244,46 @@ def test_fused_lora_4bit_same_answer_as_peft_on_real_shapes(real_shape_model):
 
 def test_compiled_offloaded_qlora_layers_same_answer_and_compiled_once_on_real_shapes(real_shape_model):
     """Overrides 10 and 11 with inductor: compiled decoder layers whose checkpointed inputs wait in pinned CPU memory,
-    against the eager fast path, on packed batches with other record bounds (and row counts) each step. The same
-    loss and gradients, and nothing compiled after the first step."""
+    against the eager fast path, both in bf16 and both against float32, on packed batches with other record bounds
+    (and row counts) each step. As close to float32 as the eager path is, and nothing compiled after the first
+    step. (Deep in the backward pass the two bf16 paths round differently: 3.6% apart at layer 0 on an H100.)"""
     import offload
     import train_qlora
     from peft import LoraConfig, get_peft_model
     from torch._inductor.compile_fx import compile_fx
 
-    model = train_qlora.load_quantized_model(str(real_shape_model), common.Precision(True, False, torch.bfloat16, "t"),
-                                             "cuda", "sdpa")
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                             task_type="CAUSAL_LM")).train()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.02)
-    overrides.use_chunked_loss(model.get_base_model())
-    overrides.fuse_rms_norms(model)
-    overrides.fuse_lora_4bit(model, keep_dequantized_weight=True)
-    assert overrides.use_varlen_attention()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batches = [_packed(*_records(count=8, seed=seed)) for seed in range(4)]
+    def lora_model(dtype):
+        model = train_qlora.load_quantized_model(str(real_shape_model), common.Precision(
+            dtype == torch.bfloat16, False, dtype, "test"), "cuda", "sdpa")
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM")).train()
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.02, generator=torch.Generator("cuda").manual_seed(len(name)))
+        overrides.use_chunked_loss(model.get_base_model())
+        overrides.fuse_rms_norms(model)
+        overrides.fuse_lora_4bit(model, keep_dequantized_weight=True)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
 
-    def step(batch):
+    def step(model, batch, dtype):
         model.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = model(**batch).loss
         loss.backward()
         return loss.float().item(), {n: p.grad.float().clone() for n, p in model.named_parameters()
                                      if p.requires_grad and ("layers.0." in n or "layers.25." in n)}
 
-    eager = [step(batch) for batch in batches]
+    assert overrides.use_varlen_attention()  # bf16 only: float32 runs SDPA with the packed mask
+    batches = [_packed(*_records(count=8, seed=seed)) for seed in range(4)]
+    reference_model = lora_model(torch.float32)
+    reference = [step(reference_model, batch, torch.float32) for batch in batches]
+    del reference_model
+    torch.cuda.empty_cache()
+    model = lora_model(torch.bfloat16)
+    eager = [step(model, batch, torch.bfloat16) for batch in batches]
     graphs = []
 
     def counting(graph_module, example_inputs):
@@ -285,10 +293,12 @@ def test_compiled_offloaded_qlora_layers_same_answer_and_compiled_once_on_real_s
     assert overrides.compile_decoder_layers(model, backend=counting) == 26
     for layer in model.get_base_model().model.layers:
         layer._gradient_checkpointing_func = offload.checkpoint
-    fast = [step(batches[0])]
+    fast = [step(model, batches[0], torch.bfloat16)]
     first = len(graphs)
-    fast += [step(batch) for batch in batches[1:]]
+    fast += [step(model, batch, torch.bfloat16) for batch in batches[1:]]
     assert len(graphs) == first <= 5, len(graphs)
     assert len({batch["input_ids"].shape[0] for batch in batches}) > 1  # other row counts did not compile again
-    for (stock_loss, stock_grads), (fast_loss, fast_grads) in zip(eager, fast):
-        _same_answer(stock_loss, fast_loss, stock_grads, fast_grads)
+    for (reference_loss, reference_grads), (eager_loss, eager_grads), (fast_loss, fast_grads) in zip(
+            reference, eager, fast):
+        assert abs(eager_loss - reference_loss) <= 1e-2 * abs(reference_loss)  # 4-bit weights dequantized to bf16
+        _same_answer(eager_loss, fast_loss, eager_grads, fast_grads, reference_grads)
