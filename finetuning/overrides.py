@@ -11,10 +11,13 @@
 | 7 | `GaLoreAdamW8bit.__init__` skipped to bind bitsandbytes' `Optimizer2State` by keyword; `torch.cuda.synchronize` a no-op inside `step` | galore-torch 1.0, bitsandbytes 0.50 (`optim_bits`, `is_paged` keywords) | galore-torch passes two settings by position that bitsandbytes 0.50 reads as `max_unorm=100, skip_zeros=True`; a GPU sync after every weight | tests/test_galore_optimizer.py |
 | 8 | `torch.serialization.add_safe_globals([GaLoreProjector])` | torch >= 2.4 | the Trainer resumes with `torch.load(weights_only=True)`, which refuses GaLore's projector state | tests/test_kill_resume.py (GaLore resume) |
 | 9 | `TrainingArguments.n_gpu` capped at 1 (the run's arguments become `OneGpuTrainingArguments`) under plain python with several GPUs | transformers 4.57 `n_gpu` property, read by the Trainer for DataParallel and the batch size | the Trainer would use nn.DataParallel, which fails with 4-bit models | tests/test_distributed.py::test_plain_python_on_two_gpus_* |
+| 10 | each `Gemma3DecoderLayer.forward` (instance attribute): `torch.compile(..., dynamic=True)` in training mode; inside it the fused LoRA layer (2) runs as plain operations (`fused.lora_4bit_traced`) | transformers 4.57 decoder layer; torch >= 2.6 (`torch.compiler.is_compiling`, bitsandbytes' `dequantize_4bit` op with its fake kernel) | a step of small batches is bound by the CPU's kernel launches; one graph per layer kind, shared by all layers | tests/test_compiled_layers.py (graph count, same answer), tests/test_gpu_real_shapes.py::test_compiled_offloaded_* (inductor, against float32) |
+| 11 | each decoder layer's `_gradient_checkpointing_func`, set at `on_train_begin` (after the Trainer switches checkpointing on): `offload.checkpoint` | transformers 4.57 `GradientCheckpointingLayer.__call__` calling it as `(partial(__call__, **kwargs), hidden_states)` | the checkpointed layer inputs (1.6 GiB at 32k tokens) wait in pinned CPU memory | tests/test_compiled_layers.py (stock checkpoint's loss and gradients, dropout, autocast) |
 
 Each install checks its target first (a version prefix and the names it touches). Where the target is not what
 it expects, it leaves the stock path in place and logs one line saying so: a library that moved costs speed,
-never a crash (9, which has no stock path that runs, stops with the torchrun command instead). `enable_fast_path` is the one call that switches 1-6 on; the scripts make it explicitly in main().
+never a crash (9, which has no stock path that runs, stops with the torchrun command instead). `enable_fast_path` is the one call that switches 1-6, 10 and 11 on; the scripts make it explicitly in main(), 10 and 11 as
+speed_choices.py decides.
 """
 from __future__ import annotations
 

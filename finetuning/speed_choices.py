@@ -1,7 +1,7 @@
 """--compile_layers and --offload_activations: what 'auto' means on this machine for this batch, said in one log line.
 
 Measured on an H100 (bench/RESULTS.md, 2026-11-27): compiled layers take most of the CPU time out of a step, which
-bounds small batches. Offloading the checkpointed layer inputs cost nothing at 32k tokens a step and gained 27% at 8k
+bounds small batches; 'auto' leaves them off under DDP, where they have not been run yet. Offloading the checkpointed layer inputs cost nothing at 32k tokens a step and gained 27% at 8k
 (its forward pass runs the layers without grad), so 'auto' offloads at every budget where the scheme is safe: one
 process (its recomputation runs a backward pass inside the backward pass, which DDP's hooks were not tried with) and
 no dropout inside compiled layers (their two graphs would draw different masks).
@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 
 import torch
+
+from errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +36,18 @@ def choose(model_args, data_args, training_args, dropout: float = 0.0) -> SpeedC
     why = {}
 
     compiled = model_args.compile_layers == "yes"
+    if compiled and gpu and not importlib.util.find_spec("triton"):
+        raise UserInputError("--compile_layers yes: this machine has an NVIDIA GPU but no triton, which torch.compile "
+                             "generates GPU kernels with. pip install triton (the version your torch names), or "
+                             "--compile_layers no.")
     if model_args.compile_layers == "auto":
-        compiled = gpu and capability >= COMPILE_FROM_CAPABILITY and packed and importlib.util.find_spec("triton")
+        compiled = (gpu and capability >= COMPILE_FROM_CAPABILITY and packed and single
+                    and importlib.util.find_spec("triton"))
         version = f"compute capability {capability[0]}.{capability[1]}"
         why["compile"] = (f"auto: packed batches, {version}" if compiled else "auto: " + (
             "no GPU" if not gpu else "batches not packed" if not packed
-            else f"{version}, under 8.0" if capability < COMPILE_FROM_CAPABILITY else "no triton"))
+            else f"{version}, under 8.0" if capability < COMPILE_FROM_CAPABILITY
+            else "several processes, not measured yet" if not single else "no triton"))
     offloaded = model_args.offload_activations == "yes"
     if model_args.offload_activations == "auto":
         offloaded = gpu and training_args.gradient_checkpointing and single and not (compiled and dropout)

@@ -132,6 +132,9 @@ def test_config_file_with_a_renamed_key(parse, tmp_path):
         (train_galore, ["--galore_rank", "0"], "--galore_rank"),
         (train_galore, ["--max_seq_length", "4"], "--max_seq_length 4"),
         (train_qlora, ["--max_train_samples", "0"], "--max_train_samples"),
+        (train_galore, ["--compile_layers", "maybe"], "--compile_layers 'maybe': give auto, yes or no"),
+        (train_qlora, ["--offload_activations", "yes", "--gradient_checkpointing", "false"],
+         "--offload_activations yes moves checkpointed layer inputs, and --gradient_checkpointing is off"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )

@@ -17,6 +17,7 @@ import offload
 import overrides
 import speed_choices
 from arguments import DataArguments, ModelArguments
+from errors import UserInputError
 from test_speed import quantized_lora_model
 
 
@@ -158,12 +159,12 @@ class Training:
         self.gradient_checkpointing = gradient_checkpointing
 
 
-def choose(monkeypatch, capability=(9, 0), gpu=True, packed=True, dropout=0.0, **training):
+def choose(monkeypatch, capability=(9, 0), gpu=True, packed=True, dropout=0.0, triton=True, flags=None, **training):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(speed_choices.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(speed_choices.importlib.util, "find_spec", lambda name: object() if triton else None)
     data = DataArguments(max_tokens_per_batch=8192 if packed else None, padding_free=packed)
-    return speed_choices.choose(ModelArguments(), data, Training(**training), dropout)
+    return speed_choices.choose(ModelArguments(**(flags or {})), data, Training(**training), dropout)
 
 
 def test_auto_compiles_packed_batches_on_ampere_or_newer_and_says_why_not_elsewhere(monkeypatch, caplog):
@@ -174,6 +175,8 @@ def test_auto_compiles_packed_batches_on_ampere_or_newer_and_says_why_not_elsewh
         assert "eager (auto: compute capability 7.5, under 8.0)" in caplog.text
         assert not choose(monkeypatch, packed=False).compile_layers
         assert not choose(monkeypatch, gpu=False).compile_layers
+        assert not choose(monkeypatch, world_size=2).compile_layers
+        assert "eager (auto: several processes, not measured yet)" in caplog.text
 
 
 def test_auto_offloads_only_where_the_reentrant_scheme_is_safe(monkeypatch):
@@ -182,3 +185,13 @@ def test_auto_offloads_only_where_the_reentrant_scheme_is_safe(monkeypatch):
     assert not choose(monkeypatch, gradient_checkpointing=False).offload_activations
     assert not choose(monkeypatch, dropout=0.05).offload_activations  # compiled: its two graphs draw differently
     assert choose(monkeypatch, capability=(7, 5), dropout=0.05).offload_activations  # eager layers replay dropout
+
+
+def test_flags_stand_over_auto_and_compiling_without_triton_is_refused(monkeypatch):
+    assert choose(monkeypatch, flags=dict(compile_layers="no", offload_activations="no")) == speed_choices.SpeedChoices(
+        False, False)
+    assert choose(monkeypatch, gpu=False, flags=dict(compile_layers="yes", offload_activations="yes")) == (
+        speed_choices.SpeedChoices(True, True))
+    assert not choose(monkeypatch, triton=False).compile_layers
+    with pytest.raises(UserInputError, match="no triton"):
+        choose(monkeypatch, triton=False, flags=dict(compile_layers="yes"))
