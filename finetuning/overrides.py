@@ -27,13 +27,13 @@ import logging
 import types
 from typing import Callable, Optional
 
-import bitsandbytes.functional as bnb_functional
 import torch
 from transformers import TrainerCallback, TrainingArguments
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import fused
 import offload
+import varlen
 from speed_choices import SpeedChoices
 from versions import installed_version
 
@@ -171,7 +171,7 @@ def fuse_lora_4bit(model, keep_dequantized_weight: bool) -> int:
         if adapter not in module.lora_A or adapter in getattr(module, "lora_variant", {}):
             continue
         module.forward = types.MethodType(_lora_4bit_forward(module.forward, adapter, keep_dequantized_weight), module)
-        float32_absmax(module.base_layer.weight.quant_state, module.base_layer.weight.device)
+        fused.float32_absmax(module.base_layer.weight.quant_state, module.base_layer.weight.device)
         changed += 1
     return changed
 
@@ -193,48 +193,16 @@ def _lora_4bit_forward(stock_forward: Callable, adapter: str, keep_weight: bool)
                 self.scaling[adapter], p, self.training,
             )
         return fused.Lora4bitLinear.apply(
-            x, base.weight, base.weight.quant_state, dequantize_4bit, base.compute_dtype or x.dtype, base.bias,
+            x, base.weight, base.weight.quant_state, fused.dequantize_4bit, base.compute_dtype or x.dtype, base.bias,
             self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], p, keep_weight,
         )
 
     return forward
 
 
-def dequantize_4bit(weight, quant_state, dtype):
-    """bitsandbytes.functional.dequantize_4bit(weight, quant_state).to(dtype), in one kernel.
-
-    Double quantization stores the blocks' scales in 8 bits, which bitsandbytes undoes at every call (three more
-    kernels, 364 calls a step for gemma-3-1b). The base weights are frozen, so the float32 scales are computed once
-    and kept on the quant state (1/16 of the 16-bit weight's size).
-    """
-    weight = torch.ops.bitsandbytes.dequantize_4bit.default(
-        weight, float32_absmax(quant_state, weight.device), quant_state.blocksize, quant_state.quant_type,
-        quant_state.shape, quant_state.dtype,
-    )
-    return weight.to(dtype)
-
-
-def float32_absmax(quant_state, device):
-    """The quant state's block scales in float32, computed once and kept on it as `float32_absmax`."""
-    absmax = getattr(quant_state, "float32_absmax", None)
-    if absmax is None or absmax.device != device:  # QuantState.to() moves only its own tensors
-        absmax = quant_state.absmax
-        if quant_state.nested:
-            absmax = bnb_functional.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset
-        absmax = quant_state.float32_absmax = absmax.float()
-    return absmax
-
-
 # ---------------------------------------------------------------------------
 # 4. Variable-length attention for packed rows
 # ---------------------------------------------------------------------------
-
-# The argument names the calls below pass by keyword; a torch whose private ops changed them keeps stock SDPA.
-FLASH_ARGUMENTS = ("query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal",
-                   "return_debug_mask", "scale", "window_size_left", "window_size_right")
-EFFICIENT_ARGUMENTS = ("query", "key", "value", "bias", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
-                       "max_seqlen_k", "dropout_p", "custom_mask_type", "compute_log_sumexp", "scale")
-
 
 def _schema_has(op_name: str, names) -> bool:
     op = getattr(torch.ops.aten, op_name, None)
@@ -261,8 +229,8 @@ def use_varlen_attention() -> bool:
     """
     what = "variable-length attention"
     if not (_found(sdpa_attention_forward, "transformers' AttentionInterface and SDPA function", what)
-            and _version_ok("transformers", what) and _schema_has("_flash_attention_forward", FLASH_ARGUMENTS)
-            and _schema_has("_efficient_attention_forward", EFFICIENT_ARGUMENTS)):
+            and _version_ok("transformers", what) and _schema_has("_flash_attention_forward", varlen.FLASH_ARGUMENTS)
+            and _schema_has("_efficient_attention_forward", varlen.EFFICIENT_ARGUMENTS)):
         return False
     AttentionInterface.register("sdpa", _varlen_or_sdpa(sdpa_attention_forward))
     return True
@@ -270,51 +238,13 @@ def use_varlen_attention() -> bool:
 
 def _varlen_or_sdpa(sdpa: Callable) -> Callable:
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
-        output = _varlen(query, key, value, dropout, scaling, sliding_window, kwargs)
+        output = varlen.attention(query, key, value, dropout, scaling, sliding_window, kwargs)
         if output is None:
             return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                         sliding_window=sliding_window, **kwargs)
         return output, None
 
     return attention
-
-
-def _varlen(query, key, value, dropout, scaling, sliding_window, kwargs) -> Optional[torch.Tensor]:
-    """The packed batch's attention output, [batch, length, heads, dim]; None where stock SDPA must run."""
-    bounds, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
-    if bounds is None or not query.is_cuda or dropout:
-        return None
-    batch, heads, length, head_dim = query.shape
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
-    if dtype not in (torch.float16, torch.bfloat16):
-        return None
-    window_applies = sliding_window is not None and longest > sliding_window
-    flash = torch.cuda.get_device_capability(query.device)[0] >= 8 and head_dim <= 256 and head_dim % 8 == 0
-    if not flash and window_applies:
-        return None
-
-    def tokens_first(states):  # [batch, heads, length, dim] -> [batch * length, heads, dim]
-        return states.transpose(1, 2).reshape(batch * length, states.shape[1], head_dim).to(dtype)
-
-    q, k, v = tokens_first(query), tokens_first(key), tokens_first(value)
-    bounds = bounds.to(device=query.device, dtype=torch.int32)
-    if flash:
-        # Gemma's window: a token sees itself and the sliding_window - 1 tokens before it.
-        window = dict(window_size_left=sliding_window - 1, window_size_right=0) if window_applies else {}
-        output = torch.ops.aten._flash_attention_forward(
-            query=q, key=k, value=v, cum_seq_q=bounds, cum_seq_k=bounds, max_q=longest, max_k=longest,
-            dropout_p=0.0, is_causal=True, return_debug_mask=False, scale=scaling, **window,
-        )[0]
-    else:
-        # The memory-efficient kernel wants as many key/value heads as query heads.
-        repeat = heads // k.shape[1]
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        output = torch.ops.aten._efficient_attention_forward(
-            query=q[None], key=k[None], value=v[None], bias=None, cu_seqlens_q=bounds, cu_seqlens_k=bounds,
-            max_seqlen_q=longest, max_seqlen_k=longest, dropout_p=0.0, custom_mask_type=1,
-            compute_log_sumexp=True, scale=scaling,  # the backward pass needs the log-sum-exp
-        )[0][0]
-    return output.reshape(batch, length, heads, head_dim)
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 import arguments
 import batching
+import fused
 import overrides
+import varlen
 
 
 def small_gemma(layers: int = 2, **changes) -> Gemma3ForCausalLM:
@@ -134,8 +136,8 @@ def test_fused_lora_4bit_dropout_gradients_match_an_autograd_reference(tmp_path)
     reference = x @ w.t() + layer.scaling["default"] * (dropped @ a.t()) @ b.t()
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
     reference.square().sum().backward()
-    for fused, expected in zip(fused_grads, (x.grad, a.grad, b.grad)):
-        torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5)
+    for got, expected in zip(fused_grads, (x.grad, a.grad, b.grad)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert not mask.all(), "dropout dropped nothing: the test would not tell"
 
 
@@ -279,12 +281,12 @@ def varlen_against_masked(device: str, dtype, sliding_window: int, lengths=(300,
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batching.pad_rows(0, 1024)(rows).items()}
     masked = {k: v for k, v in batch.items() if not k.startswith(("cu_seq", "max_length"))}
     results = []
-    for varlen, autocast in ((False, False), (False, True), (True, True)):
+    for packed, autocast in ((False, False), (False, True), (True, True)):
         copy_ = copy.deepcopy(model)
-        if varlen:
+        if packed:
             overrides.use_varlen_attention()
         with torch.autocast(device, dtype=dtype, enabled=autocast):
-            loss = copy_(**(batch if varlen else masked)).loss
+            loss = copy_(**(batch if packed else masked)).loss
         loss.backward()
         results.append((loss.detach().float(), {n: p.grad.float() for n, p in copy_.named_parameters()}))
     return results
@@ -332,7 +334,7 @@ def test_one_kernel_dequantization_equals_bitsandbytes(tmp_path):
     assert state.nested, "train_qlora uses double quantization: the case worth testing"
     expected = bnb_functional.dequantize_4bit(base.weight, state).to(torch.float32)
     for _ in range(2):  # the second call uses the kept scales
-        torch.testing.assert_close(overrides.dequantize_4bit(base.weight, state, torch.float32), expected, rtol=0, atol=0)
+        torch.testing.assert_close(fused.dequantize_4bit(base.weight, state, torch.float32), expected, rtol=0, atol=0)
     assert state.float32_absmax.dtype == torch.float32
 
 
@@ -376,7 +378,7 @@ def test_a_moved_galore_torch_gets_its_stock_optimizer(transformers_moved_on):
 
 
 def test_a_private_attention_op_that_changed_keeps_stock_sdpa(monkeypatch, caplog):
-    monkeypatch.setattr(overrides, "FLASH_ARGUMENTS", (*overrides.FLASH_ARGUMENTS, "an_argument_torch_dropped"))
+    monkeypatch.setattr(varlen, "FLASH_ARGUMENTS", (*varlen.FLASH_ARGUMENTS, "an_argument_torch_dropped"))
     overrides.use_varlen_attention.cache_clear()
     try:
         assert overrides.use_varlen_attention() is False
