@@ -41,13 +41,15 @@ def choose(model_args, data_args, training_args, dropout: float = 0.0) -> SpeedC
                              "generates GPU kernels with. pip install triton (the version your torch names), or "
                              "--compile_layers no.")
     if model_args.compile_layers == "auto":
-        compiled = (gpu and capability >= COMPILE_FROM_CAPABILITY and packed and single
+        whole = getattr(training_args, "torch_compile", False)  # the Trainer compiles the whole model instead
+        compiled = (gpu and capability >= COMPILE_FROM_CAPABILITY and packed and single and not whole
                     and importlib.util.find_spec("triton"))
         version = f"compute capability {capability[0]}.{capability[1]}"
         why["compile"] = (f"auto: packed batches, {version}" if compiled else "auto: " + (
             "no GPU" if not gpu else "batches not packed" if not packed
             else f"{version}, under 8.0" if capability < COMPILE_FROM_CAPABILITY
-            else "several processes, not measured yet" if not single else "no triton"))
+            else "several processes, not measured yet" if not single
+            else "--torch_compile compiles the whole model" if whole else "no triton"))
     offloaded = model_args.offload_activations == "yes"
     if model_args.offload_activations == "auto":
         offloaded = gpu and training_args.gradient_checkpointing and single and not (compiled and dropout)

@@ -154,9 +154,9 @@ def test_offload_callback_installs_on_train_begin(lora_model, caplog):
 
 
 class Training:
-    def __init__(self, world_size=1, gradient_checkpointing=True):
+    def __init__(self, world_size=1, gradient_checkpointing=True, torch_compile=False):
         self.use_cpu, self.device, self.world_size = False, torch.device("cuda:0"), world_size
-        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing, self.torch_compile = gradient_checkpointing, torch_compile
 
 
 def choose(monkeypatch, capability=(9, 0), gpu=True, packed=True, dropout=0.0, triton=True, flags=None, **training):
@@ -177,6 +177,7 @@ def test_auto_compiles_packed_batches_on_ampere_or_newer_and_says_why_not_elsewh
         assert not choose(monkeypatch, gpu=False).compile_layers
         assert not choose(monkeypatch, world_size=2).compile_layers
         assert "eager (auto: several processes, not measured yet)" in caplog.text
+        assert not choose(monkeypatch, torch_compile=True).compile_layers
 
 
 def test_auto_offloads_only_where_the_reentrant_scheme_is_safe(monkeypatch):
