@@ -218,9 +218,7 @@ def pad_rows(pad_token_id: int, row_tokens: int) -> Callable[[Sequence[dict]], d
         # Position ids restart at 0 for every record (and the padding).
         batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths]).view(len(rows), row_tokens)
         bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        # The longest record is given as the row length, a bound that holds: one value every step, so that compiled
-        # decoder layers are not compiled again for each new longest record.
-        batch.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=row_tokens, max_length_k=row_tokens)
+        batch.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=max(lengths), max_length_k=max(lengths))
         return batch
 
     return collate

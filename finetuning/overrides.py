@@ -293,6 +293,13 @@ def compile_decoder_layers(model, backend="inductor") -> int:
             and _has(torch, ["compile"], what)):
         return 0
     layers = [module for module in model.modules() if isinstance(module, Gemma3DecoderLayer)]
+    config = torch._dynamo.config
+    # A layer torch cannot compile (a compiler that fails on this machine) runs eagerly, with torch's warning,
+    # instead of stopping the run; and room for the graphs a run can need (up to 8: layer kinds x grad modes x a
+    # batch of one row) under torch's limit of recompilations.
+    config.suppress_errors = True
+    if hasattr(config, "recompile_limit"):
+        config.recompile_limit = max(config.recompile_limit, 16)
     for layer in layers:
         compiled = torch.compile(layer.forward, backend=backend, dynamic=True)
         layer.forward = types.MethodType(_training_only(compiled, layer.forward), layer)

@@ -2,7 +2,8 @@
 
 Measured on an H100 (bench/RESULTS.md, 2026-11-27): compiled layers take most of the CPU time out of a step, which
 bounds small batches; 'auto' leaves them off under DDP, where they have not been run yet. Offloading the checkpointed layer inputs cost nothing at 32k tokens a step and gained 27% at 8k
-(its forward pass runs the layers without grad), so 'auto' offloads at every budget where the scheme is safe: one
+(its forward pass runs the layers without grad), so 'auto' offloads packed batches at every budget where the scheme
+is safe (packed: fixed shapes, so the pinned host buffers are reused step after step): one
 process (its recomputation runs a backward pass inside the backward pass, which DDP's hooks were not tried with) and
 no dropout inside compiled layers (their two graphs would draw different masks).
 """
@@ -52,9 +53,11 @@ def choose(model_args, data_args, training_args, dropout: float = 0.0) -> SpeedC
             else "--torch_compile compiles the whole model" if whole else "no triton"))
     offloaded = model_args.offload_activations == "yes"
     if model_args.offload_activations == "auto":
-        offloaded = gpu and training_args.gradient_checkpointing and single and not (compiled and dropout)
+        offloaded = (gpu and training_args.gradient_checkpointing and packed and single
+                     and not (compiled and dropout))
         why["offload"] = "auto" if offloaded else "auto: " + (
             "no GPU" if not gpu else "no gradient checkpointing" if not training_args.gradient_checkpointing
+            else "batches not packed (shapes that change every step would each hold pinned memory)" if not packed
             else "several processes" if not single else "dropout in compiled layers")
     compile_text = ("compiled" if compiled else "eager") + f" ({why.get('compile', 'as given')})"
     offload_text = ("in pinned CPU memory" if offloaded else "kept on the GPU") + f" ({why.get('offload', 'as given')})"

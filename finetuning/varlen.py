@@ -24,10 +24,15 @@ def attention(query, key, value, dropout, scaling, sliding_window, kwargs) -> Op
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
     if dtype not in (torch.float16, torch.bfloat16):
         return None
-    window_applies = sliding_window is not None and longest > sliding_window
     flash = torch.cuda.get_device_capability(query.device)[0] >= 8 and head_dim <= 256 and head_dim % 8 == 0
-    if not flash and window_applies:
-        return None
+    if flash:
+        # Flash attention takes the window, and the row length as a bound on the records' lengths that holds: the
+        # same values every step, so that a compiled layer sees nothing new (a window wider than a record changes
+        # nothing in it).
+        window_applies = sliding_window is not None and length > sliding_window
+        longest = length
+    elif sliding_window is not None and longest > sliding_window:
+        return None  # the memory-efficient kernel has no window
 
     def tokens_first(states):  # [batch, heads, length, dim] -> [batch * length, heads, dim]
         return states.transpose(1, 2).reshape(batch * length, states.shape[1], head_dim).to(dtype)

@@ -31,6 +31,10 @@ class CountingBackend:
         from torch._dynamo.backends.debugging import aot_eager
 
         self.graphs += 1
+        # The whole layer in one graph: the 4-bit weights' dequantization (7 LoRA layers) and the attention in it.
+        targets = [str(node.target) for node in graph_module.graph.nodes]
+        assert sum("bitsandbytes.dequantize_4bit" in t for t in targets) == 7, targets
+        assert any("attention" in t for t in targets), targets
         return aot_eager(graph_module, example_inputs)
 
 
@@ -116,7 +120,7 @@ def test_compiled_layers_give_the_eager_answer_and_compile_once_per_kind(lora_mo
     # Fewer graphs than layers: they share them, by kind (the first layer, whose input from frozen embeddings has no
     # grad; the full-attention layer; the other sliding-window layers).
     first = backend.graphs
-    assert first <= 4
+    assert 3 <= first <= 4
     # Sizes are symbols: nothing is compiled again (except for a batch of one row: torch specializes sizes 0 and 1).
     for length, rows in ((24, 2), (31, 3), (40, 2)):
         ids = batch(length, rows, seed=length)
@@ -134,7 +138,7 @@ def test_compiled_and_offloaded_layers_together_give_the_eager_answer(lora_model
     overrides.compile_decoder_layers(both, backend=backend)
     assert_same(loss_and_grads(eager, batch(20)), loss_and_grads(both, batch(20)))
     first = backend.graphs
-    assert first <= 5  # sliding and full layers, each run without grad and again with it
+    assert 4 <= first <= 5  # sliding and full layers, each run without grad and again with it
     for length in (24, 37):
         assert_same(loss_and_grads(eager, batch(length)), loss_and_grads(both, batch(length)))
     assert backend.graphs == first
@@ -185,6 +189,7 @@ def test_auto_offloads_only_where_the_reentrant_scheme_is_safe(monkeypatch):
     assert not choose(monkeypatch, world_size=2).offload_activations
     assert not choose(monkeypatch, gradient_checkpointing=False).offload_activations
     assert not choose(monkeypatch, dropout=0.05).offload_activations  # compiled: its two graphs draw differently
+    assert not choose(monkeypatch, packed=False).offload_activations  # new shapes would each hold pinned memory
     assert choose(monkeypatch, capability=(7, 5), dropout=0.05).offload_activations  # eager layers replay dropout
 
 
@@ -196,3 +201,14 @@ def test_flags_stand_over_auto_and_compiling_without_triton_is_refused(monkeypat
     assert not choose(monkeypatch, triton=False).compile_layers
     with pytest.raises(UserInputError, match="no triton"):
         choose(monkeypatch, triton=False, flags=dict(compile_layers="yes"))
+
+
+def test_a_layer_the_compiler_fails_on_runs_eagerly(lora_model):
+    """A compiler that fails on this machine costs speed, not the run (override 10's fallback)."""
+    def failing_backend(graph_module, example_inputs):
+        raise RuntimeError("a compiler that does not work here")
+
+    eager = checkpointed(lora_model, dropout=False)
+    broken = checkpointed(lora_model, dropout=False)
+    overrides.compile_decoder_layers(broken, backend=failing_backend)
+    assert_same(loss_and_grads(eager, batch(20)), loss_and_grads(broken, batch(20)))

@@ -267,7 +267,7 @@ def test_record_bounds_cover_every_record_and_the_padding():
     batch = batching.pad_rows(pad_token_id=0, row_tokens=8)(rows)
     # Row 1: records of 3 and 4, one pad; row 2: a record of 6, two pads.
     assert batch["cu_seq_lens_q"].tolist() == [0, 3, 7, 8, 14, 16]
-    assert batch["max_length_q"] == 8 and batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == 6 and batch["cu_seq_lens_q"].dtype == torch.int32
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 5, 0, 1]]
 
 
