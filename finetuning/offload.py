@@ -5,6 +5,10 @@ for gemma-3-1b (1.8 GiB at 32k tokens a step). Here each input is copied to pinn
 the forward pass goes on, and copied back on that stream one layer ahead of the backward pass, so the copies run
 beside the compute. The layer runs without grad in the forward pass and again with grad in the backward pass (the
 reentrant scheme), under the same autocast settings and random state.
+
+What the Trainer never does, and this scheme does not support (stock checkpointing does): `torch.autograd.grad` over
+the layers' weights (their gradients land in `.grad` only), a second backward pass over the same graph, and
+tensors that require grad passed to the layer as keyword arguments.
 """
 from __future__ import annotations
 
