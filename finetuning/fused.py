@@ -97,11 +97,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 
 
-def lora_4bit_traced(x, weight, absmax, quantization, compute_dtype, bias, lora_a, lora_b, scale, p, training):
+def lora_4bit_traced(x, weight, quant_state, compute_dtype, bias, lora_a, lora_b, scale, p, training):
     """Lora4bitLinear's value in plain operations, for torch.compile to trace inside a compiled decoder layer: it
-    derives the backward pass and fuses the element-wise work itself. `quantization`: (blocksize, quant_type,
-    shape, dtype) of the 4-bit weight; `absmax`: its float32 block scales."""
-    w = torch.ops.bitsandbytes.dequantize_4bit.default(weight, absmax, *quantization).to(compute_dtype)
+    derives the backward pass and fuses the element-wise work itself. The float32 scales must already be on the quant
+    state (float32_absmax), so that tracing reads them and writes nothing."""
+    w = dequantize_4bit(weight, quant_state, compute_dtype)
     xc = x.to(compute_dtype)
     dropped = torch.nn.functional.dropout(xc, p, training) if p > 0 else xc
     adapter = (dropped @ lora_a.to(compute_dtype).t() * scale) @ lora_b.to(compute_dtype).t()

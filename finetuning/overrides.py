@@ -186,11 +186,9 @@ def _lora_4bit_forward(stock_forward: Callable, adapter: str, keep_weight: bool)
             return stock_forward(x, *args, **kwargs)
         p = getattr(self.lora_dropout[adapter], "p", 0.0) if self.training else 0.0  # nn.Identity where 0
         if torch.compiler.is_compiling():  # inside a compiled decoder layer (override 10)
-            state = base.weight.quant_state
             return fused.lora_4bit_traced(
-                x, base.weight, state.float32_absmax, (state.blocksize, state.quant_type, state.shape, state.dtype),
-                base.compute_dtype or x.dtype, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                self.scaling[adapter], p, self.training,
+                x, base.weight, base.weight.quant_state, base.compute_dtype or x.dtype, base.bias,
+                self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], p, self.training,
             )
         return fused.Lora4bitLinear.apply(
             x, base.weight, base.weight.quant_state, fused.dequantize_4bit, base.compute_dtype or x.dtype, base.bias,
