@@ -349,8 +349,8 @@ def main() -> None:
         rows.append((name, result))
         print(f"{name}: {result['tokens_per_second']:,.0f} tokens/s, step {result['median_step_s']:.3f} s, "
               f"{result['tokens_per_step']:,.0f} tokens/step, peak {result['peak_gib']:.2f} GiB, "
-              f"MFU {_percent(result['mfu'])}, loss {result['loss']}, first step {result.get('first_step_s', 0):.1f} s, partial epoch-end steps left out "
-              f"{result['partial_steps_left_out']}  ({time.time() - started:.0f} s)",
+              f"MFU {_percent(result['mfu'])}, loss {result['loss']}, first step {result.get('first_step_s', 0):.1f} s, "
+              f"partial epoch-end steps left out {result['partial_steps_left_out']}  ({time.time() - started:.0f} s)",
               flush=True)
     write_results(args, rows)
 

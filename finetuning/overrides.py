@@ -290,7 +290,7 @@ def compile_decoder_layers(model, backend="inductor") -> int:
     if not (_found(Gemma3DecoderLayer, "Gemma3DecoderLayer", what) and _version_ok("transformers", what)
             and _has(torch, ["compile"], what)):
         return 0
-    layers = [module for module in model.modules() if isinstance(module, Gemma3DecoderLayer)]
+    layers = _decoder_layers(model)
     config = torch._dynamo.config
     # A layer torch cannot compile (a compiler that fails on this machine) runs eagerly, with torch's warning,
     # instead of stopping the run; and room for the graphs a run can need (up to 8: layer kinds x grad modes x a
@@ -302,6 +302,10 @@ def compile_decoder_layers(model, backend="inductor") -> int:
         compiled = torch.compile(layer.forward, backend=backend, dynamic=True)
         layer.forward = types.MethodType(_training_only(compiled, layer.forward), layer)
     return len(layers)
+
+
+def _decoder_layers(model) -> list:
+    return [module for module in model.modules() if isinstance(module, Gemma3DecoderLayer)]
 
 
 def _training_only(compiled: Callable, stock: Callable) -> Callable:
@@ -319,7 +323,7 @@ def _training_only(compiled: Callable, stock: Callable) -> Callable:
 def offload_target_found(model) -> bool:
     what = "offloaded layer inputs"
     return (_found(Gemma3DecoderLayer, "Gemma3DecoderLayer", what) and _version_ok("transformers", what)
-            and any(isinstance(module, Gemma3DecoderLayer) for module in model.modules()))
+            and bool(_decoder_layers(model)))
 
 
 class OffloadLayerInputs(TrainerCallback):
@@ -327,8 +331,7 @@ class OffloadLayerInputs(TrainerCallback):
     `_gradient_checkpointing_func`), makes offload.checkpoint every decoder layer's checkpointing function."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        layers = [module for module in model.modules()
-                  if isinstance(module, Gemma3DecoderLayer) and getattr(module, "gradient_checkpointing", False)]
+        layers = [layer for layer in _decoder_layers(model) if getattr(layer, "gradient_checkpointing", False)]
         for layer in layers:
             layer._gradient_checkpointing_func = offload.checkpoint
         logger.info("Checkpointed inputs of %d decoder layers go to pinned CPU memory.", len(layers))
