@@ -33,11 +33,14 @@ def emulate_t4() -> None:
         def __init__(self, properties):
             self._properties = properties
             self.total_memory, self.name = int(T4_USABLE_GIB * 2**30), "Tesla T4 (emulated)"
+            self.major, self.minor = 7, 5
 
         def __getattr__(self, name):
             return getattr(self._properties, name)
 
     torch.cuda.get_device_properties = lambda device=None: T4Properties(real_properties(device))
+    # Compute capability 7.5: `auto` keeps the layers eager (no compiler for a T4's kernels), as on a real T4.
+    torch.cuda.get_device_capability = lambda device=None: (7, 5)
 
 
 def main(argv: list[str]) -> int:

@@ -3,16 +3,19 @@
 check each against the stock computation in float32."""
 from __future__ import annotations
 
+import functools
 
 import bitsandbytes.functional as bnb_functional
 import torch
 
 
-def chunked_causal_lm_loss(hidden, weight, labels, softcap=None, num_items_in_batch=None, chunk_tokens=None):
+def chunked_causal_lm_loss(hidden, weight, labels, softcap=None, num_items_in_batch=None, chunk_tokens=None,
+                           chunk_function=None):
     """Next-token cross-entropy of `hidden @ weight.T`, the same value as transformers' ForCausalLMLoss.
 
     The mean over unmasked tokens, or the sum divided by `num_items_in_batch` (the
-    Trainer's count over all accumulated micro-batches) when given.
+    Trainer's count over all accumulated micro-batches) when given. `chunk_function`: how a chunk's loss and
+    gradient are taken from its logits (chunk_loss_and_grad, compiled), else the eager form in ChunkedCrossEntropy.
     """
     shift_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     shift_labels = labels[:, 1:].reshape(-1).to(hidden.device)
@@ -20,11 +23,14 @@ def chunked_causal_lm_loss(hidden, weight, labels, softcap=None, num_items_in_ba
     if num_items_in_batch is None:
         divisor = max(int(kept.numel()), 1)
     else:
-        divisor = num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+        # A tensor stays one: .item() would wait for the GPU to finish the forward pass.
+        divisor = (num_items_in_batch.to(hidden.device, torch.float32) if torch.is_tensor(num_items_in_batch)
+                   else num_items_in_batch)
     if chunk_tokens is None:
         chunk_tokens = max(64, 2**28 // (4 * weight.shape[0]))  # about 256 MiB of fp32 probabilities a chunk
     return ChunkedCrossEntropy.apply(
-        shift_hidden.index_select(0, kept), weight, shift_labels.index_select(0, kept), softcap, divisor, chunk_tokens
+        shift_hidden.index_select(0, kept), weight, shift_labels.index_select(0, kept), softcap, divisor, chunk_tokens,
+        chunk_function,
     )
 
 
@@ -37,7 +43,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, softcap, divisor, chunk_tokens):
+    def forward(ctx, hidden, weight, labels, softcap, divisor, chunk_tokens, chunk_function=None):
         need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # Under autocast the matrix products run in its dtype, as nn.Linear's would.
         if torch.is_autocast_enabled(hidden.device.type):
@@ -48,33 +54,20 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        # A target's probability can underflow float32 only past a loss of 87 for that token.
-        tiny = torch.finfo(torch.float32).tiny
+        need_grad = need_hidden_grad or need_weight_grad
+        chunk = chunk_function or _eager_chunk
         for start in range(0, hidden.shape[0], chunk_tokens):
             h = hidden[start : start + chunk_tokens].to(compute_dtype)
-            target = labels[start : start + chunk_tokens]
-            logits = h @ weight_c.T
-            if softcap:
-                capped = torch.tanh(logits.float() / softcap)
-                logits = capped * softcap
-            # One fused pass from the 16-bit logits to float32 probabilities: the loss (-log p of the
-            # target) and its gradient (p - one_hot) both come from it, where log-sum-exp, subtract and
-            # exp would each read and write the whole float32 chunk.
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-            del logits  # each chunk tensor is freed as soon as it is used: they are a step's largest
-            rows = torch.arange(target.shape[0], device=target.device)
-            total -= probs[rows, target].clamp_min(tiny).log().sum()
-            if not (need_hidden_grad or need_weight_grad):
+            # The logits go straight into the call: the chunk function frees them as soon as it has used them.
+            loss, grad_logits = chunk(h @ weight_c.T, labels[start : start + chunk_tokens], softcap, compute_dtype)
+            total += loss
+            if not need_grad:
                 continue
-            probs[rows, target] -= 1
-            if softcap:
-                probs *= 1 - capped * capped
-            grad_logits = probs.to(compute_dtype)
-            del probs
             if need_hidden_grad:
                 grad_hidden[start : start + chunk_tokens] = grad_logits @ weight_c
             if need_weight_grad:
                 grad_weight += grad_logits.T @ h
+            del grad_logits
         ctx.divisor = divisor
         ctx.save_for_backward(
             grad_hidden if need_hidden_grad else None,
@@ -93,15 +86,57 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
+
+def _eager_chunk(logits, target, softcap, dtype):
+    """A chunk's summed loss and its logits' gradient (in `dtype`) in few kernels, without a compiler."""
+    if softcap:
+        capped = torch.tanh(logits.float() / softcap)
+        logits = capped * softcap
+    # One fused pass from the 16-bit logits to float32 probabilities: the loss (-log p of the target) and its
+    # gradient (p - one_hot) both come from it, where log-sum-exp, subtract and exp would each read and write the
+    # whole float32 chunk.
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    del logits  # each chunk tensor is freed as soon as it is used: they are a step's largest
+    rows = torch.arange(target.shape[0], device=target.device)
+    # A target's probability can underflow float32 only past a loss of 87 for that token.
+    loss = -probs[rows, target].clamp_min(torch.finfo(torch.float32).tiny).log().sum()
+    probs[rows, target] -= 1
+    if softcap:
+        probs *= 1 - capped * capped
+    return loss, probs.to(dtype)
+
+
+def chunk_loss_and_grad(logits, target, softcap, dtype):
+    """_eager_chunk's value in a form for torch.compile: inductor fuses it into a reduction (log-sum-exp) and one
+    pass that writes the 16-bit gradient, with no float32 chunk in memory (the eager form writes and reads one)."""
+    logits = logits.float()
+    if softcap:
+        capped = torch.tanh(logits / softcap)
+        logits = capped * softcap
+    log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
+    loss = (log_total.squeeze(1) - logits.gather(1, target[:, None]).squeeze(1)).sum()
+    probs = torch.exp(logits - log_total)
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    grad = torch.where(columns[None, :] == target[:, None], probs - 1, probs)
+    if softcap:
+        grad = grad * (1 - capped * capped)
+    return loss, grad.to(dtype)
+
+
+@functools.cache
+def compiled_chunk_loss_and_grad():
+    """chunk_loss_and_grad compiled once per process; sizes are symbols (a smaller last chunk compiles nothing)."""
+    return torch.compile(chunk_loss_and_grad, dynamic=True)
 
 
 def lora_4bit_traced(x, weight, quant_state, compute_dtype, bias, lora_a, lora_b, scale, p, training):
     """Lora4bitLinear's value in plain operations, for torch.compile to trace inside a compiled decoder layer: it
     derives the backward pass and fuses the element-wise work itself. The float32 scales must already be on the quant
     state (float32_absmax), so that tracing reads them and writes nothing."""
-    w = dequantize_4bit(weight, quant_state, compute_dtype)
+    w = dequantize_4bit_traced(weight, quant_state, compute_dtype)
     xc = x.to(compute_dtype)
     dropped = torch.nn.functional.dropout(xc, p, training) if p > 0 else xc
     adapter = (dropped @ lora_a.to(compute_dtype).t() * scale) @ lora_b.to(compute_dtype).t()
@@ -173,6 +208,22 @@ def dequantize_4bit(weight, quant_state, dtype):
         quant_state.shape, quant_state.dtype,
     )
     return weight.to(dtype)
+
+
+def dequantize_4bit_traced(weight, quant_state, dtype):
+    """dequantize_4bit's value in plain operations where the weight is NF4 in whole blocks of bytes (else the same
+    op): inside a compiled layer, inductor makes one kernel of it, launched without the Python that bitsandbytes'
+    op runs at every call. Each byte holds two 4-bit codes, the first in its high half; a code's value in the NF4
+    table, times its block's float32 scale, rounded once to `dtype`, as bitsandbytes' kernel does."""
+    numel = quant_state.shape.numel()
+    if not (quant_state.quant_type == "nf4" and weight.dtype == torch.uint8 and numel % quant_state.blocksize == 0
+            and weight.numel() * 2 == numel):
+        return dequantize_4bit(weight, quant_state, dtype)
+    packed = weight.reshape(-1)
+    codes = torch.stack(((packed >> 4).long(), (packed & 15).long()), dim=1).reshape(-1)
+    blocks = quant_state.code.to(weight.device)[codes].reshape(-1, quant_state.blocksize)
+    scales = float32_absmax(quant_state, weight.device).reshape(-1, 1)
+    return (blocks * scales).reshape(quant_state.shape).to(dtype)
 
 
 def float32_absmax(quant_state, device):

@@ -6,17 +6,20 @@
 | 2 | peft `lora.bnb.Linear4bit.forward` of each layer: `fused.Lora4bitLinear` | peft 0.21, bitsandbytes 0.50 (`torch.ops.bitsandbytes.dequantize_4bit`, `QuantState.absmax/nested/state2/offset`) | one autograd node instead of several; the 4-bit weight dequantized once | tests/test_speed.py::test_fused_lora_4bit_*, tests/test_gpu_real_shapes.py |
 | 3 | an attribute `float32_absmax` written onto each bitsandbytes `QuantState` | bitsandbytes 0.50 | double quantization's scales undone once per frozen layer, not at every call | tests/test_speed.py::test_one_kernel_dequantization_equals_bitsandbytes |
 | 4 | transformers' `AttentionInterface["sdpa"]`, for the whole process: packed rows go to `torch.ops.aten._flash_attention_forward` / `_efficient_attention_forward` (private), all else to the stock SDPA function | transformers 4.57 `sdpa_attention_forward`; the two aten schemas' argument names | a packed row's records attend only to themselves without a row x row mask | tests/test_speed.py::test_varlen_*, tests/test_gpu_real_shapes.py |
-| 5 | the causal LM's `forward` (instance attribute): the loss from the hidden states in vocabulary chunks (`fused.ChunkedCrossEntropy`) | transformers 4.57 Gemma 3: `model.model` returns `last_hidden_state`, `lm_head` a plain Linear | the 262k-vocabulary logits are a step's largest tensor | tests/test_numerics.py::test_chunked_loss_* |
+| 5 | the causal LM's `forward` (instance attribute): the loss from the hidden states in vocabulary chunks (`fused.ChunkedCrossEntropy`; each chunk compiled where the layers are, 10) | transformers 4.57 Gemma 3: `model.model` returns `last_hidden_state`, `lm_head` a plain Linear | the 262k-vocabulary logits are a step's largest tensor | tests/test_numerics.py::test_chunked_loss_* |
 | 6 | `torch.backends.cuda.enable_cudnn_sdp(False)`, for the whole process | torch >= 2.5 on Hopper | cuDNN's attention builds a plan per batch shape on the CPU, about 18 ms a call | bench/run_bench.py (speed only; the other SDPA kernels give the same answer) |
-| 7 | `GaLoreAdamW8bit.__init__` skipped to bind bitsandbytes' `Optimizer2State` by keyword; `torch.cuda.synchronize` a no-op inside `step` | galore-torch 1.0, bitsandbytes 0.50 (`optim_bits`, `is_paged` keywords) | galore-torch passes two settings by position that bitsandbytes 0.50 reads as `max_unorm=100, skip_zeros=True`; a GPU sync after every weight | tests/test_galore_optimizer.py |
+| 7 | (galore_optimizer.py) `GaLoreAdamW8bit.__init__` skipped to bind bitsandbytes' `Optimizer2State` by keyword; `torch.cuda.synchronize` a no-op inside `step` | galore-torch 1.0, bitsandbytes 0.50 (`optim_bits`, `is_paged` keywords) | galore-torch passes two settings by position that bitsandbytes 0.50 reads as `max_unorm=100, skip_zeros=True`; a GPU sync after every weight | tests/test_galore_optimizer.py |
 | 8 | `torch.serialization.add_safe_globals([GaLoreProjector])` | torch >= 2.4 | the Trainer resumes with `torch.load(weights_only=True)`, which refuses GaLore's projector state | tests/test_kill_resume.py (GaLore resume) |
 | 9 | `TrainingArguments.n_gpu` capped at 1 (the run's arguments become `OneGpuTrainingArguments`) under plain python with several GPUs | transformers 4.57 `n_gpu` property, read by the Trainer for DataParallel and the batch size | the Trainer would use nn.DataParallel, which fails with 4-bit models | tests/test_distributed.py::test_plain_python_on_two_gpus_* |
 | 10 | each `Gemma3DecoderLayer.forward` (instance attribute): `torch.compile(..., dynamic=True)` in training mode; inside it the fused LoRA layer (2) runs as plain operations (`fused.lora_4bit_traced`) | transformers 4.57 decoder layer; torch >= 2.6 (`torch.compiler.is_compiling`, bitsandbytes' `dequantize_4bit` op with its fake kernel) | a step of small batches is bound by the CPU's kernel launches; one graph per layer kind, shared by all layers | tests/test_compiled_layers.py (graph count, same answer), tests/test_gpu_real_shapes.py::test_compiled_offloaded_* (inductor, against float32) |
 | 11 | each decoder layer's `_gradient_checkpointing_func`, set at `on_train_begin` (after the Trainer switches checkpointing on): `offload.checkpoint` | transformers 4.57 `GradientCheckpointingLayer.__call__` calling it as `(partial(__call__, **kwargs), hidden_states)` | the checkpointed layer inputs (1.6 GiB at 32k tokens) wait in pinned CPU memory | tests/test_compiled_layers.py (stock checkpoint's loss and gradients, dropout, autocast) |
+| 12 | the model's `train` (instance attribute): returns at once while every module is in training mode | torch `nn.Module.train`; the Trainer calling `model.train()` every step | a walk over about 2,300 modules a step | tests/test_step_overhead.py::test_train_* |
+| 13 | the causal LM's `floating_point_ops` (instance attribute): the parameter count taken once | transformers 4.57 `floating_point_ops` = 6 x `estimate_tokens` x `num_parameters` | the Trainer counts FLOPs every step; `num_parameters` visits every parameter, 4-bit ones through Python | tests/test_step_overhead.py::test_flops_* |
+| 14 | the compiled layers' guards (10): `guard_filter_fn` drops guards on module attributes that are the same in all layers (`step_overhead.module_guard_filter`) | torch >= 2.8 `guard_filter_fn`, `Source.is_unspecialized_nn_module` | about 770 guards checked before each of 52 calls a step | tests/test_compiled_layers.py (sliding and full layers get their own graphs, same answer) |
 
 Each install checks its target first (a version prefix and the names it touches). Where the target is not what
 it expects, it leaves the stock path in place and logs one line saying so: a library that moved costs speed,
-never a crash (9, which has no stock path that runs, stops with the torchrun command instead). `enable_fast_path` is the one call that switches 1-6, 10 and 11 on; the scripts make it explicitly in main(), 10 and 11 as
+never a crash (9, which has no stock path that runs, stops with the torchrun command instead). `enable_fast_path` is the one call that switches 1-6 and 10-14 on; the scripts make it explicitly in main(), 10 and 11 as
 speed_choices.py decides.
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import fused
 import offload
+import step_overhead
 import varlen
 from speed_choices import SpeedChoices
 from versions import installed_version
@@ -53,12 +57,6 @@ try:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 except ImportError:
     AttentionInterface = sdpa_attention_forward = None
-try:
-    from bitsandbytes.optim.optimizer import Optimizer2State
-    from galore_torch import GaLoreAdamW8bit
-    from galore_torch.galore_projector import GaLoreProjector
-except ImportError:
-    Optimizer2State = GaLoreAdamW8bit = GaLoreProjector = None
 
 # The versions each override was written and tested against (version prefixes).
 TESTED = {"transformers": "4.57.", "peft": "0.21.", "bitsandbytes": "0.50.", "galore-torch": "1.0"}
@@ -93,11 +91,12 @@ def enable_fast_path(trainer, fp16: bool, padding_free: bool, keep_dequantized_w
     model = trainer.model
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     changed = {
-        "chunked loss": use_chunked_loss(causal_lm),
+        "chunked loss": use_chunked_loss(causal_lm, compiled_chunks=bool(speed and speed.compile_layers)),
         "fused RMSNorms": fuse_rms_norms(model, fp32_residual=fp16),
         "fused LoRA-on-4-bit layers": fuse_lora_4bit(model, keep_dequantized_weight),
         "variable-length attention": padding_free and use_varlen_attention(),
         "compiled decoder layers": speed.compile_layers and compile_decoder_layers(model) if speed else 0,
+        "per-step bookkeeping": trim_step_bookkeeping(model, causal_lm),
     }
     if speed and speed.offload_activations and offload_target_found(model):
         trainer.add_callback(OffloadLayerInputs())
@@ -250,10 +249,12 @@ def _varlen_or_sdpa(sdpa: Callable) -> Callable:
 # ---------------------------------------------------------------------------
 
 
-def use_chunked_loss(causal_lm: torch.nn.Module, chunk_tokens: Optional[int] = None) -> bool:
+def use_chunked_loss(causal_lm: torch.nn.Module, chunk_tokens: Optional[int] = None,
+                     compiled_chunks: bool = False) -> bool:
     """Compute the training loss from the hidden states in chunks, never holding the full logits (Gemma's 262k
     vocabulary: 1 GiB of fp32 logits per 1,024 tokens), skipping masked positions. Returns False, leaving the model
-    as it was, where the output layer is not a plain Linear or there is no `model` returning hidden states."""
+    as it was, where the output layer is not a plain Linear or there is no `model` returning hidden states.
+    `compiled_chunks`: each chunk's loss and gradient through fused.compiled_chunk_loss_and_grad (with override 10)."""
     lm_head = causal_lm.get_output_embeddings()
     if type(lm_head) is not torch.nn.Linear or lm_head.bias is not None:
         logger.warning("Output layer is %s, not a plain Linear: using the stock loss.", type(lm_head).__name__)
@@ -268,7 +269,8 @@ def use_chunked_loss(causal_lm: torch.nn.Module, chunk_tokens: Optional[int] = N
             return stock_forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         outputs = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         loss = fused.chunked_causal_lm_loss(
-            outputs.last_hidden_state, lm_head.weight, labels, softcap, num_items_in_batch, chunk_tokens
+            outputs.last_hidden_state, lm_head.weight, labels, softcap, num_items_in_batch, chunk_tokens,
+            fused.compiled_chunk_loss_and_grad() if compiled_chunks else None,
         )
         return CausalLMOutputWithPast(loss=loss, past_key_values=outputs.past_key_values)
 
@@ -298,8 +300,13 @@ def compile_decoder_layers(model, backend="inductor") -> int:
     config.suppress_errors = True
     if hasattr(config, "recompile_limit"):
         config.recompile_limit = max(config.recompile_limit, 16)
+    guard_filter = None
+    if _has(torch.compiler, ["skip_guard_on_all_nn_modules_unsafe"], "fewer guards on compiled layers"):
+        guard_filter = step_overhead.module_guard_filter(layers)  # override 14
     for layer in layers:
-        compiled = torch.compile(layer.forward, backend=backend, dynamic=True)
+        # A new options dict each time: torch.compile pops the filter out of the one it is given.
+        options = {"guard_filter_fn": guard_filter} if guard_filter else None
+        compiled = torch.compile(layer.forward, backend=backend, dynamic=True, options=options)
         layer.forward = types.MethodType(_training_only(compiled, layer.forward), layer)
     return len(layers)
 
@@ -313,6 +320,22 @@ def _training_only(compiled: Callable, stock: Callable) -> Callable:
         return (compiled if self.training else stock)(*args, **kwargs)
 
     return forward
+
+
+# ---------------------------------------------------------------------------
+# 12-13. The Trainer's bookkeeping at every step
+# ---------------------------------------------------------------------------
+
+
+def trim_step_bookkeeping(model, causal_lm) -> str:
+    """model.train() skipped where all is in training mode already; the FLOPs count's parameter count taken once."""
+    what = "per-step bookkeeping"
+    if not (_version_ok("transformers", what) and _has(causal_lm, ["floating_point_ops", "num_parameters",
+                                                                   "estimate_tokens"], what)):
+        return "stock"
+    step_overhead.skip_train_when_training(model)
+    step_overhead.count_parameters_once(causal_lm)
+    return "trimmed"
 
 
 # ---------------------------------------------------------------------------
@@ -335,63 +358,6 @@ class OffloadLayerInputs(TrainerCallback):
         for layer in layers:
             layer._gradient_checkpointing_func = offload.checkpoint
         logger.info("Checkpointed inputs of %d decoder layers go to pinned CPU memory.", len(layers))
-
-
-# ---------------------------------------------------------------------------
-# 7-8. The GaLore 8-bit optimizer
-# ---------------------------------------------------------------------------
-
-
-def galore_adamw8bit() -> type:
-    """GaLoreAdamW8bitFixed where galore-torch and bitsandbytes are the pinned ones, else stock GaLoreAdamW8bit;
-    and GaLore's projector allowed in checkpoints (override 8)."""
-    if GaLoreAdamW8bit is None:
-        raise ImportError("galore_torch.GaLoreAdamW8bit could not be imported: pip install -r finetuning/requirements.txt")
-    if _found(GaLoreProjector, "GaLoreProjector", "GaLore checkpoints") and _has(
-            torch.serialization, ["add_safe_globals"], "GaLore checkpoints"):
-        # The optimizer state keeps a GaLoreProjector per weight (plain values and a tensor).
-        torch.serialization.add_safe_globals([GaLoreProjector])
-    what = "GaLore 8-bit settings by keyword"
-    if not (_found(Optimizer2State, "bitsandbytes' Optimizer2State", what) and _version_ok("galore-torch", what)
-            and _version_ok("bitsandbytes", what)):
-        return GaLoreAdamW8bit
-    if not {"optim_bits", "is_paged"} <= set(inspect.signature(Optimizer2State.__init__).parameters):
-        logger.warning("%s: Optimizer2State takes no optim_bits/is_paged keywords; using the stock path.", what)
-        return GaLoreAdamW8bit
-    return _galore_fixed(GaLoreAdamW8bit, Optimizer2State)
-
-
-@functools.cache
-def _galore_fixed(stock: type, optimizer_2_state: type) -> type:
-    class GaLoreAdamW8bitFixed(stock):
-        """galore-torch's GaLoreAdamW8bit with its bitsandbytes settings bound by keyword.
-
-        galore-torch 1.0 passes `percentile_clipping=100, block_wise=True` by position; bitsandbytes 0.50 reads them
-        as `max_unorm=100, skip_zeros=True`, which holds small projected weights (32-bit states) almost still.
-        Bound by keyword: no clipping, blockwise 8-bit states, as galore-torch meant.
-        """
-
-        def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, is_paged=False):
-            optimizer_2_state.__init__(
-                self, "adam", params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=8,
-                is_paged=is_paged,
-            )
-
-        @torch.no_grad()
-        def step(self, closure=None):
-            if self.is_paged:
-                return super().step(closure)
-            # galore-torch calls torch.cuda.synchronize() after every weight's update. Every kernel of the step
-            # runs on one stream, in order, so nothing needs it unless the states are paged; on a GPU each call
-            # drains the queue (about 340 a step for gemma-3-1b), and on the CPU it would fail.
-            synchronize = torch.cuda.synchronize
-            torch.cuda.synchronize = lambda *args, **kwargs: None
-            try:
-                return super().step(closure)
-            finally:
-                torch.cuda.synchronize = synchronize
-
-    return GaLoreAdamW8bitFixed
 
 
 # ---------------------------------------------------------------------------

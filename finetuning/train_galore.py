@@ -31,6 +31,7 @@ from arguments import DataArguments, ModelArguments, ReportArguments  # noqa: E4
 import batching  # noqa: E402
 import common  # noqa: E402
 import distributed  # noqa: E402
+import galore_optimizer  # noqa: E402
 import overrides  # noqa: E402
 import reports  # noqa: E402
 import speed_choices  # noqa: E402
@@ -184,7 +185,7 @@ def build_optimizer(model, galore_args: GaloreArguments, training_args):
     projected = projected_weights(model, galore_args)
     projected_ids = {id(p) for p in projected}
     regular = [p for p in model.parameters() if p.requires_grad and id(p) not in projected_ids]
-    optimizer_class = overrides.galore_adamw8bit()
+    optimizer_class = galore_optimizer.galore_adamw8bit()
     return optimizer_class(
         [
             {

@@ -16,6 +16,7 @@ import torch
 
 import common
 import batching
+import galore_optimizer
 import overrides
 import smoke
 
@@ -97,7 +98,7 @@ def test_galore_8bit_moves_like_32bit_reference_on_real_shapes():
         return ((weight.detach() - start).norm() / start.norm()).item()
 
     reference = relative_change(GaLoreAdamW)
-    fixed = relative_change(overrides.galore_adamw8bit())
+    fixed = relative_change(galore_optimizer.galore_adamw8bit())
     assert fixed >= 0.9 * reference, (fixed, reference)
 
 
@@ -124,13 +125,14 @@ def test_fp16_path_trains_finite_on_real_shapes(real_shape_model, tmp_path, emul
     assert torch.cuda.max_memory_allocated() < 15 * 2**30
 
 
-def test_chunked_loss_equals_stock_loss_on_real_shapes(real_shape_model):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager chunks", "compiled chunks"])
+def test_chunked_loss_equals_stock_loss_on_real_shapes(real_shape_model, compiled):
     """The fast path's loss within 1e-3 (relative) of the stock one, gradients within bf16 tolerance."""
     from transformers import AutoModelForCausalLM
 
     stock = AutoModelForCausalLM.from_pretrained(real_shape_model, dtype=torch.bfloat16).cuda()
     chunked = AutoModelForCausalLM.from_pretrained(real_shape_model, dtype=torch.bfloat16).cuda()
-    overrides.use_chunked_loss(chunked)
+    overrides.use_chunked_loss(chunked, compiled_chunks=compiled)
     generator = torch.Generator(device="cuda").manual_seed(0)
     input_ids = torch.randint(3, 8000, (2, 512), device="cuda", generator=generator)
     labels = input_ids.clone()
@@ -240,6 +242,25 @@ def test_fused_lora_4bit_same_answer_as_peft_on_real_shapes(real_shape_model):
         del model
         torch.cuda.empty_cache()
     _same_answer(losses[0], losses[1], grads[0], grads[1])
+
+
+def test_plain_dequantization_compiled_equals_bitsandbytes_kernel_on_real_shapes():
+    """The dequantization inside compiled layers, eager and as inductor's kernel, against bitsandbytes' CUDA kernel,
+    for gemma-3-1b's MLP weight with double-quantized scales: within one rounding of the 16-bit type (the bf16 results
+    were not bit-equal on an H100)."""
+    import bitsandbytes.functional as bnb_functional
+
+    import fused
+
+    torch.manual_seed(0)
+    packed, state = bnb_functional.quantize_4bit(torch.randn(6912, 1152, device="cuda", dtype=torch.bfloat16),
+                                                 quant_type="nf4", compress_statistics=True)
+    compiled = torch.compile(fused.dequantize_4bit_traced)
+    for dtype in (torch.bfloat16, torch.float16):
+        expected = fused.dequantize_4bit(packed, state, dtype)
+        rounding = torch.finfo(dtype).eps
+        for actual in (fused.dequantize_4bit_traced(packed, state, dtype), compiled(packed, state, dtype)):
+            torch.testing.assert_close(actual, expected, rtol=rounding, atol=0)
 
 
 def test_compiled_offloaded_qlora_layers_same_answer_and_compiled_once_on_real_shapes(real_shape_model):

@@ -8,7 +8,7 @@ import torch
 
 import common
 import errors
-import overrides
+import galore_optimizer
 import train_galore
 import train_qlora
 
@@ -90,7 +90,7 @@ def galore_model(tiny_model_dir):
 
 def test_build_optimizer_projects_the_attention_and_mlp_weights(galore_model):
     optimizer = train_galore.build_optimizer(galore_model, galore_args(), TRAINING)
-    assert isinstance(optimizer, overrides.galore_adamw8bit())
+    assert isinstance(optimizer, galore_optimizer.galore_adamw8bit())
     projected, regular = optimizer.param_groups
     assert projected["rank"] == 8 and projected["proj_type"] == "std"
     layers = galore_model.config.num_hidden_layers

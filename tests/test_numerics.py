@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
+import fused
 import overrides
 
 
@@ -39,10 +40,14 @@ def loss_and_grads(model, **kwargs):
 
 @pytest.mark.parametrize("softcap", [None, 30.0])
 @pytest.mark.parametrize("chunk_tokens", [7, 1000])
-def test_chunked_loss_matches_stock_loss_and_gradients(softcap, chunk_tokens):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager chunks", "compiled chunks"])
+def test_chunked_loss_matches_stock_loss_and_gradients(softcap, chunk_tokens, compiled, monkeypatch):
     stock = small_gemma(final_logit_softcapping=softcap)
     chunked = copy.deepcopy(stock)
-    assert overrides.use_chunked_loss(chunked, chunk_tokens=chunk_tokens)
+    # The compiled form, traced by dynamo and run without inductor's code generation (the GPU runs that).
+    monkeypatch.setattr(fused, "compiled_chunk_loss_and_grad", lambda: torch.compile(
+        fused.chunk_loss_and_grad, backend="aot_eager", dynamic=True))
+    assert overrides.use_chunked_loss(chunked, chunk_tokens=chunk_tokens, compiled_chunks=compiled)
 
     stock_loss, stock_grads = loss_and_grads(stock)
     chunked_loss, chunked_grads = loss_and_grads(chunked)

@@ -12,6 +12,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 import arguments
 import batching
 import fused
+import galore_optimizer
 import overrides
 import varlen
 
@@ -338,6 +339,17 @@ def test_one_kernel_dequantization_equals_bitsandbytes(tmp_path):
     assert state.float32_absmax.dtype == torch.float32
 
 
+def test_dequantization_in_plain_operations_equals_bitsandbytes(tmp_path):
+    """The form a compiled layer uses (inductor makes one kernel of it): the same bits in each dtype."""
+    model = quantized_lora_model(tmp_path, dropout=0.0)
+    layers = [m.base_layer for m in model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A")]
+    for base in layers[:7]:
+        state = base.weight.quant_state
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            torch.testing.assert_close(fused.dequantize_4bit_traced(base.weight, state, dtype),
+                                       fused.dequantize_4bit(base.weight, state, dtype), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------
 # Guards: a target that moved leaves the stock path in place, with one log line
 # ---------------------------------------------------------------------------
@@ -374,7 +386,7 @@ def test_a_moved_peft_keeps_peft_s_lora_layers(transformers_moved_on, tiny_model
 def test_a_moved_galore_torch_gets_its_stock_optimizer(transformers_moved_on):
     from galore_torch import GaLoreAdamW8bit
 
-    assert overrides.galore_adamw8bit() is GaLoreAdamW8bit
+    assert galore_optimizer.galore_adamw8bit() is GaLoreAdamW8bit
 
 
 def test_a_private_attention_op_that_changed_keeps_stock_sdpa(monkeypatch, caplog):

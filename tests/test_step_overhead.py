@@ -1,0 +1,40 @@
+"""Overrides 12-13: the Trainer's per-step bookkeeping, trimmed without changing what it does."""
+from __future__ import annotations
+
+import torch
+
+import step_overhead
+from test_speed import small_gemma
+
+
+def test_train_returns_at_once_while_all_is_training_and_runs_the_stock_walk_otherwise():
+    model = small_gemma()
+    step_overhead.skip_train_when_training(model)
+    walks = []
+    layer = model.model.layers[0]
+    stock_train = layer.train
+    layer.train = lambda mode=True: walks.append(mode) or stock_train(mode)
+
+    model.train()
+    assert walks == []  # all in training mode already: no walk
+    model.eval()
+    assert walks == [False] and not any(module.training for module in model.modules())
+    model.train()
+    assert walks == [False, True] and all(module.training for module in model.modules())
+    # A module switched off on its own is found, and switched back on by the next train().
+    model.model.layers[1].mlp.eval()
+    model.train()
+    assert walks == [False, True, True] and all(module.training for module in model.modules())
+
+
+def test_flops_count_equals_transformers_and_counts_parameters_once(monkeypatch):
+    model = small_gemma()
+    batch = {"input_ids": torch.ones(3, 40, dtype=torch.long)}
+    expected = model.floating_point_ops(batch)
+    counts = []
+    stock_count = model.num_parameters
+    monkeypatch.setattr(model, "num_parameters", lambda **kwargs: counts.append(kwargs) or stock_count(**kwargs))
+    step_overhead.count_parameters_once(model)
+    assert [model.floating_point_ops(batch) for _ in range(3)] == [expected] * 3
+    assert model.floating_point_ops({"input_ids": torch.ones(1, 10, dtype=torch.long)}) == expected // 12
+    assert len(counts) == 1
