@@ -253,10 +253,10 @@ def test_plain_dequantization_compiled_equals_bitsandbytes_kernel_on_real_shapes
     import fused
 
     torch.manual_seed(0)
-    packed, state = bnb_functional.quantize_4bit(torch.randn(6912, 1152, device="cuda", dtype=torch.bfloat16),
-                                                 quant_type="nf4", compress_statistics=True)
     compiled = torch.compile(fused.dequantize_4bit_traced)
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in (torch.bfloat16, torch.float16):  # a weight quantized from `dtype` dequantizes to it (QLoRA's case)
+        packed, state = bnb_functional.quantize_4bit(torch.randn(6912, 1152, device="cuda", dtype=dtype),
+                                                     quant_type="nf4", compress_statistics=True)
         expected = fused.dequantize_4bit(packed, state, dtype)
         rounding = torch.finfo(dtype).eps
         for actual in (fused.dequantize_4bit_traced(packed, state, dtype), compiled(packed, state, dtype)):
