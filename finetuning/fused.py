@@ -23,9 +23,7 @@ def chunked_causal_lm_loss(hidden, weight, labels, softcap=None, num_items_in_ba
     if num_items_in_batch is None:
         divisor = max(int(kept.numel()), 1)
     else:
-        # A tensor stays one: .item() would wait for the GPU to finish the forward pass.
-        divisor = (num_items_in_batch.to(hidden.device, torch.float32) if torch.is_tensor(num_items_in_batch)
-                   else num_items_in_batch)
+        divisor = num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch
     if chunk_tokens is None:
         chunk_tokens = max(64, 2**28 // (4 * weight.shape[0]))  # about 256 MiB of fp32 probabilities a chunk
     return ChunkedCrossEntropy.apply(
@@ -55,11 +53,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         need_grad = need_hidden_grad or need_weight_grad
-        chunk = chunk_function or _eager_chunk
         for start in range(0, hidden.shape[0], chunk_tokens):
             h = hidden[start : start + chunk_tokens].to(compute_dtype)
-            # The logits go straight into the call: the chunk function frees them as soon as it has used them.
-            loss, grad_logits = chunk(h @ weight_c.T, labels[start : start + chunk_tokens], softcap, compute_dtype)
+            target = labels[start : start + chunk_tokens]
+            # The logits go straight into the call, so that _eager_chunk can free them once it has used them.
+            if chunk_function is not None and need_grad:
+                loss, grad_logits = chunk_function(h @ weight_c.T, target, softcap, compute_dtype)
+            else:
+                loss, grad_logits = _eager_chunk(h @ weight_c.T, target, softcap, compute_dtype, need_grad)
             total += loss
             if not need_grad:
                 continue
@@ -90,8 +91,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         )
 
 
-def _eager_chunk(logits, target, softcap, dtype):
-    """A chunk's summed loss and its logits' gradient (in `dtype`) in few kernels, without a compiler."""
+def _eager_chunk(logits, target, softcap, dtype, need_grad=True):
+    """A chunk's summed loss and its logits' gradient (in `dtype`; None without `need_grad`) in few kernels, without
+    a compiler."""
     if softcap:
         capped = torch.tanh(logits.float() / softcap)
         logits = capped * softcap
@@ -103,6 +105,8 @@ def _eager_chunk(logits, target, softcap, dtype):
     rows = torch.arange(target.shape[0], device=target.device)
     # A target's probability can underflow float32 only past a loss of 87 for that token.
     loss = -probs[rows, target].clamp_min(torch.finfo(torch.float32).tiny).log().sum()
+    if not need_grad:
+        return loss, None
     probs[rows, target] -= 1
     if softcap:
         probs *= 1 - capped * capped
@@ -111,7 +115,8 @@ def _eager_chunk(logits, target, softcap, dtype):
 
 def chunk_loss_and_grad(logits, target, softcap, dtype):
     """_eager_chunk's value in a form for torch.compile: inductor fuses it into a reduction (log-sum-exp) and one
-    pass that writes the 16-bit gradient, with no float32 chunk in memory (the eager form writes and reads one)."""
+    pass that writes the 16-bit gradient, with no float32 chunk in memory (the eager form writes and reads one). Run
+    eagerly (a compiler that failed), it holds several float32 chunks at once: about 1 GiB at 256 tokens."""
     logits = logits.float()
     if softcap:
         capped = torch.tanh(logits / softcap)
@@ -128,7 +133,8 @@ def chunk_loss_and_grad(logits, target, softcap, dtype):
 
 @functools.cache
 def compiled_chunk_loss_and_grad():
-    """chunk_loss_and_grad compiled once per process; sizes are symbols (a smaller last chunk compiles nothing)."""
+    """chunk_loss_and_grad compiled once per process; sizes are symbols (a smaller last chunk compiles nothing,
+    except one of a single token)."""
     return torch.compile(chunk_loss_and_grad, dynamic=True)
 
 

@@ -11,11 +11,11 @@
 | 7 | (galore_optimizer.py) `GaLoreAdamW8bit.__init__` skipped to bind bitsandbytes' `Optimizer2State` by keyword; `torch.cuda.synchronize` a no-op inside `step` | galore-torch 1.0, bitsandbytes 0.50 (`optim_bits`, `is_paged` keywords) | galore-torch passes two settings by position that bitsandbytes 0.50 reads as `max_unorm=100, skip_zeros=True`; a GPU sync after every weight | tests/test_galore_optimizer.py |
 | 8 | `torch.serialization.add_safe_globals([GaLoreProjector])` | torch >= 2.4 | the Trainer resumes with `torch.load(weights_only=True)`, which refuses GaLore's projector state | tests/test_kill_resume.py (GaLore resume) |
 | 9 | `TrainingArguments.n_gpu` capped at 1 (the run's arguments become `OneGpuTrainingArguments`) under plain python with several GPUs | transformers 4.57 `n_gpu` property, read by the Trainer for DataParallel and the batch size | the Trainer would use nn.DataParallel, which fails with 4-bit models | tests/test_distributed.py::test_plain_python_on_two_gpus_* |
-| 10 | each `Gemma3DecoderLayer.forward` (instance attribute): `torch.compile(..., dynamic=True)` in training mode; inside it the fused LoRA layer (2) runs as plain operations (`fused.lora_4bit_traced`) | transformers 4.57 decoder layer; torch >= 2.6 (`torch.compiler.is_compiling`, bitsandbytes' `dequantize_4bit` op with its fake kernel) | a step of small batches is bound by the CPU's kernel launches; one graph per layer kind, shared by all layers | tests/test_compiled_layers.py (graph count, same answer), tests/test_gpu_real_shapes.py::test_compiled_offloaded_* (inductor, against float32) |
+| 10 | each `Gemma3DecoderLayer.forward` (instance attribute): `torch.compile(..., dynamic=True)` in training mode; inside it the fused LoRA layer (2) runs as plain operations (`fused.lora_4bit_traced`), its NF4 weight dequantized by plain operations too (`fused.dequantize_4bit_traced`; other 4-bit formats through bitsandbytes' op) | transformers 4.57 decoder layer; torch >= 2.6 (`torch.compiler.is_compiling`, bitsandbytes' `dequantize_4bit` op with its fake kernel) | a step of small batches is bound by the CPU's kernel launches; one graph per layer kind, shared by all layers | tests/test_compiled_layers.py (graph count, same answer), tests/test_gpu_real_shapes.py::test_compiled_offloaded_* (inductor, against float32) |
 | 11 | each decoder layer's `_gradient_checkpointing_func`, set at `on_train_begin` (after the Trainer switches checkpointing on): `offload.checkpoint` | transformers 4.57 `GradientCheckpointingLayer.__call__` calling it as `(partial(__call__, **kwargs), hidden_states)` | the checkpointed layer inputs (1.6 GiB at 32k tokens) wait in pinned CPU memory | tests/test_compiled_layers.py (stock checkpoint's loss and gradients, dropout, autocast) |
 | 12 | the model's `train` (instance attribute): returns at once while every module is in training mode | torch `nn.Module.train`; the Trainer calling `model.train()` every step | a walk over about 2,300 modules a step | tests/test_step_overhead.py::test_train_* |
 | 13 | the causal LM's `floating_point_ops` (instance attribute): the parameter count taken once | transformers 4.57 `floating_point_ops` = 6 x `estimate_tokens` x `num_parameters` | the Trainer counts FLOPs every step; `num_parameters` visits every parameter, 4-bit ones through Python | tests/test_step_overhead.py::test_flops_* |
-| 14 | the compiled layers' guards (10): `guard_filter_fn` drops guards on module attributes that are the same in all layers (`step_overhead.module_guard_filter`) | torch >= 2.8 `guard_filter_fn`, `Source.is_unspecialized_nn_module` | about 770 guards checked before each of 52 calls a step | tests/test_compiled_layers.py (sliding and full layers get their own graphs, same answer) |
+| 14 | the compiled layers' guards (10): `guard_filter_fn` drops the guards on the module tree's structure (types, keys, hooks, parameter metadata), checked once to be the same in every layer; guards on attribute values, inputs and global state stay (`step_overhead.module_guard_filter`) | torch >= 2.8 `guard_filter_fn`; `GuardFilterEntry.guard_type`, `orig_guard.source.is_unspecialized_nn_module()` | about 770 guards checked before each of 52 calls a step (about 300 kept) | tests/test_compiled_layers.py (sliding and full layers, `disable_adapter()`: the eager answer; guards kept) |
 
 Each install checks its target first (a version prefix and the names it touches). Where the target is not what
 it expects, it leaves the stock path in place and logs one line saying so: a library that moved costs speed,
@@ -85,17 +85,19 @@ def _has(target, names, what: str) -> bool:
 
 def enable_fast_path(trainer, fp16: bool, padding_free: bool, keep_dequantized_weight: bool,
                      speed: Optional[SpeedChoices] = None) -> dict:
-    """Switch on overrides 1-6, and 10-11 as `speed` says, for the trainer's model; returns what changed. `fp16`: a
+    """Switch on overrides 1-6 and 12-13, and 10-11 and 14 as `speed` says, for the trainer's model; returns what
+    changed. `fp16`: a
     float32 residual stream. `padding_free`: packed rows (variable-length attention). `keep_dequantized_weight`: see
     fuse_lora_4bit."""
     model = trainer.model
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    compiled = compile_decoder_layers(model) if speed and speed.compile_layers else 0
     changed = {
-        "chunked loss": use_chunked_loss(causal_lm, compiled_chunks=bool(speed and speed.compile_layers)),
+        "chunked loss": use_chunked_loss(causal_lm, compiled_chunks=compiled > 0),
         "fused RMSNorms": fuse_rms_norms(model, fp32_residual=fp16),
         "fused LoRA-on-4-bit layers": fuse_lora_4bit(model, keep_dequantized_weight),
         "variable-length attention": padding_free and use_varlen_attention(),
-        "compiled decoder layers": speed.compile_layers and compile_decoder_layers(model) if speed else 0,
+        "compiled decoder layers": compiled,
         "per-step bookkeeping": trim_step_bookkeeping(model, causal_lm),
     }
     if speed and speed.offload_activations and offload_target_found(model):
@@ -300,9 +302,9 @@ def compile_decoder_layers(model, backend="inductor") -> int:
     config.suppress_errors = True
     if hasattr(config, "recompile_limit"):
         config.recompile_limit = max(config.recompile_limit, 16)
-    guard_filter = None
+    guard_filter = None  # override 14; None where the layers differ in structure
     if _has(torch.compiler, ["skip_guard_on_all_nn_modules_unsafe"], "fewer guards on compiled layers"):
-        guard_filter = step_overhead.module_guard_filter(layers)  # override 14
+        guard_filter = step_overhead.module_guard_filter(layers)
     for layer in layers:
         # A new options dict each time: torch.compile pops the filter out of the one it is given.
         options = {"guard_filter_fn": guard_filter} if guard_filter else None

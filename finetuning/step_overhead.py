@@ -10,22 +10,23 @@ of the step. Three costs that scale with the model's size rather than the batch'
 """
 from __future__ import annotations
 
-import re
 import types
-from typing import Callable, Iterable
+from typing import Callable, Optional, Sequence
 
 
 def skip_train_when_training(model) -> None:
-    """`model.train()` returns at once where every module is in training mode already (a list read, not a walk of
-    the module tree); otherwise, and for `model.train(False)` / `model.eval()`, the stock method runs."""
-    stock = model.train
-    modules = list(model.modules())
+    """`model.train()` returns at once where every module is in training mode already (a loop over a kept list of
+    the modules, not a walk of the module tree); otherwise, and for `model.train(False)` / `model.eval()`, the class's
+    own method runs, and the list is taken again."""
 
     def train(self, mode: bool = True):
-        if mode and all(module.training for module in modules):
+        if mode and all(module.training for module in self.__dict__["_modules_in_training_check"]):
             return self
-        return stock(mode)
+        result = type(self).train(self, mode)
+        self.__dict__["_modules_in_training_check"] = list(self.modules())
+        return result
 
+    model.__dict__["_modules_in_training_check"] = list(model.modules())  # a deep copy gets a list of its own
     model.train = types.MethodType(train, model)
 
 
@@ -42,40 +43,43 @@ def count_parameters_once(causal_lm) -> None:
     causal_lm.floating_point_ops = types.MethodType(floating_point_ops, causal_lm)
 
 
-def module_guard_filter(layers: Iterable) -> Callable:
-    """A torch.compile `guard_filter_fn` for code shared by `layers`: of the guards on module attributes it keeps only
-    those on an attribute whose value differs between the layers (a sliding or a full attention layer) or on the
-    training flag; all others hold for every layer and do not change while a run trains. Guards on the layer's inputs
-    and on global state stay."""
-    kept_names = differing_attributes(layers) | {"training"}
+# Guards on a module attribute's value (a flag, a size, a name, a list's length): kept, since such a value can differ
+# between layers (sliding or full attention) or change during a run (peft's `disable_adapter()`, dropout's `p`).
+VALUE_GUARDS = frozenset({"CONSTANT_MATCH", "EQUALS_MATCH", "LENGTH_CHECK", "SEQUENCE_LENGTH", "DICT_LENGTH"})
+
+
+def module_guard_filter(layers: Sequence) -> Optional[Callable]:
+    """A torch.compile `guard_filter_fn` for code shared by `layers`, or None where the layers differ in structure.
+
+    Of the guards on module attributes it keeps those on values (VALUE_GUARDS) and drops those on the module tree's
+    structure: the types of modules and attributes, which keys and attributes exist, hooks, and the parameters'
+    dtypes, shapes and devices. Those are checked here, once, to be the same in every layer, and a run does not change
+    them while it trains (forward hooks added to a layer mid-run would be missed). Guards on the layer's inputs and
+    on global state (grad mode, autocast) all stay.
+    """
+    if not _same_structure(layers):
+        return None
 
     def keep(entries) -> list:
         flags = []
         for entry in entries:
             source = getattr(entry.orig_guard, "source", None)
             on_module = getattr(source, "is_unspecialized_nn_module", None)
-            if on_module is None or not on_module():
-                flags.append(True)
-            else:
-                flags.append(not kept_names.isdisjoint(_names_in(entry.name)))
+            flags.append(on_module is None or not on_module() or entry.guard_type in VALUE_GUARDS)
         return flags
 
     return keep
 
 
-def differing_attributes(layers: Iterable) -> set:
-    """Names of the plain attributes (bool, int, float, str, None) of the layers' modules whose values are not the
-    same in all layers, compared module by module (`self_attn.is_sliding`, `self_attn.sliding_window`, ...)."""
-    seen: dict = {}
-    for layer in layers:
-        for path, module in layer.named_modules():
-            for name, value in vars(module).items():
-                if value is None or isinstance(value, (bool, int, float, str)):
-                    seen.setdefault((path, name), set()).add((type(value), value))
-    return {name for (_, name), values in seen.items() if len(values) > 1}
+def _same_structure(layers: Sequence) -> bool:
+    """Every layer has the same modules (paths and types) and the same parameters and buffers (names, types, shapes,
+    dtypes, devices, requires_grad)."""
 
+    def structure(layer):
+        modules = [(path, type(module)) for path, module in layer.named_modules()]
+        tensors = [(name, type(t), tuple(t.shape), t.dtype, t.device, t.requires_grad)
+                   for name, t in [*layer.named_parameters(), *layer.named_buffers()]]
+        return modules, tensors
 
-def _names_in(guard_name: str) -> set:
-    """The attribute and key names in a guard's source: "L['self']._modules['self_attn'].is_sliding" ->
-    {"L", "self", "_modules", "self_attn", "is_sliding"}."""
-    return set(re.findall(r"\w+", guard_name))
+    first = structure(layers[0]) if layers else None
+    return all(structure(layer) == first for layer in layers[1:])

@@ -104,12 +104,14 @@ def test_galore_8bit_moves_like_32bit_reference_on_real_shapes():
 
 @pytest.fixture
 def emulated_t4(monkeypatch):
-    """A 16 GB T4 on a bigger GPU: no bfloat16, memory capped at 15 GiB."""
+    """A 16 GB T4 on a bigger GPU: no bfloat16, compute capability 7.5 (eager layers, no flash attention), memory
+    capped at 15 GiB."""
     sys.path.insert(0, str(REPO_ROOT / "bench"))
     import emulate_t4
 
     total = torch.cuda.get_device_properties(0).total_memory
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     torch.cuda.set_per_process_memory_fraction(emulate_t4.T4_USABLE_GIB * 2**30 / total)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -259,8 +261,10 @@ def test_plain_dequantization_compiled_equals_bitsandbytes_kernel_on_real_shapes
                                                      quant_type="nf4", compress_statistics=True)
         expected = fused.dequantize_4bit(packed, state, dtype)
         rounding = torch.finfo(dtype).eps
-        for actual in (fused.dequantize_4bit_traced(packed, state, dtype), compiled(packed, state, dtype)):
-            torch.testing.assert_close(actual, expected, rtol=rounding, atol=0)
+        with pytest.MonkeyPatch.context() as patch:  # the plain operations must run, not fall back to the op
+            patch.setattr(fused, "dequantize_4bit", None)
+            for actual in (fused.dequantize_4bit_traced(packed, state, dtype), compiled(packed, state, dtype)):
+                torch.testing.assert_close(actual, expected, rtol=rounding, atol=0)
 
 
 def test_compiled_offloaded_qlora_layers_same_answer_and_compiled_once_on_real_shapes(real_shape_model):

@@ -1,6 +1,8 @@
 """Overrides 12-13: the Trainer's per-step bookkeeping, trimmed without changing what it does."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 import step_overhead
@@ -25,6 +27,14 @@ def test_train_returns_at_once_while_all_is_training_and_runs_the_stock_walk_oth
     model.model.layers[1].mlp.eval()
     model.train()
     assert walks == [False, True, True] and all(module.training for module in model.modules())
+    # A copy switches itself, not the model it was copied from.
+    del layer.train  # the counting stand-in above calls the original layer
+    copied = copy.deepcopy(model)
+    copied.eval()
+    assert all(module.training for module in model.modules())
+    assert not any(module.training for module in copied.modules())
+    copied.train()
+    assert all(module.training for module in copied.modules())
 
 
 def test_flops_count_equals_transformers_and_counts_parameters_once(monkeypatch):
