@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     spec.loader.exec_module(module)
     emulate_t4()
     torch.cuda.reset_peak_memory_stats()
-    status = module.arguments.run_cli(module.parse_args, module.main, argv[1:])
+    status = module.command_line.run_cli(module.parse_args, module.main, argv[1:])
     peak = torch.cuda.max_memory_allocated() / 2**30
     logger.info("T4 emulation: %s peak GPU memory allocated %.2f GiB (cap %.1f GiB), exit %d", script.name, peak, T4_USABLE_GIB, status)
     return status

@@ -9,18 +9,14 @@ import importlib.util
 import logging
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
-import datasets
-import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
-import distributed
 from config_files import CONFIG_SUFFIXES, config_argv, read_config_file
-from errors import ExportFailed, Interrupted, SetupError, TrainingFailed, UserInputError
+from errors import UserInputError
 from help_text import HELP_GROUPS, HelpFormatter, write_help
 from smoke_flags import parse_smoke
 
@@ -384,34 +380,3 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if missing:  # the Trainer would say so only once the model is loaded
         raise UserInputError(f"--report_to {','.join(missing)}: not installed. pip install -r "
                              "finetuning/requirements-tracking.txt (tensorboard, wandb, trackio), or --report_to none.")
-
-
-# ---------------------------------------------------------------------------
-# The command line
-# ---------------------------------------------------------------------------
-
-
-def setup_logging() -> None:
-    # Under DDP the other processes log errors only: one copy of the run's log and warnings, not one per GPU.
-    main_process = distributed.is_main_process_by_environment()
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-        level=logging.INFO if main_process else logging.ERROR,
-    )
-    if not main_process:
-        datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_warning()
-
-
-def run_cli(parse: Callable[[Sequence[str]], tuple], main: Callable[..., Any], argv: Optional[Sequence[str]] = None) -> int:
-    """Parse, then run a script's main(); a problem the user can fix is one message and exit code 2, not a traceback."""
-    setup_logging()
-    try:
-        main(*parse(sys.argv[1:] if argv is None else list(argv)))
-    except (UserInputError, SetupError, TrainingFailed, ExportFailed) as e:
-        logger.error("%s", e)
-        return 2
-    except Interrupted as e:
-        logger.error("%s", e)
-        return e.exit_code
-    return 0

@@ -1,4 +1,4 @@
-"""The failures a user can act on. `arguments.run_cli` turns each into one logged message and exit code 2;
+"""The failures a user can act on. `command_line.run_cli` turns each into one logged message and exit code 2;
 anything else is a bug and keeps its traceback. Standard library only: the version check raises these before
 torch loads."""
 from __future__ import annotations

@@ -28,6 +28,7 @@ noise.silence()
 import torch  # noqa: E402
 
 import arguments  # noqa: E402
+import command_line  # noqa: E402
 import common  # noqa: E402
 import gguf_files  # noqa: E402
 import parity  # noqa: E402
@@ -150,4 +151,4 @@ def parse_args(argv: Sequence[str]) -> tuple:
 
 
 if __name__ == "__main__":
-    sys.exit(arguments.run_cli(parse_args, main))
+    sys.exit(command_line.run_cli(parse_args, main))

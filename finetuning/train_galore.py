@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArgument
 from trl import SFTTrainer  # noqa: E402
 
 import arguments  # noqa: E402
+import command_line  # noqa: E402
 import auto_batch  # noqa: E402
 from arguments import DataArguments, ModelArguments, ReportArguments  # noqa: E402
 import batching  # noqa: E402
@@ -210,4 +211,4 @@ def parse_args(argv: Sequence[str]) -> tuple:
 
 
 if __name__ == "__main__":
-    sys.exit(arguments.run_cli(parse_args, main))
+    sys.exit(command_line.run_cli(parse_args, main))

@@ -8,6 +8,7 @@ import pytest
 
 import common
 import arguments
+import command_line
 import data
 import errors
 import train_galore
@@ -174,20 +175,20 @@ def test_run_cli_setup_error_returns_2(caplog, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with caplog.at_level(logging.ERROR):
-        assert arguments.run_cli(train_galore.parse_args, train_galore.main, ["--output_dir", "unused"]) == 2
+        assert command_line.run_cli(train_galore.parse_args, train_galore.main, ["--output_dir", "unused"]) == 2
     assert "CUDA" in caplog.text
 
 
 def test_run_cli_success_and_real_bugs():
     seen = []
-    assert arguments.run_cli(lambda argv: (argv,), seen.append, ["--a"]) == 0
+    assert command_line.run_cli(lambda argv: (argv,), seen.append, ["--a"]) == 0
     assert seen == [["--a"]]
 
     def broken(argv):
         raise KeyError("a bug, not a user error")
 
     with pytest.raises(KeyError):  # a bug keeps its traceback
-        arguments.run_cli(lambda argv: (argv,), broken, [])
+        command_line.run_cli(lambda argv: (argv,), broken, [])
 
 
 def test_max_tokens_per_batch_with_packing_is_refused_before_anything_loads(monkeypatch, tmp_path):

@@ -9,6 +9,7 @@ import logging
 import pytest
 
 import arguments
+import command_line
 import common
 import data
 import data_files
@@ -58,7 +59,7 @@ def fails_through_the_script(tmp_path, caplog, *argv) -> str:
     """The script's own command line: exit code 2, one ERROR line, no traceback, no model. Returns the message."""
     out = tmp_path / "out"
     caplog.clear()
-    exit_code = arguments.run_cli(train_qlora.parse_args, train_qlora.main,
+    exit_code = command_line.run_cli(train_qlora.parse_args, train_qlora.main,
                                   ["--smoke", "--output_dir", str(out), "--num_sample_prompts", "0", *map(str, argv)])
     errors_ = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert exit_code == 2, caplog.text[-3000:]

@@ -10,6 +10,7 @@ import re
 import pytest
 
 import arguments
+import command_line
 import smoke_flags
 import train_galore
 import train_qlora
@@ -25,7 +26,7 @@ def fails_cleanly(argv, caplog, module=train_qlora) -> str:
     """run_cli on argv: exit code 2, one ERROR line, no traceback; returns that line."""
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        exit_code = arguments.run_cli(module.parse_args, must_not_run, [str(a) for a in argv])
+        exit_code = command_line.run_cli(module.parse_args, must_not_run, [str(a) for a in argv])
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert exit_code == 2, caplog.text
     assert len(errors) == 1, [r.getMessage() for r in errors]
@@ -287,7 +288,7 @@ def test_smoke_names_the_model_and_galore_rank_it_overrides(parse, caplog):
 
 @pytest.mark.parametrize("flag", [["--optim", "adamw_torch"], ["--optim_args", "rank=64"]])
 def test_galore_refuses_the_trainers_optimizer_flags_and_hides_them(flag, tmp_path, caplog, capsys):
-    assert arguments.run_cli(train_galore.parse_args, train_galore.main,
+    assert command_line.run_cli(train_galore.parse_args, train_galore.main,
                              ["--smoke", "--output_dir", str(tmp_path / "out"), *flag]) == 2
     assert "this script's optimizer is always GaLore" in caplog.text and not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):

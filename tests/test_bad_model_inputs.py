@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-import arguments
+import command_line
 import common
 import errors
 import train_galore
@@ -21,7 +21,7 @@ def fails_before_the_model_loads(module, argv, caplog, monkeypatch) -> str:
 
     monkeypatch.setattr(common, "load_causal_lm", fail_if_called)
     caplog.clear()
-    assert arguments.run_cli(module.parse_args, module.main, [str(a) for a in argv]) == 2
+    assert command_line.run_cli(module.parse_args, module.main, [str(a) for a in argv]) == 2
     errors_logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors_logged) == 1 and "Traceback" not in caplog.text, caplog.text[-2000:]
     return errors_logged[0]

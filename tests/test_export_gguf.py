@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-import arguments
+import command_line
 import export_gguf
 import gguf_files
 import parity
@@ -113,7 +113,7 @@ def test_bad_exports_are_refused_before_anything_is_written(argv, message, tmp_p
     (tmp_path / "final").mkdir()
     (tmp_path / "final" / "config.json").write_text("{}")
     argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
-    assert arguments.run_cli(export_gguf.parse_args, export_gguf.main, argv) == 2
+    assert command_line.run_cli(export_gguf.parse_args, export_gguf.main, argv) == 2
     assert message in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
 
@@ -122,7 +122,7 @@ def test_without_llama_cpp_python_the_parity_check_says_how_to_install_it(tmp_pa
     (tmp_path / "final").mkdir()
     (tmp_path / "final" / "config.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
-    assert arguments.run_cli(export_gguf.parse_args, export_gguf.main, ["--run_dir", str(tmp_path)]) == 2
+    assert command_line.run_cli(export_gguf.parse_args, export_gguf.main, ["--run_dir", str(tmp_path)]) == 2
     assert "pip install -r finetuning/requirements-export.txt" in caplog.text and "--check_parity false" in caplog.text
 
 

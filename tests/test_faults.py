@@ -1,7 +1,7 @@
 """The catalogue of faults: bad inputs, a wrong installation, no GPU, a full disk, leaked secrets.
 
 Each bad input must end in one clear message (UserInputError / SetupError / TrainingFailed
-naming what is wrong, where, and the fix), exit code 2 through arguments.run_cli with no
+naming what is wrong, where, and the fix), exit code 2 through command_line.run_cli with no
 traceback, and no half-written model (no OUTPUT_DIR/final, no OUTPUT_DIR/.final.partial).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import transformers
 
 from conftest import PLANTED_TOKEN
 import common
-import arguments
+import command_line
 import errors
 import checkpoints
 import training
@@ -41,11 +41,11 @@ ENOSPC_MESSAGE = "No space left on device"
 def fails_cleanly(module, argv, caplog, output_dir: Path) -> str:
     """Run main() through run_cli; it must return 2 with one error line, no traceback, no model. Returns the message."""
     caplog.clear()
-    exit_code = arguments.run_cli(module.parse_args, module.main, [str(a) for a in argv])
+    exit_code = command_line.run_cli(module.parse_args, module.main, [str(a) for a in argv])
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert exit_code == 2, f"expected exit code 2, got {exit_code}; log:\n{caplog.text[-3000:]}"
     assert len(errors) == 1, [r.getMessage() for r in errors]
-    assert errors[0].name == "arguments"  # run_cli's one message
+    assert errors[0].name == "command_line"  # run_cli's one message
     assert "Traceback" not in caplog.text
     assert not (output_dir / training.FINAL_DIR).exists(), "a failed run left OUTPUT_DIR/final"
     assert not (output_dir / f".{training.FINAL_DIR}.partial").exists(), "a failed run left a half-written final"
@@ -188,7 +188,7 @@ def test_earlier_run_is_refused(earlier_run, tmp_path, caplog):
     out = copy_of(earlier_run, tmp_path)
     final_weights = (out / "final" / "model.safetensors").read_bytes()
     caplog.clear()
-    exit_code = arguments.run_cli(train_galore.parse_args, train_galore.main, smoke_argv(out, "--overwrite_output_dir", "False"))
+    exit_code = command_line.run_cli(train_galore.parse_args, train_galore.main, smoke_argv(out, "--overwrite_output_dir", "False"))
     assert exit_code == 2 and "Traceback" not in caplog.text
     [error] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     for words in (str(out), "checkpoint-2", "--resume_from_checkpoint latest", "--overwrite_output_dir", "--output_dir"):
@@ -210,7 +210,7 @@ def trained_files(out: Path) -> dict:
 def test_overwrite_keeps_the_earlier_run_until_every_input_has_passed(bad_input, earlier_run, tmp_path, caplog):
     out = copy_of(earlier_run, tmp_path)
     before = trained_files(out)
-    assert arguments.run_cli(train_galore.parse_args, train_galore.main,
+    assert command_line.run_cli(train_galore.parse_args, train_galore.main,
                              smoke_argv(out, "--overwrite_output_dir", *bad_input)) == 2
     assert "removed the earlier run" not in caplog.text
     assert trained_files(out) == before, "a run that failed its checks deleted the earlier run"
@@ -361,7 +361,7 @@ def test_hub_token_cut_short_is_rejected_without_echoing_it(tmp_path, caplog):
     argv = smoke_argv(out, "--hub_tok", "hf_cmdlineSECRET0123", "--max_steps", 1, "--save_strategy", "steps",
                       "--save_steps", 1)
     caplog.clear()
-    exit_code = arguments.run_cli(train_galore.parse_args, train_galore.main, argv)
+    exit_code = command_line.run_cli(train_galore.parse_args, train_galore.main, argv)
     leaked = [str(p) for p in out.rglob("*") if p.is_file() and b"hf_cmdlineSECRET0123" in p.read_bytes()]
     assert not leaked, f"the token given on the command line was saved in {leaked}"
     assert exit_code == 2 and "--hub_tok" in caplog.text

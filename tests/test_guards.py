@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-import arguments
+import command_line
 import errors
 import training
 
@@ -87,5 +87,5 @@ def test_run_cli_turns_a_training_failure_into_exit_code_2(caplog):
     def failing_main(*parsed):
         raise errors.TrainingFailed("The training loss became nan at step 3")
 
-    assert arguments.run_cli(lambda argv: (), failing_main, []) == 2
+    assert command_line.run_cli(lambda argv: (), failing_main, []) == 2
     assert "nan at step 3" in caplog.text

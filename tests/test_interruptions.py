@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import arguments
+import command_line
 import errors
 import distributed
 import interruptions
@@ -58,10 +59,10 @@ def through_cli(argv, caplog, callbacks=None) -> tuple[int, str]:
     """run_cli as the command line runs it: (exit code, its one error line). No traceback may be logged."""
     caplog.clear()
     main = functools.partial(train_galore.main, callbacks=callbacks) if callbacks else train_galore.main
-    exit_code = arguments.run_cli(train_galore.parse_args, main, [str(a) for a in argv])
+    exit_code = command_line.run_cli(train_galore.parse_args, main, [str(a) for a in argv])
     problems = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(problems) == 1, [r.getMessage() for r in problems]
-    assert problems[0].name == "arguments" and "Traceback" not in caplog.text
+    assert problems[0].name == "command_line" and "Traceback" not in caplog.text
     return exit_code, problems[0].getMessage()
 
 

@@ -67,10 +67,10 @@ def test_the_loss_reaches_trackios_local_store(tmp_path):
 def test_a_tracker_that_is_not_installed_is_refused_before_anything_loads(tmp_path, caplog):
     import importlib.util
 
-    import arguments
+    import command_line
 
     assert importlib.util.find_spec("mlflow") is None, "the test needs a tracker that is not installed"
     argv = ["--smoke", "--output_dir", str(tmp_path / "run"), "--report_to", "mlflow"]
-    assert arguments.run_cli(train_qlora.parse_args, train_qlora.main, argv) == 2
+    assert command_line.run_cli(train_qlora.parse_args, train_qlora.main, argv) == 2
     assert "--report_to mlflow: not installed. pip install -r finetuning/requirements-tracking.txt" in caplog.text
     assert not (tmp_path / "run").exists()
