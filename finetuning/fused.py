@@ -1,6 +1,7 @@
 """Two autograd Functions of the fast path, plain torch: the loss without the full logits, and a LoRA layer on a
-4-bit base as one node. overrides.py installs them into the model; tests/test_speed.py and tests/test_numerics.py
-check each against the stock computation in float32."""
+4-bit base as one node; and the forms of both that torch.compile traces inside compiled layers (a loss chunk, the LoRA
+layer and its 4-bit dequantization in plain operations). overrides.py installs them into the model;
+tests/test_speed.py, tests/test_numerics.py and tests/test_compiled_layers.py check each against the stock computation."""
 from __future__ import annotations
 
 import functools

@@ -86,17 +86,19 @@ def _has(target, names, what: str) -> bool:
 def enable_fast_path(trainer, fp16: bool, padding_free: bool, keep_dequantized_weight: bool,
                      speed: Optional[SpeedChoices] = None) -> dict:
     """Switch on overrides 1-6 and 12-13, and 10-11 and 14 as `speed` says, for the trainer's model; returns what
-    changed. `fp16`: a
-    float32 residual stream. `padding_free`: packed rows (variable-length attention). `keep_dequantized_weight`: see
-    fuse_lora_4bit."""
+    changed. `fp16`: a float32 residual stream. `padding_free`: packed rows (variable-length attention).
+    `keep_dequantized_weight`: see fuse_lora_4bit."""
     model = trainer.model
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    norms = fuse_rms_norms(model, fp32_residual=fp16)
+    lora = fuse_lora_4bit(model, keep_dequantized_weight)
+    varlen_attention = padding_free and use_varlen_attention()
     compiled = compile_decoder_layers(model) if speed and speed.compile_layers else 0
     changed = {
-        "chunked loss": use_chunked_loss(causal_lm, compiled_chunks=compiled > 0),
-        "fused RMSNorms": fuse_rms_norms(model, fp32_residual=fp16),
-        "fused LoRA-on-4-bit layers": fuse_lora_4bit(model, keep_dequantized_weight),
-        "variable-length attention": padding_free and use_varlen_attention(),
+        "chunked loss": use_chunked_loss(causal_lm, compiled_chunks=compiled > 0),  # compiled where the layers are
+        "fused RMSNorms": norms,
+        "fused LoRA-on-4-bit layers": lora,
+        "variable-length attention": varlen_attention,
         "compiled decoder layers": compiled,
         "per-step bookkeeping": trim_step_bookkeeping(model, causal_lm),
     }
