@@ -15,11 +15,10 @@
 | 11 | each decoder layer's `_gradient_checkpointing_func`, set at `on_train_begin` (after the Trainer switches checkpointing on): `offload.checkpoint` | transformers 4.57 `GradientCheckpointingLayer.__call__` calling it as `(partial(__call__, **kwargs), hidden_states)` | the checkpointed layer inputs (1.6 GiB at 32k tokens) wait in pinned CPU memory | tests/test_compiled_layers.py (stock checkpoint's loss and gradients, dropout, autocast) |
 | 12 | the model's `train` (instance attribute): returns at once while every module is in training mode | torch `nn.Module.train`; the Trainer calling `model.train()` every step | a walk over about 2,300 modules a step | tests/test_step_overhead.py::test_train_* |
 | 13 | the causal LM's `floating_point_ops` (instance attribute): the parameter count taken once | transformers 4.57 `floating_point_ops` = 6 x `estimate_tokens` x `num_parameters` | the Trainer counts FLOPs every step; `num_parameters` visits every parameter, 4-bit ones through Python | tests/test_step_overhead.py::test_flops_* |
-| 14 | the compiled layers' guards (10): `guard_filter_fn` drops the guards on the module tree's structure (types, keys, hooks, parameter metadata), checked once to be the same in every layer; guards on attribute values, inputs and global state stay (`step_overhead.module_guard_filter`) | torch >= 2.8 `guard_filter_fn`; `GuardFilterEntry.guard_type`, `orig_guard.source.is_unspecialized_nn_module()` | about 770 guards checked before each of 52 calls a step (about 300 kept) | tests/test_compiled_layers.py (sliding and full layers, `disable_adapter()`: the eager answer; guards kept) |
 
 Each install checks its target first (a version prefix and the names it touches). Where the target is not what
 it expects, it leaves the stock path in place and logs one line saying so: a library that moved costs speed,
-never a crash (9, which has no stock path that runs, stops with the torchrun command instead). `enable_fast_path` is the one call that switches 1-6 and 10-14 on; the scripts make it explicitly in main(), 10 and 11 as
+never a crash (9, which has no stock path that runs, stops with the torchrun command instead). `enable_fast_path` is the one call that switches 1-6 and 10-13 on; the scripts make it explicitly in main(), 10 and 11 as
 speed_choices.py decides.
 """
 from __future__ import annotations
@@ -85,7 +84,7 @@ def _has(target, names, what: str) -> bool:
 
 def enable_fast_path(trainer, fp16: bool, padding_free: bool, keep_dequantized_weight: bool,
                      speed: Optional[SpeedChoices] = None) -> dict:
-    """Switch on overrides 1-6 and 12-13, and 10-11 and 14 as `speed` says, for the trainer's model; returns what
+    """Switch on overrides 1-6 and 12-13, and 10-11 as `speed` says, for the trainer's model; returns what
     changed. `fp16`: a float32 residual stream. `padding_free`: packed rows (variable-length attention).
     `keep_dequantized_weight`: see fuse_lora_4bit."""
     model = trainer.model
@@ -304,13 +303,8 @@ def compile_decoder_layers(model, backend="inductor") -> int:
     config.suppress_errors = True
     if hasattr(config, "recompile_limit"):
         config.recompile_limit = max(config.recompile_limit, 16)
-    guard_filter = None  # override 14; None where the layers differ in structure
-    if _has(torch.compiler, ["skip_guard_on_all_nn_modules_unsafe"], "fewer guards on compiled layers"):
-        guard_filter = step_overhead.module_guard_filter(layers)
     for layer in layers:
-        # A new options dict each time: torch.compile pops the filter out of the one it is given.
-        options = {"guard_filter_fn": guard_filter} if guard_filter else None
-        compiled = torch.compile(layer.forward, backend=backend, dynamic=True, options=options)
+        compiled = torch.compile(layer.forward, backend=backend, dynamic=True)
         layer.forward = types.MethodType(_training_only(compiled, layer.forward), layer)
     return len(layers)
 

@@ -131,50 +131,24 @@ def test_compiled_layers_give_the_eager_answer_and_compile_once_per_kind(lora_mo
     assert backend.graphs == first
 
 
-def test_compiled_layers_keep_the_guards_on_values_and_follow_flags_changed_mid_run(monkeypatch):
-    """Override 14: the guards on the module tree's structure are dropped, those on values stay, so a flag that
-    changes while training (peft's disable_adapter(), as a DPO reference pass uses) still reaches the graphs. A LoRA
-    model without 4-bit layers: bitsandbytes' CPU layers switch kernels once nothing needs a gradient."""
+def test_compiled_layers_follow_flags_changed_mid_run():
+    """peft's disable_adapter() (as a DPO reference pass uses) in training mode reaches the compiled graphs: torch's
+    guards on module attributes must stay (a guard filter that dropped them was tried and failed this). A LoRA model
+    without 4-bit layers: bitsandbytes' CPU layers switch kernels once nothing needs a gradient."""
     from peft import LoraConfig, get_peft_model
 
-    import step_overhead
     from test_speed import small_gemma
 
-    counts = []
-    stock_filter = step_overhead.module_guard_filter
-
-    def counting_filter(layers):
-        keep = stock_filter(layers)
-
-        def counted(entries):
-            flags = keep(entries)
-            counts.append((sum(flags), len(flags)))
-            return flags
-
-        return counted
-
-    monkeypatch.setattr(step_overhead, "module_guard_filter", counting_filter)
     model = small_gemma(layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     eager = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
     compiled = copy.deepcopy(eager)
     assert overrides.compile_decoder_layers(compiled, backend="aot_eager") == 3
     ids = batch(20)
     assert_same(loss_and_grads(eager, ids), loss_and_grads(compiled, ids))
-    assert counts and all(kept < total / 2 for kept, total in counts), counts
     with eager.disable_adapter(), compiled.disable_adapter():
         without_adapters = eager(input_ids=ids, labels=ids).loss
         torch.testing.assert_close(compiled(input_ids=ids, labels=ids).loss, without_adapters)
     assert not torch.allclose(compiled(input_ids=ids, labels=ids).loss, without_adapters)
-
-
-def test_layers_that_differ_in_structure_keep_every_guard(lora_model):
-    import step_overhead
-
-    layers = overrides._decoder_layers(lora_model)
-    assert step_overhead.module_guard_filter(layers) is not None
-    odd = copy.deepcopy(layers[:2])
-    odd[1].mlp.act_fn = torch.nn.ReLU()
-    assert step_overhead.module_guard_filter(odd) is None
 
 
 def test_compiled_and_offloaded_layers_together_give_the_eager_answer(lora_model):
