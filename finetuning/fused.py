@@ -16,7 +16,7 @@ def chunked_causal_lm_loss(hidden, weight, labels, softcap=None, num_items_in_ba
 
     The mean over unmasked tokens, or the sum divided by `num_items_in_batch` (the
     Trainer's count over all accumulated micro-batches) when given. `chunk_function`: how a chunk's loss and
-    gradient are taken from its logits (chunk_loss_and_grad, compiled), else the eager form in ChunkedCrossEntropy.
+    gradient are taken from its logits (chunk_loss_and_grad, compiled), else _eager_chunk.
     """
     shift_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     shift_labels = labels[:, 1:].reshape(-1).to(hidden.device)
