@@ -44,6 +44,8 @@ def measuring_callbacks(warmup: int) -> tuple[list, dict]:
     import torch
     from transformers import TrainerCallback
 
+    import step_diagnostics
+
     result = {"tokens": [], "step_seconds": []}
 
     class Timer(TrainerCallback):
@@ -61,49 +63,10 @@ def measuring_callbacks(warmup: int) -> tuple[list, dict]:
 
     callbacks = [Timer()]
     if os.environ.get("BENCH_PROFILE"):
-        callbacks.append(_profiler_callback()(warmup, Path(os.environ["BENCH_PROFILE"])))
+        callbacks.append(step_diagnostics.profiler_callback(warmup, Path(os.environ["BENCH_PROFILE"])))
+    if os.environ.get("BENCH_MEMORY"):  # the last untimed step: a timed one would pay for the recording
+        callbacks.append(step_diagnostics.memory_callback(warmup - 1, Path(os.environ["BENCH_MEMORY"])))
     return callbacks, result
-
-
-def _profiler_callback():
-    import torch
-    from transformers import TrainerCallback
-
-    class Profiler(TrainerCallback):
-        """torch.profiler over three steps after the warm-up: where a step's time goes."""
-
-        def __init__(self, start_step: int, path: Path):
-            self.start_step, self.path, self.profile = start_step, path, None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == self.start_step:
-                import cProfile
-
-                activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-                self.profile = torch.profiler.profile(activities=activities)
-                self.profile.__enter__()
-                self.python = cProfile.Profile()  # where the Python side of a step spends its time
-                self.python.enable()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.profile is not None and state.global_step == self.start_step + 3:
-                torch.cuda.synchronize()
-                self.python.disable()
-                self.profile.__exit__(None, None, None)
-                import io
-                import pstats
-
-                python_stats = io.StringIO()
-                pstats.Stats(self.python, stream=python_stats).sort_stats("tottime").print_stats(40)
-                self.path.with_suffix(".python.txt").write_text(python_stats.getvalue())
-                averages = self.profile.key_averages()
-                self.path.write_text(
-                    averages.table(sort_by="self_cuda_time_total", row_limit=45)
-                    + "\n\n" + averages.table(sort_by="cpu_time_total", row_limit=25)
-                )
-                self.profile = None
-
-    return Profiler
 
 
 def summarise(result: dict, warmup: int, parameters: int, gpus: int = 1) -> dict:
@@ -216,14 +179,15 @@ def run_stock(method: str, model: str, data: str, batch: int, steps: int, warmup
 
 
 def run_setup(spec: dict) -> dict:
+    for key, variable in (("profile", "BENCH_PROFILE"), ("memory", "BENCH_MEMORY")):
+        if spec.get(key):
+            os.environ[variable] = spec[key]
     if spec["kind"] == "unsloth":  # before torch: Unsloth sets the allocator and patches the libraries as they import
         import unsloth_run
 
         return unsloth_run.run_unsloth(spec, measuring_callbacks, summarise, _model_parameters, _last_loss)
     import torch
 
-    if spec.get("profile"):
-        os.environ["BENCH_PROFILE"] = spec["profile"]
     if spec.get("t4"):
         import emulate_t4
 
@@ -252,6 +216,8 @@ def main() -> None:
                         help="Setup names to run, separated by semicolons (default: all). 'NAME + FLAGS' adds "
                              "script flags to one of our setups, e.g. 'ours QLoRA, 32k tokens/batch + --lora_dropout 0'.")
     parser.add_argument("--profile_dir", type=Path, help="Write a torch.profiler table of each of our setups here.")
+    parser.add_argument("--memory_dir", type=Path, help="Write what GPU memory holds at each setup's peak here "
+                        "(bench/memory_trace.py).")
     parser.add_argument("--ours_args", default="", help="Extra flags for every one of our setups (e.g. '--attn_implementation sdpa').")
     parser.add_argument("--unsloth_site", type=Path, default=Path("/tmp/unsloth-site"),
                         help="pip --target folder with Unsloth and its transformers-5 stack (bench/unsloth_setup.md); "
@@ -312,9 +278,11 @@ def main() -> None:
             spec["extra"] = [*spec.get("extra", []), *added.split()]
         if spec["kind"] == "ours" and args.ours_args:
             spec["extra"] = [*spec.get("extra", []), *args.ours_args.split()]
+        label = "".join(c if c.isalnum() else "_" for c in name).strip("_")
         if args.profile_dir and spec["kind"] == "ours" and not spec.get("t4"):
-            label = "".join(c if c.isalnum() else "_" for c in name).strip("_")
             spec["profile"] = str(args.profile_dir / f"profile_{label}.txt")
+        if args.memory_dir:
+            spec["memory"] = str(args.memory_dir / f"memory_{label}.txt")
         if spec["kind"] == "unsloth":
             import unsloth_run
 

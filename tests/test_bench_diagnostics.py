@@ -1,0 +1,39 @@
+"""The bench's memory report: the peak it finds in a recorded allocator history and what it says was alive there."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import step_diagnostics  # noqa: E402
+
+MIB = 2**20
+
+
+def _frames(*sites):
+    return [{"filename": "/usr/lib/python3/site-packages/torch/_tensor.py", "line": 1, "name": "plumbing"},
+            *({"filename": f"/repo/finetuning/{file}", "line": line, "name": name} for file, line, name in sites)]
+
+
+def _event(action, address, mib, *sites):
+    return {"action": action, "addr": address, "size": mib * MIB, "frames": _frames(*sites)}
+
+
+def test_peak_is_where_most_is_held_and_blocks_count_until_their_free_completes():
+    loss = ("fused.py", 62, "forward")
+    layer = ("offload.py", 40, "unpack")
+    trace = [
+        _event("alloc", 1, 100, loss, ("training.py", 9, "step")),
+        _event("alloc", 2, 100, loss, ("training.py", 9, "step")),
+        _event("free_requested", 1, 100, loss),  # still held: another stream may use it
+        _event("alloc", 3, 30, layer),  # the peak: 230 MiB
+        _event("free_completed", 1, 100, loss),
+        _event("free_completed", 2, 100, loss),
+        _event("alloc", 4, 150, layer),  # 180 MiB: below the peak
+    ]
+    report = step_diagnostics.describe_peak({"device_traces": [trace]}, before=1000 * MIB)
+
+    assert "peak within the step: 1,230 MiB (+230 MiB allocated during it, 3 blocks)" in report
+    rows = [line for line in report.splitlines() if "|" in line and "MiB |" not in line]
+    assert "fused.py:62 forward" in rows[0] and "200.0" in rows[0] and "training.py:9 step" in rows[0]
+    assert "offload.py:40 unpack" in rows[1] and "30.0" in rows[1]
+    assert len(rows) == 2 and "torch/_tensor.py" not in report
