@@ -2,9 +2,9 @@
 
 `run_bench.py --profile_dir DIR`: torch.profiler and cProfile tables over three steps after the warm-up.
 `run_bench.py --memory_dir DIR` sets BENCH_MEMORY for each setup (ours and Unsloth's); the callback records the
-allocator's history during step `warmup - 1` (after compilation, before the timed steps, so no timed step pays for
-the recording) and writes DIR/memory_SETUP.txt: the memory held before the step, the step's peak, and the blocks
-alive at that peak grouped by where they were allocated.
+allocator's history during the first step (compilation) and step `warmup - 1` (compiled, before the timed steps, so
+no timed step pays for the recording) and writes DIR/memory_SETUP.txt: for each, the memory allocated before the
+step, the step's peak, and the blocks alive at that peak grouped by where they were allocated.
 """
 from __future__ import annotations
 
@@ -56,44 +56,44 @@ def profiler_callback(start_step: int, path: Path):
     return Profiler(start_step, path)
 
 
-def memory_callback(record_step: int, path: Path):
+def memory_callback(steps: list[int], path: Path):
+    """Records the allocator's history over each of `steps` (indices from 0) and writes one report per step."""
     import torch
     from transformers import TrainerCallback
 
     class MemoryTrace(TrainerCallback):
+        def __init__(self):
+            self.reports = []
+
         def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == record_step:
+            if state.global_step in steps:
                 torch.cuda.synchronize()
                 self.before = torch.cuda.memory_allocated()
                 torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python")
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == record_step + 1:
+            if state.global_step - 1 in steps:
                 torch.cuda.synchronize()
                 try:
                     snapshot = torch.cuda.memory._snapshot()
                     torch.cuda.memory._record_memory_history(enabled=None)
-                    path.write_text(describe_peak(snapshot, self.before))
-                except (RuntimeError, KeyError, OSError) as error:  # a diagnosis must not cost the measurement
-                    path.write_text(f"no memory report: {type(error).__name__}: {error}\n")
+                    self.reports.append(f"## step {state.global_step - 1}\n" + describe_peak(snapshot, self.before))
+                except (RuntimeError, KeyError) as error:  # a diagnosis must not cost the measurement
+                    self.reports.append(f"## step {state.global_step - 1}\nno report: {type(error).__name__}: {error}\n")
+                path.write_text("\n".join(self.reports))
 
     return MemoryTrace()
 
 
 def describe_peak(snapshot: dict, before: int, groups: int = 30) -> str:
-    """The blocks alive at the highest point of the recorded events, by allocation site, largest first."""
-    live, current, peak, at_peak = {}, 0, 0, {}
-    for event in (snapshot.get("device_traces") or [[]])[0]:
-        action, address, size = event["action"], event["addr"], event["size"]
-        if action == "alloc":
-            live[address] = event
-            current += size
-        elif action == "free_completed" and address in live:
-            current -= live.pop(address)["size"]
-        else:
-            continue
-        if current > peak:
-            peak, at_peak = current, dict(live)
+    """The blocks allocated at the highest point of the recorded events, by allocation site, largest first.
+
+    Allocated as torch.cuda.max_memory_allocated counts it: a block stops counting when it is freed
+    ("free_requested"), though one used on another stream is reusable only once that stream is done with it
+    ("free_completed"); the report gives that held peak too."""
+    events = (snapshot.get("device_traces") or [[]])[0]
+    peak, at_peak = _replay(events, "free_requested")
+    held_peak, _ = _replay(events, "free_completed")
     by_site = defaultdict(lambda: [0, 0, None])
     for event in at_peak.values():
         site = allocation_site(event.get("frames", []))
@@ -101,13 +101,31 @@ def describe_peak(snapshot: dict, before: int, groups: int = 30) -> str:
         by_site[site][1] += 1
         by_site[site][2] = by_site[site][2] or event.get("frames", [])
     mib = 2**20
-    lines = [f"held before the step: {before / mib:,.0f} MiB",
+    lines = [f"allocated before the step: {before / mib:,.0f} MiB",
              f"peak within the step: {(before + peak) / mib:,.0f} MiB (+{peak / mib:,.0f} MiB allocated during it, "
-             f"{len(at_peak)} blocks)", "", "MiB | blocks | allocated at (innermost frame outside torch; then callers)"]
+             f"{len(at_peak)} blocks); held until other streams are done: {(before + held_peak) / mib:,.0f} MiB",
+             "", "MiB | blocks | allocated at (innermost frame outside torch; then callers)"]
     for site, (size, count, frames) in sorted(by_site.items(), key=lambda item: -item[1][0])[:groups]:
         callers = " < ".join(_frame(f) for f in _outside_torch(frames)[1:4])
         lines.append(f"{size / mib:8,.1f} | {count:5} | {site}" + (f"  [{callers}]" if callers else ""))
     return "\n".join(lines) + "\n"
+
+
+def _replay(events: list, freed_at: str) -> tuple[int, dict]:
+    """The most bytes allocated at once during the events (beyond what was there before), and the blocks then."""
+    live, current, peak, at_peak = {}, 0, 0, {}
+    for event in events:
+        action, address = event["action"], event["addr"]
+        if action == "alloc":
+            live[address] = event
+            current += event["size"]
+        elif action == freed_at and address in live:
+            current -= live.pop(address)["size"]
+        else:
+            continue
+        if current > peak:
+            peak, at_peak = current, dict(live)
+    return peak, at_peak
 
 
 def allocation_site(frames: list) -> str:
