@@ -328,6 +328,16 @@ def main() -> None:
     write_results(args, rows)
 
 
+def _host_cpu() -> str:
+    """The host's CPU model: at small token budgets a step waits on the CPU, so figures move with it."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"unknown ({os.cpu_count()} cores)"
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    return f"{model} ({os.cpu_count()} cores)"
+
+
 def _peak(result: dict) -> str:
     """The whole run's peak, then the peak after the first step (compilation): '2.07 (1.98)'."""
     later = result.get("later_steps_peak_gib")
@@ -341,7 +351,7 @@ def _percent(fraction) -> str:
 def write_results(args, rows) -> None:
     gpu = next((r["gpu"] for _, r in rows if r and "gpu" in r), "unknown GPU")
     lines = [
-        f"\n## {datetime.date.today()} on {gpu}\n",
+        f"\n## {datetime.date.today()} on {gpu}, host CPU {_host_cpu()}\n",
         f"`python bench/run_bench.py --config {args.config} --model {args.model} --data {args.data} "
         f"--steps {args.steps} --warmup {args.warmup} --only \"{args.only}\"`: random-weight gemma-3-1b shapes, "
         f"Alpaca text, 1,024-token cap, gradient checkpointing; timed steps after the first {args.warmup}, an epoch's partial last step left out.\n",
