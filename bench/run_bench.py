@@ -46,7 +46,7 @@ def measuring_callbacks(warmup: int) -> tuple[list, dict]:
 
     import step_diagnostics
 
-    result = {"tokens": [], "step_seconds": []}
+    result = {"tokens": [], "step_seconds": [], "gpu_tail_seconds": []}
 
     class Timer(TrainerCallback):
         seen = 0
@@ -56,8 +56,10 @@ def measuring_callbacks(warmup: int) -> tuple[list, dict]:
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            queued = time.perf_counter()  # the host has queued the step's last kernel
             torch.cuda.synchronize()
             result["step_seconds"].append(time.perf_counter() - self.start)
+            result["gpu_tail_seconds"].append(time.perf_counter() - queued)
             result["tokens"].append(state.num_input_tokens_seen - self.seen)
             self.seen = state.num_input_tokens_seen
             if len(result["step_seconds"]) == 1:  # the first step compiles: its peak is told apart from the rest's
@@ -67,6 +69,8 @@ def measuring_callbacks(warmup: int) -> tuple[list, dict]:
     callbacks = [Timer()]
     if os.environ.get("BENCH_PROFILE"):
         callbacks.append(step_diagnostics.profiler_callback(warmup, Path(os.environ["BENCH_PROFILE"])))
+    if os.environ.get("BENCH_SKIP_GUARDS"):
+        callbacks.append(step_diagnostics.skip_guards_after_first_step())
     if os.environ.get("BENCH_MEMORY"):  # untimed steps only: a timed one would pay for the recording
         steps = sorted({0, warmup - 1})
         callbacks.append(step_diagnostics.memory_callback(steps, Path(os.environ["BENCH_MEMORY"])))
@@ -99,6 +103,8 @@ def summarise(result: dict, warmup: int, parameters: int, gpus: int = 1) -> dict
         "gpus": gpus,
         "partial_steps_left_out": partial_steps,
         "first_step_s": result["step_seconds"][0],  # compilation, where layers are compiled
+        # How long the GPU still ran once the host had queued a step: near 0, the step waits on the host's CPU.
+        "gpu_tail_s": statistics.median(result["gpu_tail_seconds"][warmup:]),
     }
 
 
@@ -184,7 +190,8 @@ def run_stock(method: str, model: str, data: str, batch: int, steps: int, warmup
 
 
 def run_setup(spec: dict) -> dict:
-    for key, variable in (("profile", "BENCH_PROFILE"), ("memory", "BENCH_MEMORY")):
+    variables = (("profile", "BENCH_PROFILE"), ("memory", "BENCH_MEMORY"), ("skip_guards", "BENCH_SKIP_GUARDS"))
+    for key, variable in variables:
         if spec.get(key):
             os.environ[variable] = spec[key]
     if spec["kind"] == "unsloth":  # before torch: Unsloth sets the allocator and patches the libraries as they import
@@ -220,7 +227,8 @@ def main() -> None:
     parser.add_argument("--only", default="",
                         help="Setup names to run, separated by semicolons (default: all). 'NAME + FLAGS' adds "
                              "script flags to one of our setups, e.g. 'ours QLoRA, 32k tokens/batch + --lora_dropout 0'.")
-    parser.add_argument("--profile_dir", type=Path, help="Write a torch.profiler table of each of our setups here.")
+    parser.add_argument("--profile_dir", type=Path,
+                        help="Write a torch.profiler table of each of our and Unsloth's setups here.")
     parser.add_argument("--memory_dir", type=Path, help="Write what GPU memory holds at each setup's peak here "
                         "(bench/memory_trace.py).")
     parser.add_argument("--ours_args", default="", help="Extra flags for every one of our setups (e.g. '--attn_implementation sdpa').")
@@ -262,6 +270,9 @@ def main() -> None:
             setups[f"ours {label}, {budget // 1024}k tokens/batch, 2 GPUs"] = dict(
                 kind="ours", method=method, batch=1, extra=tokens(budget), gpus=2
             )
+    # Measurement only (unsafe for flags changed mid-run, such as peft's disable_adapter()): what guard evaluation costs.
+    setups["ours QLoRA, 8k tokens/batch, guards skipped"] = dict(kind="ours", method="qlora", batch=1,
+                                                                 extra=tokens(8192), skip_guards="1")
     setups.update({
         "T4 emulation: ours QLoRA defaults": dict(kind="ours", method="qlora", batch=None, t4=True),
         "T4 emulation: ours QLoRA, 8k tokens/batch": dict(kind="ours", method="qlora", batch=1, t4=True,
@@ -284,7 +295,7 @@ def main() -> None:
         if spec["kind"] == "ours" and args.ours_args:
             spec["extra"] = [*spec.get("extra", []), *args.ours_args.split()]
         label = "".join(c if c.isalnum() else "_" for c in name).strip("_")
-        if args.profile_dir and spec["kind"] == "ours" and not spec.get("t4"):
+        if args.profile_dir and spec["kind"] != "stock" and not spec.get("t4"):
             spec["profile"] = str(args.profile_dir / f"profile_{label}.txt")
         if args.memory_dir:
             spec["memory"] = str(args.memory_dir / f"memory_{label}.txt")
@@ -323,6 +334,7 @@ def main() -> None:
         print(f"{name}: {result['tokens_per_second']:,.0f} tokens/s, step {result['median_step_s']:.3f} s, "
               f"{result['tokens_per_step']:,.0f} tokens/step, peak {_peak(result)} GiB, "
               f"MFU {_percent(result['mfu'])}, loss {result['loss']}, first step {result.get('first_step_s', 0):.1f} s, "
+              f"GPU busy {1000 * result.get('gpu_tail_s', 0):.0f} ms after the host queued a step, "
               f"partial epoch-end steps left out {result['partial_steps_left_out']}  ({time.time() - started:.0f} s)",
               flush=True)
     write_results(args, rows)

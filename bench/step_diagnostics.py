@@ -1,6 +1,8 @@
 """Where a benchmarked step's time and memory go: Trainer callbacks that run_bench.py adds on request.
 
-`run_bench.py --profile_dir DIR`: torch.profiler and cProfile tables over three steps after the warm-up.
+`run_bench.py --profile_dir DIR`: torch.profiler and cProfile tables over three steps after the warm-up (ours and
+Unsloth's). The "guards skipped" setup: torch.compile's guards checked only where they tell graphs apart, after the
+first step.
 `run_bench.py --memory_dir DIR` sets BENCH_MEMORY for each setup (ours and Unsloth's); the callback records the
 allocator's history during the first step (compilation) and step `warmup - 1` (compiled, before the timed steps, so
 no timed step pays for the recording) and writes DIR/memory_SETUP.txt: for each, the memory allocated before the
@@ -54,6 +56,20 @@ def profiler_callback(start_step: int, path: Path):
                 self.profile = None
 
     return Profiler(start_step, path)
+
+
+def skip_guards_after_first_step():
+    """torch's `skip_guard_eval_unsafe` stance once the first step has compiled every graph: the compiled layers then
+    check only the guards that tell their graphs apart. For measuring what guard evaluation costs, not for training."""
+    import torch
+    from transformers import TrainerCallback
+
+    class SkipGuards(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+
+    return SkipGuards()
 
 
 def memory_callback(steps: list[int], path: Path):
