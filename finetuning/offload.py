@@ -3,8 +3,9 @@
 Checkpointing keeps one tensor per decoder layer, its input, for the backward pass: 26 x tokens x 1,152 x 2 bytes
 for gemma-3-1b (1.8 GiB at 32k tokens a step). Here each input is copied to pinned host memory on a side stream as
 the forward pass goes on, and copied back on that stream one layer ahead of the backward pass, so the copies run
-beside the compute. The layer runs without grad in the forward pass and again with grad in the backward pass (the
-reentrant scheme), under the same autocast settings and random state.
+beside the compute; the copy back lands in memory of the compute stream, freed in its order. The layer runs without
+grad in the forward pass and again with grad in the backward pass (the reentrant scheme), under the same autocast
+settings and random state.
 
 What the Trainer never does, and this scheme does not support (stock checkpointing does): `torch.autograd.grad` over
 the layers' weights (their gradients land in `.grad` only), a second backward pass over the same graph, and
@@ -91,18 +92,23 @@ class Stash:
 
     def prefetch(self) -> None:
         if self.on_device is None and self.device.type == "cuda":
-            with torch.cuda.stream(_copy_stream(self.device)):
-                self.on_device = self.host.to(self.device, non_blocking=True)
+            # Allocated in the compute stream's order, so that its memory is reused in that order once freed. A block
+            # allocated on the copy stream and used by the compute stream (record_stream) waits, when freed, until the
+            # GPU has caught up with the host: several layers' inputs when the host runs ahead (bench/RESULTS.md).
+            current = torch.cuda.current_stream(self.device)
+            self.on_device = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+            copy = _copy_stream(self.device)
+            copy.wait_stream(current)  # the block's last user may still be queued on the compute stream
+            with torch.cuda.stream(copy):
+                self.on_device.copy_(self.host, non_blocking=True)
 
     def load(self) -> torch.Tensor:
         if self.device.type != "cuda":
             tensor, self.host = self.host, None
             return tensor
         self.prefetch()
-        current = torch.cuda.current_stream(self.device)
-        current.wait_stream(_copy_stream(self.device))
+        torch.cuda.current_stream(self.device).wait_stream(_copy_stream(self.device))
         tensor, self.on_device, self.host = self.on_device, None, None
-        tensor.record_stream(current)
         if self.previous is not None and self.previous.host is not None:
             self.previous.prefetch()  # the next layer back, while this one recomputes
         self.previous = None
