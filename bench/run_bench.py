@@ -103,7 +103,9 @@ def summarise(result: dict, warmup: int, parameters: int, gpus: int = 1) -> dict
         "gpus": gpus,
         "partial_steps_left_out": partial_steps,
         "first_step_s": result["step_seconds"][0],  # compilation, where layers are compiled
-        # How long the GPU still ran once the host had queued a step: near 0, the step waits on the host's CPU.
+        # How long the GPU still ran once the host had queued a step: near 0, the step waits on the host's CPU. What it
+        # covers starts at the step's last wait for the GPU, which differs: ours waits in the loss (nonzero()), the
+        # Trainer's NaN filter on trl's and Unsloth's losses after the backward pass.
         "gpu_tail_s": statistics.median(result["gpu_tail_seconds"][warmup:]),
     }
 
@@ -285,6 +287,9 @@ def main() -> None:
     })
     for rows_per_step in (8, 32):  # trl's packing: each row is up to 1,024 tokens of whole records
         setups[f"Unsloth QLoRA, packing, {rows_per_step} rows x 1,024"] = dict(kind="unsloth", batch=rows_per_step)
+    for folder in (args.profile_dir, args.memory_dir):
+        if folder:
+            folder.mkdir(parents=True, exist_ok=True)
     wanted = [name.strip() for name in args.only.split(";") if name.strip()] or list(setups)
     rows = []
     for name in wanted:

@@ -10,6 +10,7 @@ step, the step's peak, and the blocks alive at that peak grouped by where they w
 """
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -80,34 +81,47 @@ def memory_callback(steps: list[int], path: Path):
     class MemoryTrace(TrainerCallback):
         def __init__(self):
             self.reports = []
+            rank = os.environ.get("RANK", "0")  # under DDP each process writes its own device's report
+            self.path = path if rank == "0" else path.with_name(f"{path.stem}_rank{rank}{path.suffix}")
 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step in steps:
                 torch.cuda.synchronize()
                 self.before = torch.cuda.memory_allocated()
-                torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python")
+                try:
+                    torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python")
+                except Exception as error:  # noqa: BLE001 - a diagnosis must not cost the measurement
+                    self.reports.append(f"## step {state.global_step}\nnot recorded: {type(error).__name__}: {error}\n")
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step - 1 in steps:
-                torch.cuda.synchronize()
-                try:
-                    snapshot = torch.cuda.memory._snapshot()
-                    torch.cuda.memory._record_memory_history(enabled=None)
-                    self.reports.append(f"## step {state.global_step - 1}\n" + describe_peak(snapshot, self.before))
-                except (RuntimeError, KeyError) as error:  # a diagnosis must not cost the measurement
-                    self.reports.append(f"## step {state.global_step - 1}\nno report: {type(error).__name__}: {error}\n")
-                path.write_text("\n".join(self.reports))
+            step = state.global_step - 1
+            if step not in steps:
+                return
+            torch.cuda.synchronize()
+            try:
+                snapshot = torch.cuda.memory._snapshot()
+                device = torch.cuda.current_device()
+                self.reports.append(f"## step {step}\n" + describe_peak(snapshot, self.before, device))
+            except Exception as error:  # noqa: BLE001 - a diagnosis must not cost the measurement
+                self.reports.append(f"## step {step}\nno report: {type(error).__name__}: {error}\n")
+            finally:
+                torch.cuda.memory._record_memory_history(enabled=None)  # the timed steps pay nothing
+            try:
+                self.path.write_text("\n".join(self.reports))
+            except OSError as error:
+                print(f"memory report not written to {self.path}: {error}", flush=True)
 
     return MemoryTrace()
 
 
-def describe_peak(snapshot: dict, before: int, groups: int = 30) -> str:
-    """The blocks allocated at the highest point of the recorded events, by allocation site, largest first.
+def describe_peak(snapshot: dict, before: int, device: int = 0, groups: int = 30) -> str:
+    """The blocks allocated at the highest point of the recorded events on `device`, by allocation site, largest first.
 
-    Allocated as torch.cuda.max_memory_allocated counts it: a block stops counting when it is freed
-    ("free_requested"), though one used on another stream is reusable only once that stream is done with it
-    ("free_completed"); the report gives that held peak too."""
-    events = (snapshot.get("device_traces") or [[]])[0]
+    Allocated as torch.cuda.max_memory_allocated counts it, up to rounding (the trace gives requested sizes, the
+    counter rounded blocks): a block stops counting when it is freed ("free_requested"), though one used on another
+    stream is reusable only once that stream is done with it ("free_completed"); the report gives that held peak too."""
+    traces = snapshot.get("device_traces") or []
+    events = traces[device] if device < len(traces) else []
     peak, at_peak = _replay(events, "free_requested")
     held_peak, _ = _replay(events, "free_completed")
     by_site = defaultdict(lambda: [0, 0, None])
@@ -135,8 +149,8 @@ def _replay(events: list, freed_at: str) -> tuple[int, dict]:
         if action == "alloc":
             live[address] = event
             current += event["size"]
-        elif action == freed_at and address in live:
-            current -= live.pop(address)["size"]
+        elif action == freed_at:  # a block from before the recording counts as freed too
+            current -= live.pop(address)["size"] if address in live else event["size"]
         else:
             continue
         if current > peak:

@@ -95,12 +95,18 @@ class Stash:
             # Allocated in the compute stream's order, so that its memory is reused in that order once freed. A block
             # allocated on the copy stream and used by the compute stream (record_stream) waits, when freed, until the
             # GPU has caught up with the host: several layers' inputs when the host runs ahead (bench/RESULTS.md).
-            current = torch.cuda.current_stream(self.device)
+            self.stream = torch.cuda.current_stream(self.device)
             self.on_device = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
             copy = _copy_stream(self.device)
-            copy.wait_stream(current)  # the block's last user may still be queued on the compute stream
+            copy.wait_stream(self.stream)  # the block's last user may still be queued on the compute stream
             with torch.cuda.stream(copy):
                 self.on_device.copy_(self.host, non_blocking=True)
+
+    def __del__(self):
+        # A prefetch never loaded (a backward pass abandoned: an error, an out-of-memory retry): its block goes back
+        # to the compute stream's pool, which must not reuse it before the copy into it is done.
+        if getattr(self, "on_device", None) is not None and getattr(self, "stream", None) is not None:
+            self.stream.wait_stream(_copy_stream(self.device))
 
     def load(self) -> torch.Tensor:
         if self.device.type != "cuda":

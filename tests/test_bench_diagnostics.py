@@ -55,3 +55,14 @@ def test_blocks_another_stream_holds_count_in_the_held_peak_only():
     assert "held until other streams are done: 1,230 MiB" in report
     rows = [line for line in report.splitlines() if "|" in line and "MiB |" not in line]
     assert len(rows) == 1 and "fused.py:62 forward" in rows[0] and "training.py:9 step" in rows[0]
+
+
+def test_a_block_from_before_the_recording_freed_during_it_lowers_the_count():
+    trace = [
+        _event("free_requested", 7, 500, ("training.py", 3, "old")),  # allocated before recording began
+        _event("free_completed", 7, 500, ("training.py", 3, "old")),
+        _event("alloc", 1, 300, ("fused.py", 62, "forward")),
+    ]
+    report = step_diagnostics.describe_peak({"device_traces": [[], trace]}, before=1000 * MIB, device=1)
+
+    assert "peak within the step: 1,000 MiB (+0 MiB allocated during it, 0 blocks)" in report
