@@ -71,6 +71,8 @@ def measuring_callbacks(warmup: int) -> tuple[list, dict]:
         callbacks.append(step_diagnostics.profiler_callback(warmup, Path(os.environ["BENCH_PROFILE"])))
     if os.environ.get("BENCH_SKIP_GUARDS"):
         callbacks.append(step_diagnostics.skip_guards_after_first_step())
+    if os.environ.get("BENCH_MLP_CHUNKS"):
+        callbacks.append(step_diagnostics.mlp_in_token_chunks(int(os.environ["BENCH_MLP_CHUNKS"])))
     if os.environ.get("BENCH_MEMORY"):  # untimed steps only: a timed one would pay for the recording
         steps = sorted({0, warmup - 1})
         callbacks.append(step_diagnostics.memory_callback(steps, Path(os.environ["BENCH_MEMORY"])))
@@ -192,7 +194,8 @@ def run_stock(method: str, model: str, data: str, batch: int, steps: int, warmup
 
 
 def run_setup(spec: dict) -> dict:
-    variables = (("profile", "BENCH_PROFILE"), ("memory", "BENCH_MEMORY"), ("skip_guards", "BENCH_SKIP_GUARDS"))
+    variables = (("profile", "BENCH_PROFILE"), ("memory", "BENCH_MEMORY"), ("skip_guards", "BENCH_SKIP_GUARDS"),
+                 ("mlp_chunks", "BENCH_MLP_CHUNKS"))
     for key, variable in variables:
         if spec.get(key):
             os.environ[variable] = spec[key]
@@ -275,6 +278,9 @@ def main() -> None:
     # Measurement only (unsafe for flags changed mid-run, such as peft's disable_adapter()): what guard evaluation costs.
     setups["ours QLoRA, 8k tokens/batch, guards skipped"] = dict(kind="ours", method="qlora", batch=1,
                                                                  extra=tokens(8192), skip_guards="1")
+    for budget in (8192, 32768):  # override 14, not on by default: what it costs and saves
+        setups[f"ours QLoRA, {budget // 1024}k tokens/batch, MLP in 2 token chunks"] = dict(
+            kind="ours", method="qlora", batch=1, extra=tokens(budget), mlp_chunks="2")
     setups.update({
         "T4 emulation: ours QLoRA defaults": dict(kind="ours", method="qlora", batch=None, t4=True),
         "T4 emulation: ours QLoRA, 8k tokens/batch": dict(kind="ours", method="qlora", batch=1, t4=True,
@@ -345,16 +351,6 @@ def main() -> None:
     write_results(args, rows)
 
 
-def _host_cpu() -> str:
-    """The host's CPU model: at small token budgets a step waits on the CPU, so figures move with it."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return f"unknown ({os.cpu_count()} cores)"
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
-    return f"{model} ({os.cpu_count()} cores)"
-
-
 def _peak(result: dict) -> str:
     """The whole run's peak, then the peak after the first step (compilation): '2.07 (1.98)'."""
     later = result.get("later_steps_peak_gib")
@@ -366,9 +362,11 @@ def _percent(fraction) -> str:
 
 
 def write_results(args, rows) -> None:
+    import step_diagnostics
+
     gpu = next((r["gpu"] for _, r in rows if r and "gpu" in r), "unknown GPU")
     lines = [
-        f"\n## {datetime.date.today()} on {gpu}, host CPU {_host_cpu()}\n",
+        f"\n## {datetime.date.today()} on {gpu}, host CPU {step_diagnostics.host_cpu()}\n",
         f"`python bench/run_bench.py --config {args.config} --model {args.model} --data {args.data} "
         f"--steps {args.steps} --warmup {args.warmup} --only \"{args.only}\"`: random-weight gemma-3-1b shapes, "
         f"Alpaca text, 1,024-token cap, gradient checkpointing; timed steps after the first {args.warmup}, an epoch's partial last step left out.\n",

@@ -2,7 +2,7 @@
 
 `run_bench.py --profile_dir DIR`: torch.profiler and cProfile tables over three steps after the warm-up (ours and
 Unsloth's). The "guards skipped" setup: torch.compile's guards checked only where they tell graphs apart, after the
-first step.
+first step. The "MLP in 2 token chunks" setups: override 14, which the scripts do not switch on yet.
 `run_bench.py --memory_dir DIR` sets BENCH_MEMORY for each setup (ours and Unsloth's); the callback records the
 allocator's history during the first step (compilation) and step `warmup - 1` (compiled, before the timed steps, so
 no timed step pays for the recording) and writes DIR/memory_SETUP.txt: for each, the memory allocated before the
@@ -16,6 +16,16 @@ from pathlib import Path
 
 # Frames that say nothing about what a block is for: the allocator's callers inside torch and Python's plumbing.
 _PLUMBING = ("/torch/", "/contextlib.py", "/functools.py", "<frozen", "/threading.py", "/_ops.py")
+
+
+def host_cpu() -> str:
+    """The host's CPU model: at small token budgets a step waits on the CPU, so figures move with it."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"unknown ({os.cpu_count()} cores)"
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    return f"{model} ({os.cpu_count()} cores)"
 
 
 def profiler_callback(start_step: int, path: Path):
@@ -71,6 +81,19 @@ def skip_guards_after_first_step():
                 torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
     return SkipGuards()
+
+
+def mlp_in_token_chunks(chunks: int):
+    """Override 14 (overrides.chunk_mlp_tokens) at the start of training, before any layer is compiled."""
+    from transformers import TrainerCallback
+
+    import overrides
+
+    class MlpInTokenChunks(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            print(f"MLPs in {chunks} token chunks: {overrides.chunk_mlp_tokens(model, chunks)}", flush=True)
+
+    return MlpInTokenChunks()
 
 
 def memory_callback(steps: list[int], path: Path):

@@ -164,6 +164,35 @@ def test_compiled_and_offloaded_layers_together_give_the_eager_answer(lora_model
     assert backend.graphs == first
 
 
+def test_mlp_in_token_chunks_gives_the_same_answer_eager_compiled_and_offloaded(lora_model):
+    """Override 14: each MLP sees its tokens in pieces, with the loss and gradients of the whole; compiled and
+    offloaded, still one graph per layer kind and grad mode, whatever the token count."""
+    eager = checkpointed(lora_model, dropout=False)
+    chunked = checkpointed(lora_model, offload.checkpoint, dropout=False)
+    assert overrides.chunk_mlp_tokens(chunked, 2) == 6
+    seen = []
+    gate = chunked.base_model.model.model.layers[1].mlp.gate_proj
+    hook = gate.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[-2]))
+    assert_same(loss_and_grads(eager, batch(21)), loss_and_grads(chunked, batch(21)))
+    hook.remove()
+    assert sorted(set(seen)) == [10, 11]  # rows of 21 tokens, each in two pieces
+
+    graphs = []
+
+    def counting(graph_module, example_inputs):
+        from torch._dynamo.backends.debugging import aot_eager
+
+        graphs.append(graph_module)
+        return aot_eager(graph_module, example_inputs)
+
+    overrides.compile_decoder_layers(chunked, backend=counting)
+    assert_same(loss_and_grads(eager, batch(20)), loss_and_grads(chunked, batch(20)))
+    first = len(graphs)
+    for length in (24, 37):
+        assert_same(loss_and_grads(eager, batch(length)), loss_and_grads(chunked, batch(length)))
+    assert len(graphs) == first <= 5
+
+
 def test_offload_callback_installs_on_train_begin(lora_model, caplog):
     model = checkpointed(lora_model)
     with caplog.at_level(logging.INFO, logger="overrides"):
