@@ -19,8 +19,9 @@
 
 Each install checks its target first (a version prefix and the names it touches). Where the target is not what
 it expects, it leaves the stock path in place and logs one line saying so: a library that moved costs speed,
-never a crash (9, which has no stock path that runs, stops with the torchrun command instead). `enable_fast_path` is the one call that switches 1-6 and 10-13 on; the scripts make it explicitly in main(), 10 and 11 as
-speed_choices.py decides.
+never a crash (9, which has no stock path that runs, stops with the torchrun command instead). `enable_fast_path`
+is the one call that switches 1-6 and 10-13 on; the scripts make it explicitly in main(), 10 and 11 as
+speed_choices.py decides. 14 runs only where called (the bench).
 """
 from __future__ import annotations
 
