@@ -339,11 +339,14 @@ def chunk_mlp_tokens(model, chunks: int) -> int:
     stock = Gemma3MLP.forward
 
     def forward(self, x):
+        rows = x.reshape(-1, x.shape[-1])  # tokens as rows: each piece contiguous, with no copy of its own
+        if not self.training or rows.shape[0] < 2 * chunks:  # decoding, tiny batches: pieces of 0 or 1 token
+            return stock(self, x)
         # Bounds by floor division: a compiled layer's graph holds for every token count (tensor_split guards on
         # the count's remainder, compiling again for each).
-        tokens = x.shape[-2]
-        bounds = [tokens * i // chunks for i in range(chunks + 1)]
-        return torch.cat([stock(self, x[..., start:end, :]) for start, end in zip(bounds, bounds[1:])], dim=-2)
+        bounds = [rows.shape[0] * i // chunks for i in range(chunks + 1)]
+        pieces = [stock(self, rows[start:end]) for start, end in zip(bounds, bounds[1:])]
+        return torch.cat(pieces).view(*x.shape[:-1], -1)
 
     mlps = [module for module in model.modules() if isinstance(module, Gemma3MLP)]
     for module in mlps:

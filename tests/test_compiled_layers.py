@@ -172,24 +172,29 @@ def test_mlp_in_token_chunks_gives_the_same_answer_eager_compiled_and_offloaded(
     assert overrides.chunk_mlp_tokens(chunked, 2) == 6
     seen = []
     gate = chunked.base_model.model.model.layers[1].mlp.gate_proj
-    hook = gate.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[-2]))
+    hook = gate.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[:-1].numel()))
     assert_same(loss_and_grads(eager, batch(21)), loss_and_grads(chunked, batch(21)))
+    assert sorted(set(seen)) == [21]  # two rows of 21 tokens: 42 in two pieces
+    seen.clear()
+    assert_same(loss_and_grads(eager, batch(3, rows=1)), loss_and_grads(chunked, batch(3, rows=1)))
     hook.remove()
-    assert sorted(set(seen)) == [10, 11]  # rows of 21 tokens, each in two pieces
+    assert set(seen) == {3}  # fewer tokens than two a piece: the stock forward, whole
 
     graphs = []
 
     def counting(graph_module, example_inputs):
         from torch._dynamo.backends.debugging import aot_eager
 
+        # The chunks are in the graph: gate, up and down called once a piece (one dequantization each, 7 unchunked).
+        assert sum("rshift" in str(node.target) for node in graph_module.graph.nodes) == 10
         graphs.append(graph_module)
         return aot_eager(graph_module, example_inputs)
 
     overrides.compile_decoder_layers(chunked, backend=counting)
     assert_same(loss_and_grads(eager, batch(20)), loss_and_grads(chunked, batch(20)))
     first = len(graphs)
-    for length in (24, 37):
-        assert_same(loss_and_grads(eager, batch(length)), loss_and_grads(chunked, batch(length)))
+    for length, rows in ((24, 2), (37, 3)):  # a batch of one row would compile again, chunked or not
+        assert_same(loss_and_grads(eager, batch(length, rows)), loss_and_grads(chunked, batch(length, rows)))
     assert len(graphs) == first <= 5
 
 
