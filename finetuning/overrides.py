@@ -15,7 +15,7 @@
 | 11 | each decoder layer's `_gradient_checkpointing_func`, set at `on_train_begin` (after the Trainer switches checkpointing on): `offload.checkpoint` | transformers 4.57 `GradientCheckpointingLayer.__call__` calling it as `(partial(__call__, **kwargs), hidden_states)` | the checkpointed layer inputs (1.6 GiB at 32k tokens) wait in pinned CPU memory | tests/test_compiled_layers.py (stock checkpoint's loss and gradients, dropout, autocast) |
 | 12 | the model's `train` (instance attribute): returns at once while every module is in training mode | torch `nn.Module.train`; the Trainer calling `model.train()` every step | a walk over about 2,300 modules a step | tests/test_step_overhead.py::test_train_* |
 | 13 | the causal LM's `floating_point_ops` (instance attribute): the parameter count taken once | transformers 4.57 `floating_point_ops` = 6 x `estimate_tokens` x `num_parameters` | the Trainer counts FLOPs every step; `num_parameters` visits every parameter, 4-bit ones through Python | tests/test_step_overhead.py::test_flops_* |
-| 14 | `Gemma3MLP.forward` of each MLP instance, on request only (`chunk_mlp_tokens`; the bench's "MLP in 2 token chunks" rows): the stock forward over the tokens in pieces | transformers 4.57 `Gemma3MLP.forward(self, x)` | the MLP's intermediates (tokens x 6,912) are a layer's largest tensors: fewer of them alive at once in the backward pass | tests/test_compiled_layers.py::test_mlp_in_token_chunks_* |
+| 14 | (mlp_chunks.py) `Gemma3MLP.forward` of each MLP instance, on request only (`chunk_mlp_tokens`; the bench's "MLP in 2 token chunks" rows): the stock forward over the tokens in pieces | transformers 4.57 `Gemma3MLP.forward(self, x)` | the MLP's intermediates (tokens x 6,912) are a layer's largest tensors: fewer of them alive at once in the backward pass | tests/test_compiled_layers.py::test_mlp_in_token_chunks_* |
 
 Each install checks its target first (a version prefix and the names it touches). Where the target is not what
 it expects, it leaves the stock path in place and logs one line saying so: a library that moved costs speed,
@@ -36,6 +36,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import fused
+import mlp_chunks
 import offload
 import step_overhead
 import varlen
@@ -336,21 +337,9 @@ def chunk_mlp_tokens(model, chunks: int) -> int:
     if list(inspect.signature(Gemma3MLP.forward).parameters) != ["self", "x"]:
         logger.warning("%s: Gemma3MLP.forward's arguments changed; using the stock path.", what)
         return 0
-    stock = Gemma3MLP.forward
-
-    def forward(self, x):
-        rows = x.reshape(-1, x.shape[-1])  # tokens as rows: each piece contiguous, with no copy of its own
-        if not self.training or rows.shape[0] < 2 * chunks:  # decoding, tiny batches: pieces of 0 or 1 token
-            return stock(self, x)
-        # Bounds by floor division: a compiled layer's graph holds for every token count (tensor_split guards on
-        # the count's remainder, compiling again for each).
-        bounds = [rows.shape[0] * i // chunks for i in range(chunks + 1)]
-        pieces = [stock(self, rows[start:end]) for start, end in zip(bounds, bounds[1:])]
-        return torch.cat(pieces).view(*x.shape[:-1], -1)
-
     mlps = [module for module in model.modules() if isinstance(module, Gemma3MLP)]
     for module in mlps:
-        module.forward = types.MethodType(forward, module)
+        mlp_chunks.run_in_pieces(module, Gemma3MLP.forward, chunks)
     return len(mlps)
 
 

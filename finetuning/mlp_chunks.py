@@ -1,0 +1,26 @@
+"""An MLP's forward over its tokens in pieces (overrides.py, override 14): fewer of its largest tensors alive at once.
+
+The MLP works token by token, so the answer is the one of the whole; each piece runs the stock forward.
+"""
+from __future__ import annotations
+
+import types
+from typing import Callable
+
+import torch
+
+
+def run_in_pieces(module, stock: Callable, chunks: int) -> None:
+    """Makes `module.forward` run `stock` over its tokens in `chunks` pieces while training."""
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.shape[-1])  # tokens as rows: each piece contiguous, with no copy of its own
+        if not self.training or rows.shape[0] < 2 * chunks:  # decoding, tiny batches: pieces of 0 or 1 token
+            return stock(self, x)
+        # Bounds by floor division: a compiled layer's graph holds for every token count (tensor_split guards on
+        # the count's remainder, compiling again for each).
+        bounds = [rows.shape[0] * i // chunks for i in range(chunks + 1)]
+        pieces = [stock(self, rows[start:end]) for start, end in zip(bounds, bounds[1:])]
+        return torch.cat(pieces).view(*x.shape[:-1], -1)
+
+    module.forward = types.MethodType(forward, module)
