@@ -2,15 +2,19 @@
 
     python bench/mlp_chunk_memory.py compiled 1     # or: eager 1, compiled 2, compiled 4, eager 2
 
-8,192 tokens, float32, LoRA r16 on frozen weights, Gemma's tanh GELU; the chunks as overrides.chunk_mlp_tokens
-makes them. The peak is the process's resident high-water mark above what it held before the measured step
+8,192 tokens, float32, LoRA r16 on frozen weights, Gemma's tanh GELU; the chunks made by override 14's own forward
+(finetuning/mlp_chunks.py). The peak is the process's resident high-water mark above what it held before the measured step
 (Linux: /proc/self/clear_refs resets it), in blocks of tokens x 6,912 x 4 bytes, the MLP's intermediate size.
 """
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "finetuning"))
+import mlp_chunks  # noqa: E402
 
 TOKENS, HIDDEN, INTERMEDIATE, RANK = 8192, 1152, 6912, 16
 
@@ -24,8 +28,14 @@ def lora(x, weight, a, b):
     return x @ weight.T + 2.0 * ((x @ a.T) @ b.T)
 
 
-def mlp(x, gate, up, down):
-    return lora(F.gelu(lora(x, *gate), approximate="tanh") * lora(x, *up), *down)
+class LoraMlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up = lora_linear(HIDDEN, INTERMEDIATE), lora_linear(HIDDEN, INTERMEDIATE)
+        self.down = lora_linear(INTERMEDIATE, HIDDEN)
+
+    def forward(self, x):
+        return lora(F.gelu(lora(x, *self.gate), approximate="tanh") * lora(x, *self.up), *self.down)
 
 
 def status(field: str) -> float:
@@ -35,13 +45,10 @@ def status(field: str) -> float:
 
 def main(mode: str, chunks: int) -> None:
     torch.manual_seed(0)
-    weights = [lora_linear(HIDDEN, INTERMEDIATE), lora_linear(HIDDEN, INTERMEDIATE), lora_linear(INTERMEDIATE, HIDDEN)]
-
-    def chunked(x):
-        bounds = [x.shape[0] * i // chunks for i in range(chunks + 1)]
-        return torch.cat([mlp(x[start:end], *weights) for start, end in zip(bounds, bounds[1:])])
-
-    run = torch.compile(chunked) if mode == "compiled" else chunked
+    module = LoraMlp()
+    if chunks > 1:
+        mlp_chunks.run_in_pieces(module, LoraMlp.forward, chunks)
+    run = torch.compile(module) if mode == "compiled" else module
     x, grad = torch.randn(TOKENS, HIDDEN).requires_grad_(), torch.randn(TOKENS, HIDDEN)
     run(x).backward(grad)  # compiles
     open("/proc/self/clear_refs", "w").write("5")

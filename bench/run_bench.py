@@ -235,7 +235,7 @@ def main() -> None:
     parser.add_argument("--profile_dir", type=Path,
                         help="Write a torch.profiler table of each of our and Unsloth's setups here.")
     parser.add_argument("--memory_dir", type=Path, help="Write what GPU memory holds at each setup's peak here "
-                        "(bench/memory_trace.py).")
+                        "(bench/step_diagnostics.py).")
     parser.add_argument("--ours_args", default="", help="Extra flags for every one of our setups (e.g. '--attn_implementation sdpa').")
     parser.add_argument("--unsloth_site", type=Path, default=Path("/tmp/unsloth-site"),
                         help="pip --target folder with Unsloth and its transformers-5 stack (bench/unsloth_setup.md); "
