@@ -1,4 +1,4 @@
-"""Every place where the toolkit reaches into torch, transformers, peft, bitsandbytes or galore-torch internals.
+"""Every place where the toolkit reaches into torch, transformers, peft, trl, bitsandbytes or galore-torch internals.
 
 | # | what is overridden | target, as pinned | why | checked against the stock path by |
 |---|---|---|---|---|
@@ -16,12 +16,13 @@
 | 12 | the model's `train` (instance attribute): returns at once while every module is in training mode | torch `nn.Module.train`; the Trainer calling `model.train()` every step | a walk over about 2,300 modules a step | tests/test_step_overhead.py::test_train_* |
 | 13 | the causal LM's `floating_point_ops` (instance attribute): the parameter count taken once | transformers 4.57 `floating_point_ops` = 6 x `estimate_tokens` x `num_parameters` | the Trainer counts FLOPs every step; `num_parameters` visits every parameter, 4-bit ones through Python | tests/test_step_overhead.py::test_flops_* |
 | 14 | (mlp_chunks.py) `Gemma3MLP.forward` of each MLP instance, on request only (`chunk_mlp_tokens`; the bench's "MLP in 2 token chunks" rows): the stock forward over the tokens in pieces | transformers 4.57 `Gemma3MLP.forward(self, x)` | the MLP's intermediates (tokens x 6,912) are a layer's largest tensors: fewer of them alive at once in the backward pass | tests/test_compiled_layers.py::test_mlp_in_token_chunks_* |
+| 15 | (kbit_preparation.py) `trl.trainer.sft_trainer.prepare_model_for_kbit_training`, while the QLoRA script builds its SFTTrainer under bf16: the bf16 embeddings hidden from its float32 cast | trl 0.8.6 (`SFTTrainer.__init__` calling peft's `prepare_model_for_kbit_training`, then `peft_module_casting_to_bf16`) | the cast there and back holds the 262k-row embedding in bf16 and float32 at once, a whole run's peak at small budgets | tests/test_model_loading.py::test_trainer_keeps_the_bf16_embedding_* |
 
 Each install checks its target first (a version prefix and the names it touches). Where the target is not what
 it expects, it leaves the stock path in place and logs one line saying so: a library that moved costs speed,
 never a crash (9, which has no stock path that runs, stops with the torchrun command instead). `enable_fast_path`
 is the one call that switches 1-6 and 10-13 on; the scripts make it explicitly in main(), 10 and 11 as
-speed_choices.py decides. 14 runs only where called (the bench).
+speed_choices.py decides. 14 runs only where called (the bench); 15 around the QLoRA script's SFTTrainer.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ except ImportError:
     AttentionInterface = sdpa_attention_forward = None
 
 # The versions each override was written and tested against (version prefixes).
-TESTED = {"transformers": "4.57.", "peft": "0.21.", "bitsandbytes": "0.50.", "galore-torch": "1.0"}
+TESTED = {"transformers": "4.57.", "peft": "0.21.", "bitsandbytes": "0.50.", "galore-torch": "1.0", "trl": "0.8.6"}
 
 
 def _version_ok(package: str, what: str) -> bool:

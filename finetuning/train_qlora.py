@@ -34,6 +34,7 @@ import distributed  # noqa: E402
 from arguments import DataArguments, ModelArguments, ReportArguments  # noqa: E402
 import batching  # noqa: E402
 import common  # noqa: E402
+import kbit_preparation  # noqa: E402
 import overrides  # noqa: E402
 import reports  # noqa: E402
 import speed_choices  # noqa: E402
@@ -151,8 +152,9 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
                                  model_args.trust_remote_code)
 
     # ===== Format: SFTTrainer formats and tokenizes the records and wraps the model in LoRA =====
-    trainer = batching.build_trainer(model, loaded, data_args, training_args, callbacks,
-                                     peft_config=lora_args.peft_config())
+    with kbit_preparation.embeddings_stay_16bit(training_args.bf16):  # no float32 copy of the embeddings on the way
+        trainer = batching.build_trainer(model, loaded, data_args, training_args, callbacks,
+                                         peft_config=lora_args.peft_config())
     initial_adapter = save_initial_adapter(trainer, lora_args)
     fast = overrides.enable_fast_path(trainer, precision.fp16, data_args.packs_without_padding,
                                       keep_dequantized_weight=training_args.gradient_checkpointing, speed=speed)

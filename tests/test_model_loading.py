@@ -112,3 +112,40 @@ def test_build_optimizer_rejects_a_rank_as_large_as_the_layer(galore_model):
 def test_build_optimizer_rejects_targets_matching_nothing(galore_model):
     with pytest.raises(errors.UserInputError, match="--galore_target_modules 'attention'"):
         train_galore.build_optimizer(galore_model, galore_args(galore_target_modules="attention"), TRAINING)
+
+
+
+def _prepared_as_sft_trainer_does(model_dir, keep_embeddings: bool):
+    """A 4-bit bf16 model through trl 0.8.6 SFTTrainer's own steps on a GPU (peft's k-bit preparation, LoRA, the cast
+    back to bf16), with or without override 15. On the CPU SFTTrainer skips them (it takes 4-bit weights on the CPU
+    for sharded QLoRA), so the test takes the steps itself, through the name SFTTrainer looks up."""
+    import kbit_preparation
+    from peft import get_peft_model
+    from trl.trainer import sft_trainer
+
+    model = train_qlora.load_quantized_model(str(model_dir), common.Precision(True, False, torch.bfloat16, "test"),
+                                             "cpu", "eager")
+    embedding = model.get_input_embeddings().weight
+    before = embedding.detach()  # keeps the loaded storage alive: a copy cannot land at its address
+    with kbit_preparation.embeddings_stay_16bit(keep_embeddings) as installed:
+        model = sft_trainer.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    assert installed == keep_embeddings
+    model = get_peft_model(model, train_qlora.LoraArguments().peft_config())
+    sft_trainer.peft_module_casting_to_bf16(model)
+    return model, embedding, before
+
+
+def test_trainer_keeps_the_bf16_embedding_without_a_float32_copy(tiny_model_dir):
+    stock, stock_embedding, stock_before = _prepared_as_sft_trainer_does(tiny_model_dir, keep_embeddings=False)
+    assert stock_embedding.data_ptr() != stock_before.data_ptr(), "stock: cast to float32 and back, a new tensor"
+    kept, embedding, before = _prepared_as_sft_trainer_does(tiny_model_dir, keep_embeddings=True)
+    assert embedding.data_ptr() == before.data_ptr(), "the embedding was copied (the float32 round trip)"
+    assert kept.get_input_embeddings().weight is embedding and embedding.dtype == torch.bfloat16
+    assert kept.get_output_embeddings().weight is embedding, "still tied"
+    # The model ends as the stock preparation leaves it: every parameter's and buffer's dtype, the embedding's values,
+    # what trains.
+    dtypes = lambda m: {n: t.dtype for n, t in [*m.named_parameters(), *m.named_buffers()]}  # noqa: E731
+    assert dtypes(kept) == dtypes(stock)
+    assert torch.equal(stock_embedding, embedding)
+    assert [n for n, p in kept.named_parameters() if p.requires_grad] == \
+        [n for n, p in stock.named_parameters() if p.requires_grad]
