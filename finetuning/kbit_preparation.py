@@ -35,8 +35,10 @@ def embeddings_stay_16bit(bf16: bool) -> Iterator[bool]:
             and _has(sft_trainer, ["prepare_model_for_kbit_training", "peft_module_casting_to_bf16"], what)):
         yield False
         return
-    if "prepare_model_for_kbit_training" not in sft_trainer.SFTTrainer.__init__.__code__.co_names:
-        logger.warning("%s: SFTTrainer no longer calls prepare_model_for_kbit_training by name; stock path.", what)
+    called = sft_trainer.SFTTrainer.__init__.__code__.co_names
+    missing = [name for name in ("prepare_model_for_kbit_training", "peft_module_casting_to_bf16") if name not in called]
+    if missing:  # the cast back is what makes the end state the stock one
+        logger.warning("%s: SFTTrainer.__init__ no longer calls %s; using the stock path.", what, missing)
         yield False
         return
     stock = sft_trainer.prepare_model_for_kbit_training
@@ -47,6 +49,10 @@ def embeddings_stay_16bit(bf16: bool) -> Iterator[bool]:
         sft_trainer.prepare_model_for_kbit_training = stock
 
 
+# The modules trl's peft_module_casting_to_bf16 casts back to bf16 (by name; "norm" ones it keeps in float32).
+CAST_BACK_NAMES = ("lm_head", "embed_tokens", "wte", "wpe")
+
+
 def _skipping_embeddings(stock: Callable) -> Callable:
     @functools.wraps(stock)
     def prepare(model, *args, **kwargs):
@@ -54,14 +60,18 @@ def _skipping_embeddings(stock: Callable) -> Callable:
         if not getattr(model, "is_loaded_in_4bit", False):
             return stock(model, *args, **kwargs)
         hidden = {}  # id of the Parameter (tied embeddings are one) -> (it, its bf16 data)
-        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        for name, module in model.named_modules():
             weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.nn.Parameter) and weight.dtype == torch.bfloat16 and id(weight) not in hidden:
+            if (any(part in name for part in CAST_BACK_NAMES) and "norm" not in name
+                    and type(weight) is torch.nn.Parameter and weight.dtype == torch.bfloat16  # not Params4bit
+                    and id(weight) not in hidden):
                 hidden[id(weight)] = weight, weight.data
                 weight.data = weight.data.new_empty(0)  # what peft casts to float32: nothing
         try:
             return stock(model, *args, **kwargs)
         finally:
+            # Stock, trl's module.to(bf16) would also cast these modules' buffers (Gemma's embed_scale): they load
+            # in bf16 already (tests/test_model_loading.py compares every buffer's dtype with the stock path's).
             for weight, data in hidden.values():
                 weight.data = data
     return prepare

@@ -149,3 +149,34 @@ def test_trainer_keeps_the_bf16_embedding_without_a_float32_copy(tiny_model_dir)
     assert torch.equal(stock_embedding, embedding)
     assert [n for n, p in kept.named_parameters() if p.requires_grad] == \
         [n for n, p in stock.named_parameters() if p.requires_grad]
+
+
+def test_qlora_builds_its_trainer_inside_override_15_with_the_run_s_bf16(tiny_model_dir, tmp_path, monkeypatch):
+    import contextlib
+
+    import batching
+    import kbit_preparation
+
+    class Built(Exception):
+        pass
+
+    entered = []
+
+    @contextlib.contextmanager
+    def spy(bf16):
+        entered.append(bf16)
+        try:
+            yield True
+        finally:
+            entered.append("left")
+
+    def build_trainer(model, loaded, data_args, training_args, *args, **kwargs):
+        assert entered == [training_args.bf16], "the trainer is built inside embeddings_stay_16bit(bf16)"
+        raise Built
+
+    monkeypatch.setattr(kbit_preparation, "embeddings_stay_16bit", spy)
+    monkeypatch.setattr(batching, "build_trainer", build_trainer)
+    with pytest.raises(Built):
+        train_qlora.main(*train_qlora.parse_args(["--model_name_or_path", str(tiny_model_dir), "--smoke",
+                                                  "--output_dir", str(tmp_path / "out")]))
+    assert entered[-1] == "left"

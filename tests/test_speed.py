@@ -392,16 +392,26 @@ def test_a_moved_galore_torch_gets_its_stock_optimizer(transformers_moved_on):
     assert galore_optimizer.galore_adamw8bit() is GaLoreAdamW8bit
 
 
-def test_a_moved_trl_keeps_its_k_bit_preparation(monkeypatch, caplog):
+@pytest.mark.parametrize("moved", ["version", "no cast back"])
+def test_a_moved_trl_keeps_its_k_bit_preparation(moved, monkeypatch, caplog):
     import kbit_preparation
     from trl.trainer import sft_trainer
 
-    real = overrides.installed_version
-    monkeypatch.setattr(overrides, "installed_version", lambda name: "0.9.0" if name == "trl" else real(name))
+    if moved == "version":
+        real = overrides.installed_version
+        monkeypatch.setattr(overrides, "installed_version", lambda name: "0.9.0" if name == "trl" else real(name))
+        expected = "written for trl 0.8.6*, found 0.9.0; using the stock path"
+    else:  # an SFTTrainer that prepares the model but no longer casts the embeddings back to bf16
+        class Trainer:
+            def __init__(self, model):
+                self.model = sft_trainer.prepare_model_for_kbit_training(model)
+
+        monkeypatch.setattr(sft_trainer, "SFTTrainer", Trainer)
+        expected = "no longer calls ['peft_module_casting_to_bf16']; using the stock path"
     stock = sft_trainer.prepare_model_for_kbit_training
     with kbit_preparation.embeddings_stay_16bit(True) as installed:
         assert not installed and sft_trainer.prepare_model_for_kbit_training is stock
-    assert "written for trl 0.8.6*, found 0.9.0; using the stock path" in caplog.text
+    assert expected in caplog.text
 
 
 def test_a_private_attention_op_that_changed_keeps_stock_sdpa(monkeypatch, caplog):
