@@ -59,6 +59,28 @@ def test_qlora_on_cuda(tiny_model_dir, tmp_path):
     assert lora_b and all(w.abs().max() > 0 for w in lora_b)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or expected_precision() != "bf16", reason="needs a bf16 GPU")
+def test_qlora_trainer_keeps_the_bf16_embedding_on_cuda(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """Override 15 through trl's own SFTTrainer, which prepares 4-bit models only on a GPU."""
+    import kbit_preparation
+    from datasets import Dataset
+    from transformers import TrainingArguments
+    from trl import SFTTrainer
+
+    model = train_qlora.load_quantized_model(str(tiny_model_dir), common.Precision(True, False, torch.bfloat16, "test"),
+                                             torch.device("cuda"), "eager")
+    embedding = model.get_input_embeddings().weight
+    before = embedding.detach()  # keeps the loaded storage alive: a copy cannot land at its address
+    args = TrainingArguments(output_dir=str(tmp_path), bf16=True, gradient_checkpointing=True, report_to=[])
+    with kbit_preparation.embeddings_stay_16bit(True) as installed:
+        trainer = SFTTrainer(model=model, args=args, tokenizer=tiny_tokenizer, max_seq_length=32,
+                             train_dataset=Dataset.from_dict({"text": ["a short record", "another one"]}),
+                             dataset_text_field="text", peft_config=train_qlora.LoraArguments().peft_config())
+    assert installed and embedding.data_ptr() == before.data_ptr(), "cast to float32 and back"
+    assert trainer.model.get_input_embeddings().weight is embedding and embedding.dtype == torch.bfloat16
+    assert trainer.model.get_output_embeddings().weight is embedding
+
+
 def test_galore_on_cuda(tiny_model_dir, tmp_path):
     # bf16 weights do not register 1e-5 updates on a 3-step run; a larger rate shows the optimizer works
     trainer = run_main(train_galore, tiny_model_dir, tmp_path, "--galore_rank", "8", "--learning_rate", "1e-3")
