@@ -15,10 +15,9 @@ from common import RunData
 
 logger = logging.getLogger(__name__)
 
-# Tokens per GPU a step, by script: (GPUs under LARGE_GPU_GIB of memory, GPUs with LARGE_GPU_GIB or more).
-# Measured peaks: on a T4 emulated on an H100 (fp16, 15 GiB cap), QLoRA 4.85 GiB at 8192 and GaLore 10.27 GiB at 4096
-# (configs/*_t4.yaml); on an H100 at 32768, QLoRA 6.28 GiB and GaLore 8.39 GiB. At 32768 a step is bound by the GPU:
-# 65536 gained 2.5% for twice the memory (bench/RESULTS.md).
+# Tokens per GPU a step, by script: (GPUs under LARGE_GPU_GIB of memory, GPUs with LARGE_GPU_GIB or more). Each fits
+# its tier with room under T4 emulation and on an H100, and at 32768 a step is bound by the GPU, so more tokens buy
+# little for more memory (the peaks and speeds: bench/RESULTS.md).
 LARGE_GPU_GIB = 20
 TOKEN_BUDGETS = {"QLoRA": (8192, 32768), "GaLore": (4096, 32768)}
 # A small data set still gets a learning-rate schedule (warm-up, cosine decay) and a loss curve worth reading.
