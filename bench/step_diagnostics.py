@@ -84,14 +84,14 @@ def skip_guards_after_first_step():
 
 
 def mlp_in_token_chunks(chunks: int):
-    """Override 14 (overrides.chunk_mlp_tokens) at the start of training, before any layer is compiled."""
+    """Override 14 (mlp_chunks.chunk_mlp_tokens) at the start of training, before any layer is compiled."""
     from transformers import TrainerCallback
 
-    import overrides
+    import mlp_chunks
 
     class MlpInTokenChunks(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            print(f"MLPs in {chunks} token chunks: {overrides.chunk_mlp_tokens(model, chunks)}", flush=True)
+            print(f"MLPs in {chunks} token chunks: {mlp_chunks.chunk_mlp_tokens(model, chunks)}", flush=True)
 
     return MlpInTokenChunks()
 

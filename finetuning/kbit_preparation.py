@@ -23,6 +23,9 @@ try:
     import trl.trainer.sft_trainer as sft_trainer
 except ImportError:
     sft_trainer = None
+# What SFTTrainer.__init__ calls by these names, in its module: the preparation replaced here, and the cast back
+# that makes the end state the stock one.
+TRL_NAMES = ("prepare_model_for_kbit_training", "peft_module_casting_to_bf16")
 
 
 @contextlib.contextmanager
@@ -32,12 +35,11 @@ def embeddings_stay_16bit(bf16: bool) -> Iterator[bool]:
     what = "16-bit embeddings through trl's k-bit preparation"
     if not (bf16 and _found(sft_trainer, "trl.trainer.sft_trainer", what) and _version_ok("trl", what)
             and _version_ok("peft", what)
-            and _has(sft_trainer, ["prepare_model_for_kbit_training", "peft_module_casting_to_bf16"], what)):
+            and _has(sft_trainer, TRL_NAMES, what)):
         yield False
         return
-    called = sft_trainer.SFTTrainer.__init__.__code__.co_names
-    missing = [name for name in ("prepare_model_for_kbit_training", "peft_module_casting_to_bf16") if name not in called]
-    if missing:  # the cast back is what makes the end state the stock one
+    missing = [name for name in TRL_NAMES if name not in sft_trainer.SFTTrainer.__init__.__code__.co_names]
+    if missing:
         logger.warning("%s: SFTTrainer.__init__ no longer calls %s; using the stock path.", what, missing)
         yield False
         return

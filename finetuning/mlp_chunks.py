@@ -4,10 +4,36 @@ The MLP works token by token, so the answer is the one of the whole; each piece 
 """
 from __future__ import annotations
 
+import inspect
+import logging
 import types
 from typing import Callable
 
 import torch
+
+from overrides import _found, _version_ok
+
+logger = logging.getLogger(__name__)
+
+try:
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP
+except ImportError:
+    Gemma3MLP = None
+
+
+def chunk_mlp_tokens(model, chunks: int) -> int:
+    """Each Gemma3MLP's stock forward over its tokens in `chunks` pieces (the same answer: the MLP works token by
+    token); returns how many. Not in enable_fast_path: it cost speed and left the run's peak (bench/RESULTS.md)."""
+    what = "MLP in token chunks"
+    if chunks < 2 or not (_found(Gemma3MLP, "Gemma3MLP", what) and _version_ok("transformers", what)):
+        return 0
+    if list(inspect.signature(Gemma3MLP.forward).parameters) != ["self", "x"]:
+        logger.warning("%s: Gemma3MLP.forward's arguments changed; using the stock path.", what)
+        return 0
+    mlps = [module for module in model.modules() if isinstance(module, Gemma3MLP)]
+    for module in mlps:
+        run_in_pieces(module, Gemma3MLP.forward, chunks)
+    return len(mlps)
 
 
 def run_in_pieces(module, stock: Callable, chunks: int) -> None:

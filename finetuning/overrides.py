@@ -15,7 +15,7 @@
 | 11 | each decoder layer's `_gradient_checkpointing_func`, set at `on_train_begin` (after the Trainer switches checkpointing on): `offload.checkpoint` | transformers 4.57 `GradientCheckpointingLayer.__call__` calling it as `(partial(__call__, **kwargs), hidden_states)` | the checkpointed layer inputs (1.6 GiB at 32k tokens) wait in pinned CPU memory | tests/test_compiled_layers.py (stock checkpoint's loss and gradients, dropout, autocast) |
 | 12 | the model's `train` (instance attribute): returns at once while every module is in training mode | torch `nn.Module.train`; the Trainer calling `model.train()` every step | a walk over about 2,300 modules a step | tests/test_step_overhead.py::test_train_* |
 | 13 | the causal LM's `floating_point_ops` (instance attribute): the parameter count taken once | transformers 4.57 `floating_point_ops` = 6 x `estimate_tokens` x `num_parameters` | the Trainer counts FLOPs every step; `num_parameters` visits every parameter, 4-bit ones through Python | tests/test_step_overhead.py::test_flops_* |
-| 14 | (mlp_chunks.py) `Gemma3MLP.forward` of each MLP instance, on request only (`chunk_mlp_tokens`; the bench's "MLP in 2 token chunks" rows): the stock forward over the tokens in pieces | transformers 4.57 `Gemma3MLP.forward(self, x)` | the MLP's intermediates (tokens x 6,912) are a layer's largest tensors: fewer of them alive at once in the backward pass | tests/test_compiled_layers.py::test_mlp_in_token_chunks_* |
+| 14 | (mlp_chunks.py) `Gemma3MLP.forward` of each MLP instance, on request only (`mlp_chunks.chunk_mlp_tokens`; the bench's "MLP in 2 token chunks" rows): the stock forward over the tokens in pieces | transformers 4.57 `Gemma3MLP.forward(self, x)` | the MLP's intermediates (tokens x 6,912) are a layer's largest tensors: fewer of them alive at once in the backward pass | tests/test_compiled_layers.py::test_mlp_in_token_chunks_* |
 | 15 | (kbit_preparation.py) `trl.trainer.sft_trainer.prepare_model_for_kbit_training`, while the QLoRA script builds its SFTTrainer under bf16: the bf16 weights of the modules trl casts back by name (embed_tokens, lm_head, ...) hidden from its float32 cast | trl 0.8.6 (`SFTTrainer.__init__` calling peft's `prepare_model_for_kbit_training`, then `peft_module_casting_to_bf16`) | the cast there and back holds the 262k-row embedding in bf16 and float32 at once, a whole run's peak at small budgets | tests/test_model_loading.py::test_trainer_keeps_the_bf16_embedding_* |
 
 Each install checks its target first (a version prefix and the names it touches). Where the target is not what
@@ -37,7 +37,6 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import fused
-import mlp_chunks
 import offload
 import step_overhead
 import varlen
@@ -48,9 +47,9 @@ logger = logging.getLogger(__name__)
 
 # The targets, imported here so that one that moved leaves its override off (with a log line), not a crash.
 try:
-    from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer, Gemma3MLP, Gemma3RMSNorm
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer, Gemma3RMSNorm
 except ImportError:
-    Gemma3DecoderLayer = Gemma3MLP = Gemma3RMSNorm = None
+    Gemma3DecoderLayer = Gemma3RMSNorm = None
 try:
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 except ImportError:
@@ -322,26 +321,6 @@ def _training_only(compiled: Callable, stock: Callable) -> Callable:
         return (compiled if self.training else stock)(*args, **kwargs)
 
     return forward
-
-
-# ---------------------------------------------------------------------------
-# 14. The MLP over token chunks
-# ---------------------------------------------------------------------------
-
-
-def chunk_mlp_tokens(model, chunks: int) -> int:
-    """Each Gemma3MLP's stock forward over its tokens in `chunks` pieces (the same answer: the MLP works token by
-    token); returns how many. Not in enable_fast_path until the bench has measured its speed."""
-    what = "MLP in token chunks"
-    if chunks < 2 or not (_found(Gemma3MLP, "Gemma3MLP", what) and _version_ok("transformers", what)):
-        return 0
-    if list(inspect.signature(Gemma3MLP.forward).parameters) != ["self", "x"]:
-        logger.warning("%s: Gemma3MLP.forward's arguments changed; using the stock path.", what)
-        return 0
-    mlps = [module for module in model.modules() if isinstance(module, Gemma3MLP)]
-    for module in mlps:
-        mlp_chunks.run_in_pieces(module, Gemma3MLP.forward, chunks)
-    return len(mlps)
 
 
 # ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import logging
 import pytest
 import torch
 
+import mlp_chunks
 import offload
 import overrides
 import speed_choices
@@ -169,7 +170,7 @@ def test_mlp_in_token_chunks_gives_the_same_answer_eager_compiled_and_offloaded(
     offloaded, still one graph per layer kind and grad mode, whatever the token count."""
     eager = checkpointed(lora_model, dropout=False)
     chunked = checkpointed(lora_model, offload.checkpoint, dropout=False)
-    assert overrides.chunk_mlp_tokens(chunked, 2) == 6
+    assert mlp_chunks.chunk_mlp_tokens(chunked, 2) == 6
     seen = []
     gate = chunked.base_model.model.model.layers[1].mlp.gate_proj
     hook = gate.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[:-1].numel()))
