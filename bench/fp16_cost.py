@@ -13,12 +13,12 @@ import copy
 import statistics
 import sys
 import time
+from fastpath import chunked_loss, rms_norm
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "finetuning"))
-import overrides  # noqa: E402
 
 
 def time_steps(model, input_ids, steps=10, warmup=3):
@@ -54,9 +54,9 @@ def main():
                                     ("chunked loss", False, True), ("both (scripts)", True, True)]:
         model = copy.deepcopy(base).cuda()
         if residual:
-            overrides.fuse_rms_norms(model, fp32_residual=True)
+            rms_norm.fuse_rms_norms(model, fp32_residual=True)
         if chunked:
-            overrides.use_chunked_loss(model)
+            chunked_loss.use_chunked_loss(model)
         seconds, peak, loss = time_steps(model, input_ids)
         print(f"{name:16s} step {seconds * 1000:7.1f} ms  peak {peak:6.2f} GiB  loss {loss:.4f}")
         del model

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "finetuning"))
 import common  # noqa: E402
-import smoke  # noqa: E402
+from models import smoke  # noqa: E402
 
 
 def main(argv=None) -> Path:

@@ -2,7 +2,6 @@
 formatting function, tokenizer and model loading, and the CUDA and precision checks."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -13,19 +12,12 @@ import torch
 import transformers
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from trl import DataCollatorForCompletionOnlyLM
 
-import data
-import distributed
-import hub
-import overrides
-import smoke
-import training
-from arguments import DataArguments, ModelArguments, ReportArguments, check_arguments
-from data import INPUT_FIELD, INSTRUCTION_FIELD, OUTPUT_FIELD, data_source
-from errors import SetupError, UserInputError
-from smoke_flags import smoke_settings
-from versions import environment_summary
+from cli.arguments import DataArguments, ModelArguments, ReportArguments
+from cli.errors import SetupError, UserInputError
+from models import hub, smoke
+from records import data
+from records.data import INPUT_FIELD, INSTRUCTION_FIELD, OUTPUT_FIELD, data_source
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +201,8 @@ def completion_only_collator(tokenizer, data_args: DataArguments, records):
     """
     if not response_only_loss(data_args, records):
         return None
+    from trl import DataCollatorForCompletionOnlyLM  # here: exporting a run renders prompts without trl
+
     return DataCollatorForCompletionOnlyLM(
         response_template=tokenizer.encode(MODEL_TURN_START, add_special_tokens=False),
         instruction_template=tokenizer.encode(USER_TURN.split("{")[0], add_special_tokens=False),
@@ -365,32 +359,3 @@ def choose_precision(training_args: transformers.TrainingArguments, on_cpu: bool
     if bf16_supported:
         return Precision(True, False, torch.bfloat16, f"the {gpu} supports bfloat16 (same range as fp32, no overflow)")
     return Precision(False, True, torch.float16, f"the {gpu} has no bfloat16, so float16 with loss scaling")
-
-
-def check_run(model_args: ModelArguments, data_args: DataArguments, report_args: ReportArguments, training_args,
-              gpu_feature: str, script: str) -> tuple:
-    """Every flag, the machine and the output dir, before anything loads; nothing is deleted here. `script`: the
-    calling script's path, for the torchrun command shown on a machine with several GPUs.
-
-    Returns (training arguments with the precision set, the precision, the output plan; None for a dry run).
-    """
-    check_arguments(model_args, data_args, training_args)
-    unreachable = training_args.push_to_hub and not report_args.dry_run and hub.hub_unreachable()
-    if unreachable:
-        raise UserInputError(
-            f"--push_to_hub: {unreachable[0]} cannot be reached from this machine ({unreachable[1]}), so the trained "
-            "model could not be pushed. Check the network, or leave out --push_to_hub: the model is saved in "
-            "--output_dir either way, and can be pushed later with huggingface-cli upload."
-        ) from unreachable[1]
-    if model_args.smoke:
-        training_args = smoke_settings(training_args)
-    elif not report_args.dry_run:
-        require_cuda(gpu_feature)
-    output = None if report_args.dry_run else training.plan_output_dir(training_args, smoke=model_args.smoke)
-    hub.use_colab_token()
-    precision = choose_precision(training_args, on_cpu=model_args.smoke or report_args.dry_run)
-    logger.info("Environment: %s", environment_summary())
-    training_args = dataclasses.replace(training_args, bf16=precision.bf16, fp16=precision.fp16)
-    distributed.use_one_gpu_without_launcher(training_args, script, overrides.train_on_one_gpu)
-    transformers.set_seed(training_args.seed)  # the same LoRA initialisation on every run with the same --seed
-    return training_args, precision, output

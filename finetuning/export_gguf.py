@@ -19,27 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-import noise
-import versions
+from cli import startup  # noqa: F401  (first: checks the library versions before torch loads)
+import torch
 
-versions.exit_on_wrong_versions()
-noise.silence()
-
-import torch  # noqa: E402
-
-import arguments  # noqa: E402
-import command_line  # noqa: E402
-import common  # noqa: E402
-import gguf_files  # noqa: E402
-import parity  # noqa: E402
-import training  # noqa: E402
-from data import DEFAULT_DATASET_FILE  # noqa: E402
-from errors import UserInputError  # noqa: E402
-from reports import SAMPLES_JSON  # noqa: E402
+import common
+from cli import arguments, command_line
+from cli.errors import UserInputError
+from export import gguf_files, parity
+from records.data import DEFAULT_DATASET_FILE
+from training import output_dir, saving
+from training.output_dir import SAMPLES_JSON
 
 logger = logging.getLogger(__name__)
 
-EXPORT_DIR = training.GGUF_DIR
+EXPORT_DIR = output_dir.GGUF_DIR
 PROMPTS_WITHOUT_SAMPLES = 3  # from the default instructions, where the run wrote no samples.json
 
 
@@ -83,8 +76,8 @@ def main(args: ExportArguments) -> Path:
                 run_dir / EXPORT_DIR, tools)
 
     # ===== Load: QLoRA's adapter merged into a 16-bit base (once; kept as RUN_DIR/merged) =====
-    if source.name == training.FINAL_DIR and (source / "adapter_config.json").is_file():
-        source = training.merge_adapter(source, torch.bfloat16)
+    if source.name == output_dir.FINAL_DIR and (source / "adapter_config.json").is_file():
+        source = saving.merge_adapter(source, torch.bfloat16)
         logger.info("Merged the adapter into a 16-bit copy of its base: %s", source)
 
     # ===== Convert: llama.cpp's converter, then the end-of-turn stop token recorded =====
@@ -116,10 +109,10 @@ def main(args: ExportArguments) -> Path:
 
 def model_to_convert(run_dir: Path) -> Path:
     """The run's merged model where there is one, else its final/ (GaLore's model, or QLoRA's adapter)."""
-    final, merged = run_dir / training.FINAL_DIR, run_dir / training.MERGED_DIR
+    final, merged = run_dir / output_dir.FINAL_DIR, run_dir / output_dir.MERGED_DIR
     if not final.is_dir():
         raise UserInputError(
-            f"--run_dir {run_dir}: no {training.FINAL_DIR}/ folder there. Give the --output_dir of a finished "
+            f"--run_dir {run_dir}: no {output_dir.FINAL_DIR}/ folder there. Give the --output_dir of a finished "
             "training run (a run stopped early saves checkpoints only: resume it to the end first).")
     if (merged / "config.json").is_file():
         return merged

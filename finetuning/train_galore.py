@@ -10,34 +10,23 @@ finetune fits a 16 GB T4. Every TrainingArguments flag works; --help lists them 
 from __future__ import annotations
 
 import logging
-import sys
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Sequence
 
-import noise
-import versions
+from cli import startup  # noqa: F401  (first: checks the library versions before torch loads)
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+from trl import SFTTrainer
 
-versions.exit_on_wrong_versions()  # before torch/transformers/trl load, so a wrong version is one clear message
-noise.silence()  # before bitsandbytes loads: it warns at import
-
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
-from trl import SFTTrainer  # noqa: E402
-
-import arguments  # noqa: E402
-import command_line  # noqa: E402
-import auto_batch  # noqa: E402
-from arguments import DataArguments, ModelArguments, ReportArguments  # noqa: E402
-import batching  # noqa: E402
-import common  # noqa: E402
-import distributed  # noqa: E402
-import galore_optimizer  # noqa: E402
-import overrides  # noqa: E402
-import reports  # noqa: E402
-import speed_choices  # noqa: E402
-import training  # noqa: E402
-from errors import UserInputError  # noqa: E402
+import common
+from cli import arguments, command_line
+from cli.arguments import DataArguments, ModelArguments, ReportArguments
+from cli.errors import UserInputError
+from fastpath import galore_8bit
+from records import batching
+from training import loop, processes, reports, saving, settings
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +77,6 @@ TRAINING_DEFAULTS = dict(
 def main(model_args: ModelArguments, data_args: DataArguments, report_args: ReportArguments, galore_args: GaloreArguments,
          training_args: TrainingArguments, callbacks: Optional[list[TrainerCallback]] = None) -> Optional[SFTTrainer]:
     # ===== Check: every flag, the machine and the output dir; nothing loads and nothing is deleted yet =====
-    training_args, precision, output = common.check_run(
-        model_args, data_args, report_args, training_args, "GaLore with 8-bit optimizer states (bitsandbytes)", __file__)
     if "layerwise" in str(training_args.optim):
         raise UserInputError(
             f"--optim {training_args.optim}: layerwise GaLore steps each weight inside the backward pass, which DDP "
@@ -101,45 +88,44 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
             f"{', '.join('--' + n for n in GaloreArguments.trainer_flags_not_used)}: this script's optimizer is always "
             "GaLore with 8-bit states; set it with the --galore_* flags (--help lists them), and leave these out."
         )
+    run = settings.check(model_args, data_args, report_args, training_args, "GaLore", __file__)
 
     # ===== Load data and tokenizer: a bad record must not cost a model load =====
-    loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
-    data_args, training_args = auto_batch.choose_batch("GaLore", data_args, training_args, loaded)
-    speed = speed_choices.choose(model_args, data_args, training_args)
+    loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, run.training_args)
+    run = settings.resolve(run, model_args, loaded)  # batch shape, speed, fast path
     if report_args.dry_run:
-        reports.dry_run_report(loaded, data_args, training_args)
+        reports.dry_run_report(loaded, run.data_args, run.training_args)
         return None
 
     # ===== Load model: every weight trainable; GaLore for the attention and MLP matrices =====
     check_galore_targets(loaded.model_path, galore_args, model_args.trust_remote_code)
     if not model_args.smoke:
         torch.cuda.empty_cache()  # a notebook's earlier run may still hold cached blocks
-    model = load_model(loaded.model_path, precision, training_args.device, model_args.attn_implementation,
+    model = load_model(loaded.model_path, run.precision, run.training_args.device, model_args.attn_implementation,
                        model_args.trust_remote_code)
-    optimizer = build_optimizer(model, galore_args, training_args)
+    optimizer = build_optimizer(model, galore_args, run.training_args, run.fast_path.galore_class())
 
     # ===== Format: SFTTrainer formats and tokenizes the records =====
-    trainer = batching.build_trainer(model, loaded, data_args, training_args,
-                                     [distributed.GaloreProjectionsAgree(), *(callbacks or [])],
+    trainer = batching.build_trainer(model, loaded, run.data_args, run.training_args,
+                                     [processes.GaloreProjectionsAgree(), *(callbacks or [])],
                                      optimizers=(optimizer, None))  # the Trainer builds the scheduler
-    overrides.enable_fast_path(trainer, precision.fp16, data_args.packs_without_padding,
-                               keep_dequantized_weight=False, speed=speed)
-    reports.log_settings("GaLore", trainer, precision, data_args, loaded, {
-        "optimizer": f"{type(optimizer).__name__} (galore-torch, bitsandbytes 8-bit states)",
-        "GaLore": f"rank={galore_args.galore_rank}, update_proj_gap={galore_args.galore_update_proj_gap}, "
-                  f"scale={galore_args.galore_scale}, proj_type={galore_args.galore_proj_type}, "
-                  f"{sum(p.numel() for p in optimizer.param_groups[0]['params']):,} weights projected "
-                  f"({galore_args.galore_target_modules})",
-        "weights": f"{precision.torch_dtype}".replace("torch.", "")
-                   + (" master weights with fp16 autocast" if precision.fp16 else ""),
-    })
 
-    # ===== Train: an earlier run that --overwrite_output_dir replaces is deleted only now =====
-    samples_before = reports.sample_answers(trainer, loaded, report_args)
-    train_result = training.train(trainer, output, report_args.time_budget_seconds)
+    # ===== Train: the fast path in place for the training only; an earlier run is deleted only now =====
+    with run.fast_path.installed(trainer):
+        reports.log_settings("GaLore", trainer, run.precision, run.data_args, loaded, {
+            "optimizer": f"{type(optimizer).__name__} (galore-torch, bitsandbytes 8-bit states)",
+            "GaLore": f"rank={galore_args.galore_rank}, update_proj_gap={galore_args.galore_update_proj_gap}, "
+                      f"scale={galore_args.galore_scale}, proj_type={galore_args.galore_proj_type}, "
+                      f"{sum(p.numel() for p in optimizer.param_groups[0]['params']):,} weights projected "
+                      f"({galore_args.galore_target_modules})",
+            "weights": f"{run.precision.torch_dtype}".replace("torch.", "")
+                       + (" master weights with fp16 autocast" if run.precision.fp16 else ""),
+        })
+        samples_before = reports.sample_answers(trainer, loaded, report_args)
+        train_result = loop.train(trainer, run.output, report_args.time_budget_seconds)
 
     # ===== Save: the whole model (safetensors) and the tokenizer =====
-    final = training.save_final(trainer, loaded.tokenizer)  # None on the processes that do not write (DDP)
+    final = saving.save_final(trainer, loaded.tokenizer)  # None on the processes that do not write (DDP)
     reports.write_reports(trainer, train_result, loaded, report_args, samples_before)
     if final and model_args.smoke:
         reports.check_saved_model(AutoModelForCausalLM.from_pretrained, final, loaded, report_args, "model")
@@ -181,12 +167,13 @@ def check_galore_targets(model_path: str, galore_args: GaloreArguments, trust_re
     projected_weights(common.empty_model(model_path, trust_remote_code), galore_args)
 
 
-def build_optimizer(model, galore_args: GaloreArguments, training_args):
-    """GaLore for the 2-D weights of the target linear layers; plain 8-bit AdamW for embeddings and norms."""
+def build_optimizer(model, galore_args: GaloreArguments, training_args, optimizer_class: Optional[type] = None):
+    """GaLore for the 2-D weights of the target linear layers; plain 8-bit AdamW for embeddings and norms.
+    `optimizer_class`: the fast path's (FastPath.galore_class); by default both its GaLore overrides."""
     projected = projected_weights(model, galore_args)
     projected_ids = {id(p) for p in projected}
     regular = [p for p in model.parameters() if p.requires_grad and id(p) not in projected_ids]
-    optimizer_class = galore_optimizer.galore_adamw8bit()
+    optimizer_class = optimizer_class or galore_8bit.galore_adamw8bit()
     return optimizer_class(
         [
             {

@@ -16,30 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-import noise
-import versions
+from cli import startup  # noqa: F401  (first: checks the library versions before torch loads)
+import torch
+from peft import AutoPeftModelForCausalLM, LoraConfig
+from transformers import BitsAndBytesConfig, TrainerCallback, TrainingArguments
+from trl import SFTTrainer
 
-versions.exit_on_wrong_versions()  # before torch/transformers/trl load, so a wrong version is one clear message
-noise.silence()  # before bitsandbytes loads: it warns at import
-
-import torch  # noqa: E402
-from peft import AutoPeftModelForCausalLM, LoraConfig  # noqa: E402
-from transformers import BitsAndBytesConfig, TrainerCallback, TrainingArguments  # noqa: E402
-from trl import SFTTrainer  # noqa: E402
-
-import arguments  # noqa: E402
-import command_line  # noqa: E402
-import auto_batch  # noqa: E402
-import distributed  # noqa: E402
-from arguments import DataArguments, ModelArguments, ReportArguments  # noqa: E402
-import batching  # noqa: E402
-import common  # noqa: E402
-import kbit_preparation  # noqa: E402
-import overrides  # noqa: E402
-import reports  # noqa: E402
-import speed_choices  # noqa: E402
-import training  # noqa: E402
-from errors import UserInputError  # noqa: E402
+import common
+from cli import arguments, command_line
+from cli.arguments import DataArguments, ModelArguments, ReportArguments
+from cli.errors import UserInputError
+from records import batching
+from training import loop, processes, reports, saving, settings
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +43,7 @@ class LoraArguments:
     lora_dropout: float = field(
         default=0.0,
         metadata={"help": "Dropout on the adapter input. 0, as Unsloth's default: 0.05 is slower and takes more "
-                  "memory (bench/RESULTS.md). Try 0.05-0.1 on small data sets, where it can curb overfitting."},
+                  "memory (docs/benchmarks.md). Try 0.05-0.1 on small data sets, where it can curb overfitting."},
     )
     lora_target_modules: str = field(
         default="all-linear",
@@ -135,47 +123,44 @@ TRAINING_DEFAULTS = dict(
 def main(model_args: ModelArguments, data_args: DataArguments, report_args: ReportArguments, lora_args: LoraArguments,
          training_args: TrainingArguments, callbacks: Optional[list[TrainerCallback]] = None) -> Optional[SFTTrainer]:
     # ===== Check: every flag, the machine and the output dir; nothing loads and nothing is deleted yet =====
-    training_args, precision, output = common.check_run(
-        model_args, data_args, report_args, training_args, "QLoRA (bitsandbytes 4-bit layers)", __file__)
+    run = settings.check(model_args, data_args, report_args, training_args, "QLoRA", __file__)
 
     # ===== Load data and tokenizer: a bad record must not cost a model download =====
-    loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
-    data_args, training_args = auto_batch.choose_batch("QLoRA", data_args, training_args, loaded)
-    speed = speed_choices.choose(model_args, data_args, training_args, lora_args.lora_dropout)
+    loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, run.training_args)
+    run = settings.resolve(run, model_args, loaded, dropout=lora_args.lora_dropout)  # batch shape, speed, fast path
     if report_args.dry_run:
-        reports.dry_run_report(loaded, data_args, training_args)
+        reports.dry_run_report(loaded, run.data_args, run.training_args)
         return None
 
     # ===== Load model: 4-bit NF4 base weights =====
     check_lora_targets(loaded.model_path, lora_args, model_args.trust_remote_code)
-    model = load_quantized_model(loaded.model_path, precision, training_args.device, model_args.attn_implementation,
-                                 model_args.trust_remote_code)
+    model = load_quantized_model(loaded.model_path, run.precision, run.training_args.device,
+                                 model_args.attn_implementation, model_args.trust_remote_code)
 
     # ===== Format: SFTTrainer formats and tokenizes the records and wraps the model in LoRA =====
-    with kbit_preparation.embeddings_stay_16bit(training_args.bf16):  # no float32 copy of the embeddings on the way
-        trainer = batching.build_trainer(model, loaded, data_args, training_args, callbacks,
+    with run.fast_path.building_trainer(run.precision.bf16):  # no float32 copy of the embeddings on the way
+        trainer = batching.build_trainer(model, loaded, run.data_args, run.training_args, callbacks,
                                          peft_config=lora_args.peft_config())
     initial_adapter = save_initial_adapter(trainer, lora_args)
-    fast = overrides.enable_fast_path(trainer, precision.fp16, data_args.packs_without_padding,
-                                      keep_dequantized_weight=training_args.gradient_checkpointing, speed=speed)
-    reports.log_settings("QLoRA", trainer, precision, data_args, loaded, {
-        "base weights": f"NF4 4-bit, double quantization, compute in {precision.torch_dtype}".replace("torch.", ""),
-        "LoRA": f"r={lora_args.lora_r}, alpha={lora_args.lora_alpha}, targets={lora_args.lora_target_modules}, "
-                f"init {lora_args.init_lora_weights}{', rsLoRA' if lora_args.use_rslora else ''}"
-                f"{', DoRA (peft layers: the fused path has no DoRA)' if lora_args.use_dora else ''}, "
-                f"{fast['fused LoRA-on-4-bit layers']} layers on the fused 4-bit path",
-    })
 
-    # ===== Train: an earlier run that --overwrite_output_dir replaces is deleted only now =====
-    samples_before = reports.sample_answers(trainer, loaded, report_args)
-    train_result = training.train(trainer, output, report_args.time_budget_seconds)
+    # ===== Train: the fast path in place for the training only; an earlier run is deleted only now =====
+    with run.fast_path.installed(trainer) as fast:
+        reports.log_settings("QLoRA", trainer, run.precision, run.data_args, loaded, {
+            "base weights": f"NF4 4-bit, double quantization, compute in {run.precision.torch_dtype}".replace("torch.", ""),
+            "LoRA": f"r={lora_args.lora_r}, alpha={lora_args.lora_alpha}, targets={lora_args.lora_target_modules}, "
+                    f"init {lora_args.init_lora_weights}{', rsLoRA' if lora_args.use_rslora else ''}"
+                    f"{', DoRA (peft layers: the fused path has no DoRA)' if lora_args.use_dora else ''}, "
+                    f"fused 4-bit path: {fast.get('lora_4bit', 'off')}",
+        })
+        samples_before = reports.sample_answers(trainer, loaded, report_args)
+        train_result = loop.train(trainer, run.output, report_args.time_budget_seconds)
 
     # ===== Save: the adapter and the tokenizer (the base model stays where it came from); merged on request =====
-    final = training.save_final(trainer, loaded.tokenizer, initial_adapter)  # None on processes that do not write
+    final = saving.save_final(trainer, loaded.tokenizer, initial_adapter)  # None on processes that do not write
     reports.write_reports(trainer, train_result, loaded, report_args, samples_before)
     if final and lora_args.merge:
-        dtype = torch.bfloat16 if precision.bf16 or precision.name == "fp32" else torch.float16
-        logger.info("Merged the adapter into a 16-bit copy of the base model: %s", training.merge_adapter(final, dtype))
+        dtype = torch.bfloat16 if run.precision.bf16 or run.precision.name == "fp32" else torch.float16
+        logger.info("Merged the adapter into a 16-bit copy of the base model: %s", saving.merge_adapter(final, dtype))
     if final and model_args.smoke:
         reports.check_saved_model(AutoPeftModelForCausalLM.from_pretrained, final, loaded, report_args, "adapter")
     return trainer
@@ -185,7 +170,7 @@ def save_initial_adapter(trainer, lora_args: LoraArguments) -> Optional[Path]:
     """OLoRA moves part of each base weight into the adapter. The adapter as it starts, saved to a temporary folder,
     lets save_final convert the trained one into a plain LoRA adapter for the original base, which tools that do
     not rerun OLoRA's initialisation (vLLM, llama.cpp, a second adapter) load as well."""
-    if lora_args.init_lora_weights != "olora" or not distributed.writes(trainer.args):
+    if lora_args.init_lora_weights != "olora" or not processes.writes(trainer.args):
         return None
     folder = Path(tempfile.mkdtemp(prefix="olora-initial-adapter-"))
     trainer.model.save_pretrained(folder)

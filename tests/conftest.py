@@ -1,7 +1,7 @@
 """Shared fixtures for the finetuning toolkit's tests.
 
 The scripts live in finetuning/ and import each other as top-level modules
-(`import common`), so that folder goes on sys.path here, found relative to this file.
+(`import common`, `from fastpath import rms_norm`), so that folder goes on sys.path here, found relative to this file.
 """
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 FINETUNING_DIR = REPO_ROOT / "finetuning"
-if str(FINETUNING_DIR) not in sys.path:
-    sys.path.insert(0, str(FINETUNING_DIR))
+BENCH_DIR = REPO_ROOT / "bench"  # the bench's own modules have tests too (step_diagnostics, mlp_chunks)
+for _folder in (BENCH_DIR, FINETUNING_DIR):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 # Real instruction data kept next to the repository (never inside it: its license forbids shipping it).
 ALPACA_FILE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "alpaca_5000.json"
@@ -46,7 +48,7 @@ def pytest_collection_modifyitems(config, items):
 
 def build_tiny_model(directory: Path, texts) -> Path:
     """The smoke run's tiny random Gemma 3 + tokenizer."""
-    import smoke
+    from models import smoke
 
     return Path(smoke.build_random_gemma(Path(directory), list(texts)))
 
@@ -79,7 +81,7 @@ def alpaca_path() -> Path:
 def default_texts() -> list[str]:
     """The embedded data set, formatted: what the smoke model's tokenizer is trained on."""
     import common
-    import data
+    from records import data
 
     records = json.loads(data.DEFAULT_DATASET_FILE.read_text(encoding="utf-8"))
     return [common.format_record(record) for record in records]

@@ -7,10 +7,10 @@ import logging
 import pytest
 
 import common
-import arguments
-import command_line
-import data
-import errors
+from cli import arguments
+from cli import command_line
+from records import data
+from cli import errors
 import train_galore
 import train_qlora
 

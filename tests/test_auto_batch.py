@@ -9,12 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import arguments
-import auto_batch
+from cli import arguments
+from records import auto_batch
 import common
-import data
-import distributed
-import reports
+from records import data
+from training import processes
+from training import reports
 import train_galore
 import train_qlora
 
@@ -171,12 +171,12 @@ def test_under_ddp_the_cap_counts_every_gpus_steps():
 def test_under_ddp_every_process_takes_the_smallest_gpu(monkeypatch):
     training_args = parse(train_qlora, [])[4]
     fake_gpu(monkeypatch, H100)
-    monkeypatch.setattr(distributed, "gather", lambda value, args: [value, T4, None])
+    monkeypatch.setattr(processes, "gather", lambda value, args: [value, T4, None])
     assert auto_batch.smallest_gpu(training_args) == T4
 
 
 def test_the_log_line_says_what_was_chosen_and_why(monkeypatch, loaded, caplog):
-    caplog.set_level("INFO", logger="auto_batch")
+    caplog.set_level("INFO", logger="records.auto_batch")
     data_args, training_args = parse(train_qlora, [])[1::3]
     many_tokens(monkeypatch, loaded)
     fake_gpu(monkeypatch, H100)
@@ -188,7 +188,7 @@ def test_the_log_line_says_what_was_chosen_and_why(monkeypatch, loaded, caplog):
 
 
 def test_the_log_line_says_when_the_data_cut_the_budget(monkeypatch, loaded, caplog):
-    caplog.set_level("INFO", logger="auto_batch")
+    caplog.set_level("INFO", logger="records.auto_batch")
     data_args, training_args = parse(train_qlora, ["--max_seq_length", "256"])[1::3]
     fake_gpu(monkeypatch, T4)
     auto_batch.choose_batch("QLoRA", data_args, training_args, loaded)

@@ -8,12 +8,12 @@ import logging
 
 import pytest
 
-import arguments
-import command_line
+from cli import arguments
+from cli import command_line
 import common
-import data
-import data_files
-import errors
+from records import data
+from records import data_files
+from cli import errors
 import train_qlora
 
 RECORDS = [
@@ -133,7 +133,7 @@ def test_a_windows_1252_csv_through_the_script(tmp_path, caplog):
 def test_an_object_with_one_list_field_holds_the_records(tmp_path, caplog, indent):
     path = tmp_path / "data.json"
     path.write_text(json.dumps({"version": "1.0", "data": RECORDS}, indent=indent), encoding="utf-8")
-    with caplog.at_level(logging.INFO, logger="data_files"):
+    with caplog.at_level(logging.INFO, logger="records.data_files"):
         assert rows(load(path)) == RECORDS
     said = [r.getMessage() for r in caplog.records if "only list field" in r.getMessage()]
     assert len(said) == 1 and "'data'" in said[0] and str(path) in said[0], said
@@ -181,7 +181,7 @@ def test_a_null_field_is_skipped_like_a_blank_one(tmp_path, caplog, field):
     records = [RECORDS[0], dict(RECORDS[1], **{field: None}), RECORDS[2], dict(RECORDS[1], **{field: ""})]
     path = tmp_path / "data.json"
     path.write_text(json.dumps(records), encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="data"):
+    with caplog.at_level(logging.WARNING, logger="records.data"):
         assert rows(load(path)) == [RECORDS[0], RECORDS[2]]
     contains(caplog.text, "Skipped 2 record(s)", "(the first: record 1)")
 
@@ -189,7 +189,7 @@ def test_a_null_field_is_skipped_like_a_blank_one(tmp_path, caplog, field):
 def test_an_empty_csv_cell_is_skipped_like_a_blank_answer(tmp_path, caplog):
     path = tmp_path / "data.csv"
     path.write_text("instruction,input,output\nSay hi.,,Hi!\nNo answer.,,\nSay bye.,,Bye!\n", encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="data"):
+    with caplog.at_level(logging.WARNING, logger="records.data"):
         assert [r["output"] for r in load(path)] == ["Hi!", "Bye!"]
     contains(caplog.text, "Skipped 1 record(s)", "(the first: record 1)")
 
@@ -214,7 +214,7 @@ def test_an_absent_answer_is_still_no_output_field(tmp_path):
 def test_null_chat_answers_and_texts_are_skipped(tmp_path, caplog, records):
     path = tmp_path / "data.json"
     path.write_text(json.dumps(records), encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="data"):
+    with caplog.at_level(logging.WARNING, logger="records.data"):
         assert len(load(path)) == 1
     contains(caplog.text, "Skipped 1 record(s)", "(the first: record 0)")
 

@@ -9,9 +9,9 @@ import re
 
 import pytest
 
-import arguments
-import command_line
-import smoke_flags
+from cli import arguments
+from cli import command_line
+from cli import smoke_flags
 import train_galore
 import train_qlora
 
@@ -128,7 +128,7 @@ def test_yaml_merge_key_may_be_overridden(tmp_path, parse):
 def test_null_in_a_config_file_keeps_the_default(name, text, tmp_path, parse, caplog):
     config = tmp_path / name
     config.write_text(text, encoding="utf-8")
-    with caplog.at_level(logging.INFO, logger="config_files"):
+    with caplog.at_level(logging.INFO, logger="cli.config_files"):
         _, data, _, _, training = parse(train_qlora, [config])
     # Not the text "None", which the data loader would look up on the hub.
     assert data.dataset_name is None and data.max_train_samples is None
@@ -171,7 +171,7 @@ def smoke_lines(caplog) -> list[str]:
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_smoke_names_a_gpu_flag_it_overrides_and_why(script, parse, caplog):
     # Before: "Your setup doesn't support bf16/gpu" on a CPU-only machine, or --bf16 silently dropped on a GPU one.
-    with caplog.at_level(logging.INFO, logger="smoke_flags"):
+    with caplog.at_level(logging.INFO, logger="cli.smoke_flags"):
         training = parse(SCRIPTS[script], ["--smoke", "--bf16", "--max_steps", "3"])[-1]
     (line,) = smoke_lines(caplog)
     has_all(line, "Overrides --bf16", "--smoke trains on the CPU in fp32", "--save_strategy no",
@@ -181,7 +181,7 @@ def test_smoke_names_a_gpu_flag_it_overrides_and_why(script, parse, caplog):
 
 
 def test_smoke_names_each_forced_setting_the_user_contradicted(parse, caplog):
-    with caplog.at_level(logging.INFO, logger="smoke_flags"):
+    with caplog.at_level(logging.INFO, logger="cli.smoke_flags"):
         training = parse(train_qlora, ["--smoke", "--fp16", "True", "--use_cpu=False"])[-1]
     (line,) = smoke_lines(caplog)
     has_all(line, "--fp16", "--use_cpu False", "trains on the CPU in fp32")
@@ -190,10 +190,9 @@ def test_smoke_names_each_forced_setting_the_user_contradicted(parse, caplog):
 
 def test_smoke_keeps_save_and_report_flags_the_user_gave(parse, caplog):
     argv = ["--smoke", "--save_strategy", "steps", "--save_steps", "1", "--report_to", "tensorboard"]
-    with caplog.at_level(logging.INFO, logger="smoke_flags"):
+    with caplog.at_level(logging.INFO, logger="cli.smoke_flags"):
         training = parse(train_qlora, argv)[-1]
     assert (training.save_strategy.value, training.save_steps, training.report_to) == ("steps", 1, ["tensorboard"])
-    assert smoke_flags.smoke_settings(training).report_to == ["tensorboard"], "smoke_settings keeps --report_to"
     (line,) = smoke_lines(caplog)
     assert "--save_strategy" not in line and "--report_to" not in line
 
@@ -207,7 +206,7 @@ def test_smoke_reports_nowhere_unless_told(parse, monkeypatch):
 def test_smoke_says_which_config_keys_it_ignores(tmp_path, parse, caplog):
     config = tmp_path / "run.yaml"
     config.write_text("output_dir: outputs/real\nreport_to: [tensorboard]\nmax_steps: 2\n", encoding="utf-8")
-    with caplog.at_level(logging.INFO, logger="smoke_flags"):
+    with caplog.at_level(logging.INFO, logger="cli.smoke_flags"):
         training = parse(train_qlora, [config, "--smoke"])[-1]
     (line,) = smoke_lines(caplog)
     has_all(line, "Ignores the config file's output_dir, report_to", "--output_dir outputs/qlora-smoke")
@@ -275,13 +274,13 @@ def test_unknown_flags_are_still_refused_after_the_help_rewrite(caplog):
 
 
 def test_smoke_names_the_model_and_galore_rank_it_overrides(parse, caplog):
-    with caplog.at_level(logging.INFO, logger="smoke_flags"):
+    with caplog.at_level(logging.INFO, logger="cli.smoke_flags"):
         *_, galore, _ = parse(train_galore, ["--smoke", "--model_name_or_path", "my/model", "--galore_rank", "64"])
     assert galore.galore_rank == 8
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--smoke sets")]
     assert "Overrides --model_name_or_path my/model, --galore_rank 64 (to 8)" in line
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="smoke_flags"):
+    with caplog.at_level(logging.INFO, logger="cli.smoke_flags"):
         *_, galore, _ = parse(train_galore, ["--smoke"])
     assert galore.galore_rank == 8 and "--galore_rank" not in caplog.text, "a default the user did not give"
 

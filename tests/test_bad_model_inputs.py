@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-import command_line
+from cli import command_line
 import common
-import errors
+from cli import errors
 import train_galore
 import train_qlora
 
@@ -112,7 +112,7 @@ def test_push_to_hub_without_a_network_is_refused_before_anything_loads(tmp_path
 def test_behind_a_proxy_the_hub_check_stands_aside(monkeypatch):
     import socket
 
-    import hub
+    from models import hub
 
     def no_direct_route(*args, **kwargs):
         raise OSError("Network is unreachable")

@@ -1,10 +1,7 @@
 """The bench's memory report: the peak it finds in a recorded allocator history and what it says was alive there."""
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-import step_diagnostics  # noqa: E402
+import step_diagnostics
 
 MIB = 2**20
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import mlp_chunks
-import offload
-import overrides
-import speed_choices
-from arguments import DataArguments, ModelArguments
-from errors import UserInputError
+from fastpath import offload
+from fastpath import choices
+from cli.arguments import DataArguments, ModelArguments
+from cli.errors import UserInputError
+from fastpath import compiled_layers, lora_4bit
 from test_speed import quantized_lora_model
 
 
@@ -34,7 +34,7 @@ class CountingBackend:
         self.graphs += 1
         # The whole layer in one graph: the 4-bit weights' dequantization (7 LoRA layers) and the attention in it.
         targets = [str(node.target) for node in graph_module.graph.nodes]
-        assert sum("rshift" in t for t in targets) == 7, targets  # fused.dequantize_4bit_traced's high halves
+        assert sum("rshift" in t for t in targets) == 7, targets  # lora_4bit.dequantize_4bit_traced's high halves
         assert any("attention" in t for t in targets), targets
         return aot_eager(graph_module, example_inputs)
 
@@ -52,7 +52,7 @@ def lora_model(tmp_path_factory):
         model = quantized_lora_model(tmp_path_factory.mktemp("four_layers"), dropout=0.1)
     finally:
         test_speed.small_gemma = small
-    assert overrides.fuse_lora_4bit(model, keep_dequantized_weight=True) == 6 * 7
+    assert lora_4bit.fuse_lora_4bit(model, keep_dequantized_weight=True) == 6 * 7
     return model
 
 
@@ -116,7 +116,7 @@ def test_compiled_layers_give_the_eager_answer_and_compile_once_per_kind(lora_mo
     eager = checkpointed(lora_model, dropout=False)
     compiled = checkpointed(lora_model, dropout=False)
     backend = CountingBackend()
-    assert overrides.compile_decoder_layers(compiled, backend=backend) == 6
+    assert compiled_layers.compile_decoder_layers(compiled, backend=backend) == 6
     assert_same(loss_and_grads(eager, batch(20)), loss_and_grads(compiled, batch(20)))
     # Fewer graphs than layers: they share them, by kind (the first layer, whose input from frozen embeddings has no
     # grad; the full-attention layer; the other sliding-window layers).
@@ -143,7 +143,7 @@ def test_compiled_layers_follow_flags_changed_mid_run():
     model = small_gemma(layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     eager = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
     compiled = copy.deepcopy(eager)
-    assert overrides.compile_decoder_layers(compiled, backend="aot_eager") == 3
+    assert compiled_layers.compile_decoder_layers(compiled, backend="aot_eager") == 3
     ids = batch(20)
     assert_same(loss_and_grads(eager, ids), loss_and_grads(compiled, ids))
     with eager.disable_adapter(), compiled.disable_adapter():
@@ -156,7 +156,7 @@ def test_compiled_and_offloaded_layers_together_give_the_eager_answer(lora_model
     eager = checkpointed(lora_model, dropout=False)
     both = checkpointed(lora_model, offload.checkpoint, dropout=False)
     backend = CountingBackend()
-    overrides.compile_decoder_layers(both, backend=backend)
+    compiled_layers.compile_decoder_layers(both, backend=backend)
     assert_same(loss_and_grads(eager, batch(20)), loss_and_grads(both, batch(20)))
     first = backend.graphs
     assert 4 <= first <= 5  # sliding and full layers, each run without grad and again with it
@@ -191,7 +191,7 @@ def test_mlp_in_token_chunks_gives_the_same_answer_eager_compiled_and_offloaded(
         graphs.append(graph_module)
         return aot_eager(graph_module, example_inputs)
 
-    overrides.compile_decoder_layers(chunked, backend=counting)
+    compiled_layers.compile_decoder_layers(chunked, backend=counting)
     assert_same(loss_and_grads(eager, batch(20)), loss_and_grads(chunked, batch(20)))
     first = len(graphs)
     for length, rows in ((24, 2), (37, 3)):  # a batch of one row would compile again, chunked or not
@@ -201,8 +201,8 @@ def test_mlp_in_token_chunks_gives_the_same_answer_eager_compiled_and_offloaded(
 
 def test_offload_callback_installs_on_train_begin(lora_model, caplog):
     model = checkpointed(lora_model)
-    with caplog.at_level(logging.INFO, logger="overrides"):
-        overrides.OffloadLayerInputs().on_train_begin(None, None, None, model=model)
+    with caplog.at_level(logging.INFO, logger="fastpath.offload"):
+        offload.OffloadLayerInputs().on_train_begin(None, None, None, model=model)
     assert all(layer._gradient_checkpointing_func is offload.checkpoint for layer in model.base_model.model.model.layers)
     assert "Checkpointed inputs of 6 decoder layers go to pinned CPU memory." in caplog.text
 
@@ -221,13 +221,13 @@ class Training:
 def choose(monkeypatch, capability=(9, 0), gpu=True, packed=True, dropout=0.0, triton=True, flags=None, **training):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(speed_choices.importlib.util, "find_spec", lambda name: object() if triton else None)
+    monkeypatch.setattr(choices.importlib.util, "find_spec", lambda name: object() if triton else None)
     data = DataArguments(max_tokens_per_batch=8192 if packed else None, padding_free=packed)
-    return speed_choices.choose(ModelArguments(**(flags or {})), data, Training(**training), dropout)
+    return choices.choose(ModelArguments(**(flags or {})), data, Training(**training), dropout)
 
 
 def test_auto_compiles_packed_batches_on_ampere_or_newer_and_says_why_not_elsewhere(monkeypatch, caplog):
-    with caplog.at_level(logging.INFO, logger="speed_choices"):
+    with caplog.at_level(logging.INFO, logger="fastpath.choices"):
         assert choose(monkeypatch).compile_layers
         assert "Decoder layers compiled (auto: packed batches, compute capability 9.0)" in caplog.text
         assert not choose(monkeypatch, capability=(7, 5)).compile_layers
@@ -249,10 +249,10 @@ def test_auto_offloads_only_where_the_reentrant_scheme_is_safe(monkeypatch):
 
 
 def test_flags_stand_over_auto_and_compiling_without_triton_is_refused(monkeypatch):
-    assert choose(monkeypatch, flags=dict(compile_layers="no", offload_activations="no")) == speed_choices.SpeedChoices(
+    assert choose(monkeypatch, flags=dict(compile_layers="no", offload_activations="no")) == choices.SpeedChoices(
         False, False)
     assert choose(monkeypatch, gpu=False, flags=dict(compile_layers="yes", offload_activations="yes")) == (
-        speed_choices.SpeedChoices(True, True))
+        choices.SpeedChoices(True, True))
     assert not choose(monkeypatch, triton=False).compile_layers
     with pytest.raises(UserInputError, match="no triton"):
         choose(monkeypatch, triton=False, flags=dict(compile_layers="yes"))
@@ -265,5 +265,5 @@ def test_a_layer_the_compiler_fails_on_runs_eagerly(lora_model):
 
     eager = checkpointed(lora_model, dropout=False)
     broken = checkpointed(lora_model, dropout=False)
-    overrides.compile_decoder_layers(broken, backend=failing_backend)
+    compiled_layers.compile_decoder_layers(broken, backend=failing_backend)
     assert_same(loss_and_grads(eager, batch(20)), loss_and_grads(broken, batch(20)))

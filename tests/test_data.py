@@ -6,9 +6,9 @@ import json
 import pytest
 
 import common
-import arguments
-import data
-import errors
+from cli import arguments
+from records import data
+from cli import errors
 
 RECORDS = [
     {"instruction": "Add 2 and 3.", "input": "", "output": "5"},

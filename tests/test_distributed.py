@@ -5,7 +5,6 @@ The GPU versions (NCCL, two GPUs) are in tests/test_gpu_ddp.py.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -21,10 +20,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
-import batching
-import distributed
-import overrides
-from errors import SetupError
+from records import batching
+from training import processes
+from fastpath import one_gpu
+from fastpath.patches import Patches
+from cli.errors import SetupError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = {"qlora": "adapter_model.safetensors", "galore": "model.safetensors"}
@@ -184,12 +184,12 @@ class _OtherProcess:
 
 
 def test_processes_other_than_the_main_one_write_nothing(tmp_path):
-    import reports
-    import training
-    from arguments import ReportArguments
+    from training import reports
+    from training import saving
+    from cli.arguments import ReportArguments
 
     trainer = _OtherProcess(tmp_path)
-    assert training.save_final(trainer, tokenizer=None) is None
+    assert saving.save_final(trainer, tokenizer=None) is None
     assert reports.sample_answers(trainer, loaded=None, report_args=ReportArguments(num_sample_prompts=2)) == []
     result = type("Result", (), {"metrics": {"train_loss": 1.0}})()
     loaded = type("Loaded", (), {"eval_records": None})()
@@ -213,23 +213,23 @@ def two_gpus(monkeypatch, tmp_path):
     return args
 
 
-def test_plain_python_on_two_gpus_trains_on_one_and_says_the_torchrun_command(two_gpus, caplog, monkeypatch):
+def test_plain_python_on_two_gpus_trains_on_one_and_says_the_torchrun_command(two_gpus, caplog):
     with caplog.at_level(logging.WARNING):
-        distributed.use_one_gpu_without_launcher(two_gpus, "/x/finetuning/train_qlora.py", overrides.train_on_one_gpu)
+        processes.use_one_gpu_without_launcher(two_gpus, "/x/finetuning/train_qlora.py", one_gpu.can_pin_one_gpu())
+    # The fast path's one_gpu fix pins the trainer's arguments once the Trainer is built (trl copies them before).
+    patches = Patches()
+    assert one_gpu.pin_one_gpu(two_gpus, patches)
     assert two_gpus.n_gpu == 1  # the Trainer wraps the model in nn.DataParallel when n_gpu > 1
-    # trl 0.8.6 copies the arguments (dataclasses.replace) before the Trainer reads them: the copy keeps one GPU.
-    monkeypatch.undo()  # the copy sets its devices up again: on this machine's real CPU
-    copy = dataclasses.replace(two_gpus, gradient_checkpointing=False)
-    _ = copy.device
-    copy._n_gpu = 2  # what that set-up gives on a machine with two GPUs
-    assert copy.n_gpu == 1 and copy.train_batch_size == copy.per_device_train_batch_size
+    assert two_gpus.train_batch_size == two_gpus.per_device_train_batch_size
+    patches.restore()
+    assert two_gpus.n_gpu == 2, "the run's end leaves the arguments as they were"
     assert "This machine has 2 GPUs" in caplog.text
     assert "torchrun --nproc_per_node 2 finetuning/train_qlora.py <your flags>" in caplog.text
 
 
 def test_plain_python_on_two_gpus_stops_with_the_command_where_one_gpu_cannot_be_kept(two_gpus):
     with pytest.raises(SetupError, match="torchrun --nproc_per_node 2 finetuning/train_galore.py"):
-        distributed.use_one_gpu_without_launcher(two_gpus, "train_galore.py", lambda args: False)
+        processes.use_one_gpu_without_launcher(two_gpus, "train_galore.py", False)
 
 
 def test_the_command_names_torchrun_when_a_launcher_started_the_run(monkeypatch):
@@ -240,7 +240,7 @@ def test_the_command_names_torchrun_when_a_launcher_started_the_run(monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
-    assert distributed.command_line() == [
+    assert processes.command_line() == [
         "torchrun", "--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", "MAIN_HOST:29500",
         "--nproc_per_node", "2", "finetuning/train_qlora.py", "--max_steps", "9"]
 
@@ -276,19 +276,19 @@ class _Projector:
 
 
 def test_galore_projections_that_differ_between_processes_stop_training(monkeypatch):
-    import errors
+    from cli import errors
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=1.0)
     args = type("Args", (), {"world_size": 2})()
     state = type("State", (), {"global_step": 1})()
-    check = distributed.GaloreProjectionsAgree()
+    check = processes.GaloreProjectionsAgree()
     gathered = []
 
     def gather(values):  # this process's checksum, and another process's
         gathered.append(values[0])
         return [values[0], [values[0][0] + 1.0, values[0][1]]]
 
-    monkeypatch.setattr(distributed, "gather_object", gather)
+    monkeypatch.setattr(processes, "gather_object", gather)
     check.on_step_end(args, state, None, optimizer=optimizer)
     assert gathered == [], "nothing to compare before GaLore's first step"
     optimizer.state[optimizer.param_groups[0]["params"][0]]["projector"] = _Projector(torch.eye(2))
@@ -304,8 +304,8 @@ def test_galore_projections_that_differ_between_processes_stop_training(monkeypa
     (["rng_state_0.pth", "rng_state_1.pth"], 4, True), ([], 2, False),
 ])
 def test_a_checkpoint_resumes_with_as_many_processes_as_wrote_it(files, processes, refused, tmp_path):
-    import checkpoints
-    import errors
+    from training import checkpoints
+    from cli import errors
 
     for name in files:
         (tmp_path / name).write_bytes(b"")

@@ -40,7 +40,7 @@ def test_both_train_the_requested_steps_with_finite_loss_and_pass_the_smoke_chec
 
 
 def test_start_up_prints_no_library_noise(finished_runs):
-    import noise
+    from cli import noise
 
     for run in finished_runs.values():
         text = run.output.decode(errors="replace")

@@ -12,14 +12,14 @@ import time
 
 import pytest
 
-import command_line
+from cli import command_line
 import export_gguf
-import gguf_files
-import parity
+from export import gguf_files
+from export import parity
 import train_galore
 import train_qlora
-import errors
-from errors import ExportFailed
+from cli import errors
+from cli.errors import ExportFailed
 
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                      reason="llama-cpp-python is not installed (finetuning/requirements-export.txt)")

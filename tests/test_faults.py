@@ -22,11 +22,11 @@ import transformers
 
 from conftest import PLANTED_TOKEN
 import common
-import command_line
-import errors
-import checkpoints
-import training
-import versions
+from cli import command_line
+from cli import errors
+from training import checkpoints
+from training import output_dir
+from cli import versions
 import train_galore
 import train_qlora
 
@@ -47,8 +47,8 @@ def fails_cleanly(module, argv, caplog, output_dir: Path) -> str:
     assert len(errors) == 1, [r.getMessage() for r in errors]
     assert errors[0].name == "command_line"  # run_cli's one message
     assert "Traceback" not in caplog.text
-    assert not (output_dir / training.FINAL_DIR).exists(), "a failed run left OUTPUT_DIR/final"
-    assert not (output_dir / f".{training.FINAL_DIR}.partial").exists(), "a failed run left a half-written final"
+    assert not (output_dir / output_dir.FINAL_DIR).exists(), "a failed run left OUTPUT_DIR/final"
+    assert not (output_dir / f".{output_dir.FINAL_DIR}.partial").exists(), "a failed run left a half-written final"
     return errors[0].getMessage()
 
 
@@ -238,12 +238,12 @@ def test_a_smoke_run_never_replaces_nor_resumes_a_run_it_did_not_write(tmp_path)
     (out / "final").mkdir(parents=True)
     args = transformers.TrainingArguments(output_dir=str(out), overwrite_output_dir=True, report_to=[])
     with pytest.raises(errors.UserInputError, match="--smoke did not write"):
-        training.plan_output_dir(args, smoke=True)
+        output_dir.plan_output_dir(args, smoke=True)
     resume = transformers.TrainingArguments(output_dir=str(out), resume_from_checkpoint="latest", report_to=[])
     with pytest.raises(errors.UserInputError, match="--smoke did not write"):
-        training.plan_output_dir(resume, smoke=True)
+        output_dir.plan_output_dir(resume, smoke=True)
     (out / "smoke_base_model").mkdir()  # an earlier smoke run: the next one replaces it
-    assert training.plan_output_dir(args, smoke=True).replaces == [out / "final"]
+    assert output_dir.plan_output_dir(args, smoke=True).replaces == [out / "final"]
 
 
 def test_a_real_run_replaces_a_smoke_runs_whole_folder_and_never_resumes_it(tmp_path):
@@ -253,10 +253,10 @@ def test_a_real_run_replaces_a_smoke_runs_whole_folder_and_never_resumes_it(tmp_
     (out / "smoke_base_model").mkdir()
     resume = transformers.TrainingArguments(output_dir=str(out), resume_from_checkpoint="latest", report_to=[])
     with pytest.raises(errors.UserInputError, match="holds a --smoke run"):
-        training.plan_output_dir(resume)
+        output_dir.plan_output_dir(resume)
     overwrite = transformers.TrainingArguments(output_dir=str(out), overwrite_output_dir=True, report_to=[])
     # With the tiny model gone too, a later smoke run cannot take the real run's checkpoints for its own.
-    assert training.plan_output_dir(overwrite).replaces == [out / "checkpoint-2", out / "smoke_base_model"]
+    assert output_dir.plan_output_dir(overwrite).replaces == [out / "checkpoint-2", out / "smoke_base_model"]
 
 
 def test_overwrite_replaces_the_merged_model_and_gguf_files_made_from_the_earlier_final(tmp_path):
@@ -264,7 +264,7 @@ def test_overwrite_replaces_the_merged_model_and_gguf_files_made_from_the_earlie
     for name in ("final", "merged", "gguf", "notes"):
         (out / name).mkdir(parents=True)
     overwrite = transformers.TrainingArguments(output_dir=str(out), overwrite_output_dir=True, report_to=[])
-    assert training.plan_output_dir(overwrite).replaces == [out / "final", out / "gguf", out / "merged"]
+    assert output_dir.plan_output_dir(overwrite).replaces == [out / "final", out / "gguf", out / "merged"]
 
 
 @pytest.mark.parametrize("leftover", ["checkpoint-7", "final"])
@@ -273,7 +273,7 @@ def test_any_earlier_output_is_refused(leftover, tmp_path):
     (out / leftover).mkdir(parents=True)
     args = transformers.TrainingArguments(output_dir=str(out), overwrite_output_dir=False, report_to=[])
     with pytest.raises(errors.UserInputError, match=leftover):
-        training.plan_output_dir(args)
+        output_dir.plan_output_dir(args)
 
 
 def test_earlier_run_is_overwritten_with_overwrite_output_dir(earlier_run, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 import common
-import reports
+from training import reports
 
 BOS, EOS, PAD = 2, 1, 0
 

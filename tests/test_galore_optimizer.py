@@ -5,7 +5,7 @@ import galore_torch
 import pytest
 import torch
 
-import galore_optimizer
+from fastpath import galore_8bit
 
 LR, STEPS, RANK = 1e-3, 5, 8
 
@@ -35,7 +35,7 @@ def no_cuda_synchronize(monkeypatch):
 @pytest.mark.parametrize("size", [64, 256, 512])
 def test_fixed_moves_weights_like_the_32bit_reference(size):
     reference, _ = relative_change(galore_torch.GaLoreAdamW, size)
-    fixed, _ = relative_change(galore_optimizer.galore_adamw8bit(), size)
+    fixed, _ = relative_change(galore_8bit.galore_adamw8bit(), size)
     assert reference > 1e-3, "the reference itself must move the weight measurably"
     assert fixed >= 0.9 * reference, f"fixed moved {fixed:.3g}, reference {reference:.3g}"
     assert fixed <= 1.1 * reference
@@ -56,7 +56,7 @@ def test_stock_8bit_class_barely_moves(size, no_cuda_synchronize):
 
 def test_fixed_settings():
     weight = torch.nn.Parameter(torch.zeros(64, 64))
-    optimizer = galore_optimizer.galore_adamw8bit()([{"params": [weight]}], lr=1e-3)
+    optimizer = galore_8bit.galore_adamw8bit()([{"params": [weight]}], lr=1e-3)
     assert optimizer.args.max_unorm == 0
     assert optimizer.args.skip_zeros is False
     assert optimizer.args.optim_bits == 8
@@ -64,7 +64,7 @@ def test_fixed_settings():
 
 def test_fixed_step_restores_cuda_synchronize():
     original = torch.cuda.synchronize
-    relative_change(galore_optimizer.galore_adamw8bit(), 64, steps=1)
+    relative_change(galore_8bit.galore_adamw8bit(), 64, steps=1)
     assert torch.cuda.synchronize is original
 
 
@@ -72,7 +72,7 @@ def test_unprojected_group_is_plain_adamw():
     """The second group (embeddings, norms) gets ordinary Adam updates: lr * sign(grad) on the first step."""
     vector = torch.nn.Parameter(torch.ones(4096))
     matrix = torch.nn.Parameter(torch.randn(64, 64) * 0.02)
-    optimizer = galore_optimizer.galore_adamw8bit()(
+    optimizer = galore_8bit.galore_adamw8bit()(
         [{"params": [matrix], "rank": RANK, "update_proj_gap": 200, "scale": 1.0, "proj_type": "std"},
          {"params": [vector]}],
         lr=LR, weight_decay=0.0,

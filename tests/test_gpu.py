@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import common
-import errors
-import galore_optimizer
+from cli import errors
+from fastpath import galore_8bit
 import train_galore
 import train_qlora
 
@@ -62,7 +62,7 @@ def test_qlora_on_cuda(tiny_model_dir, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available() or expected_precision() != "bf16", reason="needs a bf16 GPU")
 def test_qlora_trainer_keeps_the_bf16_embedding_on_cuda(tiny_model_dir, tiny_tokenizer, tmp_path):
     """Override 15 through trl's own SFTTrainer, which prepares 4-bit models only on a GPU."""
-    import kbit_preparation
+    from fastpath import kbit_embeddings
     from datasets import Dataset
     from transformers import TrainingArguments
     from trl import SFTTrainer
@@ -72,7 +72,7 @@ def test_qlora_trainer_keeps_the_bf16_embedding_on_cuda(tiny_model_dir, tiny_tok
     embedding = model.get_input_embeddings().weight
     before = embedding.detach()  # keeps the loaded storage alive: a copy cannot land at its address
     args = TrainingArguments(output_dir=str(tmp_path), bf16=True, gradient_checkpointing=True, report_to=[])
-    with kbit_preparation.embeddings_stay_16bit(True) as installed:
+    with kbit_embeddings.embeddings_stay_16bit(True) as installed:
         trainer = SFTTrainer(model=model, args=args, tokenizer=tiny_tokenizer, max_seq_length=32,
                              train_dataset=Dataset.from_dict({"text": ["a short record", "another one"]}),
                              dataset_text_field="text", peft_config=train_qlora.LoraArguments().peft_config())
@@ -115,4 +115,4 @@ def test_fixed_galore_optimizer_on_cuda(size):
         return ((weight.detach() - start).norm() / start.norm()).item()
 
     reference = relative_change(galore_torch.GaLoreAdamW)
-    assert relative_change(galore_optimizer.galore_adamw8bit()) >= 0.9 * reference
+    assert relative_change(galore_8bit.galore_adamw8bit()) >= 0.9 * reference

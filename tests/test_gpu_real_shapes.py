@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import common
-import batching
-import galore_optimizer
-import overrides
-import smoke
+from records import batching
+from fastpath import galore_8bit
+from fastpath import chunked_loss, compiled_layers, lora_4bit, rms_norm, varlen_attention
+from models import smoke
 
 pytestmark = pytest.mark.gpu
 
@@ -98,7 +98,7 @@ def test_galore_8bit_moves_like_32bit_reference_on_real_shapes():
         return ((weight.detach() - start).norm() / start.norm()).item()
 
     reference = relative_change(GaLoreAdamW)
-    fixed = relative_change(galore_optimizer.galore_adamw8bit())
+    fixed = relative_change(galore_8bit.galore_adamw8bit())
     assert fixed >= 0.9 * reference, (fixed, reference)
 
 
@@ -134,7 +134,7 @@ def test_chunked_loss_equals_stock_loss_on_real_shapes(real_shape_model, compile
 
     stock = AutoModelForCausalLM.from_pretrained(real_shape_model, dtype=torch.bfloat16).cuda()
     chunked = AutoModelForCausalLM.from_pretrained(real_shape_model, dtype=torch.bfloat16).cuda()
-    overrides.use_chunked_loss(chunked, compiled_chunks=compiled)
+    chunked_loss.use_chunked_loss(chunked, compiled_chunks=compiled)
     generator = torch.Generator(device="cuda").manual_seed(0)
     input_ids = torch.randint(3, 8000, (2, 512), device="cuda", generator=generator)
     labels = input_ids.clone()
@@ -202,9 +202,9 @@ def test_fast_path_same_answer_as_stock_on_real_shapes(real_shape_model):
     for run, dtype in (("reference", torch.float32), ("stock", torch.bfloat16), ("fast", torch.bfloat16)):
         model = common.load_causal_lm(str(real_shape_model), False, dtype=dtype, attn_implementation="sdpa").cuda()
         if run == "fast":
-            overrides.use_chunked_loss(model)
-            overrides.fuse_rms_norms(model)
-            overrides.use_varlen_attention()
+            chunked_loss.use_chunked_loss(model)
+            rms_norm.fuse_rms_norms(model)
+            assert varlen_attention.use_varlen_attention(model)
         loss = model(**(_packed(records, labels) if run == "fast" else _padded(records, labels))).loss
         loss.backward()
         losses[run] = loss.float().item()
@@ -234,7 +234,7 @@ def test_fused_lora_4bit_same_answer_as_peft_on_real_shapes(real_shape_model):
                 if "lora_B" in name:
                     parameter.normal_(0, 0.02)
         if fast:
-            assert overrides.fuse_lora_4bit(model, keep_dequantized_weight=True) == 26 * 7
+            assert lora_4bit.fuse_lora_4bit(model, keep_dequantized_weight=True) == 26 * 7
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(**_padded(records, labels)).loss
         loss.backward()
@@ -252,18 +252,16 @@ def test_plain_dequantization_compiled_equals_bitsandbytes_kernel_on_real_shapes
     were not bit-equal on an H100)."""
     import bitsandbytes.functional as bnb_functional
 
-    import fused
-
     torch.manual_seed(0)
-    compiled = torch.compile(fused.dequantize_4bit_traced)
+    compiled = torch.compile(lora_4bit.dequantize_4bit_traced)
     for dtype in (torch.bfloat16, torch.float16):  # a weight quantized from `dtype` dequantizes to it (QLoRA's case)
         packed, state = bnb_functional.quantize_4bit(torch.randn(6912, 1152, device="cuda", dtype=dtype),
                                                      quant_type="nf4", compress_statistics=True)
-        expected = fused.dequantize_4bit(packed, state, dtype)
+        expected = lora_4bit.dequantize_4bit(packed, state, dtype)
         rounding = torch.finfo(dtype).eps
         with pytest.MonkeyPatch.context() as patch:  # the plain operations must run, not fall back to the op
-            patch.setattr(fused, "dequantize_4bit", None)
-            for actual in (fused.dequantize_4bit_traced(packed, state, dtype), compiled(packed, state, dtype)):
+            patch.setattr(lora_4bit, "dequantize_4bit", None)
+            for actual in (lora_4bit.dequantize_4bit_traced(packed, state, dtype), compiled(packed, state, dtype)):
                 torch.testing.assert_close(actual, expected, rtol=rounding, atol=0)
 
 
@@ -272,7 +270,7 @@ def test_compiled_offloaded_qlora_layers_same_answer_and_compiled_once_on_real_s
     against the eager fast path, both in bf16 and both against float32, on packed batches with other record bounds
     (and row counts) each step. As close to float32 as the eager path is, and nothing compiled after the first
     step. (Deep in the backward pass the two bf16 paths round differently: 3.6% apart at layer 0 on an H100.)"""
-    import offload
+    from fastpath import offload
     import train_qlora
     from peft import LoraConfig, get_peft_model
     from torch._inductor.compile_fx import compile_fx
@@ -287,9 +285,10 @@ def test_compiled_offloaded_qlora_layers_same_answer_and_compiled_once_on_real_s
             for name, parameter in model.named_parameters():
                 if "lora_B" in name:
                     parameter.normal_(0, 0.02, generator=torch.Generator("cuda").manual_seed(len(name)))
-        overrides.use_chunked_loss(model.get_base_model())
-        overrides.fuse_rms_norms(model)
-        overrides.fuse_lora_4bit(model, keep_dequantized_weight=True)
+        chunked_loss.use_chunked_loss(model.get_base_model())
+        rms_norm.fuse_rms_norms(model)
+        lora_4bit.fuse_lora_4bit(model, keep_dequantized_weight=True)
+        varlen_attention.use_varlen_attention(model.get_base_model())  # bf16 only: float32 runs SDPA with the mask
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
@@ -301,7 +300,6 @@ def test_compiled_offloaded_qlora_layers_same_answer_and_compiled_once_on_real_s
         return loss.float().item(), {n: p.grad.float().clone() for n, p in model.named_parameters()
                                      if p.requires_grad and ("layers.0." in n or "layers.25." in n)}
 
-    assert overrides.use_varlen_attention()  # bf16 only: float32 runs SDPA with the packed mask
     batches = [_packed(*_records(count=8, seed=seed)) for seed in range(4)]
     reference_model = lora_model(torch.float32)
     reference = [step(reference_model, batch, torch.float32) for batch in batches]
@@ -315,7 +313,7 @@ def test_compiled_offloaded_qlora_layers_same_answer_and_compiled_once_on_real_s
         graphs.append(graph_module)
         return compile_fx(graph_module, example_inputs)
 
-    assert overrides.compile_decoder_layers(model, backend=counting) == 26
+    assert compiled_layers.compile_decoder_layers(model, backend=counting) == 26
     for layer in model.get_base_model().model.layers:
         layer._gradient_checkpointing_func = offload.checkpoint
     fast = [step(model, batches[0], torch.bfloat16)]

@@ -8,9 +8,9 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-import command_line
-import errors
-import training
+from cli import command_line
+from cli import errors
+from training import loop
 
 
 def tiny_trainer(model_dir, tokenizer, output_dir, **args):
@@ -31,7 +31,7 @@ def test_nan_loss_stops_training_with_advice(tiny_model_dir, tiny_tokenizer, tmp
         trainer.model.model.norm.weight.fill_(float("nan"))
 
     with pytest.raises(errors.TrainingFailed, match="--learning_rate") as error:
-        training.train(trainer)
+        loop.train(trainer)
 
     assert "step 1" in str(error.value)  # stopped at the first logged step, not after all 6
     assert trainer.state.global_step == 1
@@ -41,7 +41,7 @@ def test_nan_loss_stops_training_with_advice(tiny_model_dir, tiny_tokenizer, tmp
 
 def test_finite_training_is_untouched(tiny_model_dir, tiny_tokenizer, tmp_path):
     trainer = tiny_trainer(tiny_model_dir, tiny_tokenizer, tmp_path)
-    training.train(trainer)
+    loop.train(trainer)
     assert trainer.state.global_step == 6
 
 
@@ -60,7 +60,7 @@ def test_out_of_memory_names_the_settings_and_the_checkpoint(tiny_model_dir, tin
 
     monkeypatch.setattr(trainer, "train", out_of_memory)
     with pytest.raises(errors.TrainingFailed) as error:
-        training.train(trainer)
+        loop.train(trainer)
     message = str(error.value)
     for advice in ("--per_device_train_batch_size", "--max_seq_length", "--gradient_checkpointing",
                    "--auto_find_batch_size", "checkpoint-40"):
@@ -76,7 +76,7 @@ def test_out_of_memory_with_token_batches_names_the_token_budget(tiny_model_dir,
 
     monkeypatch.setattr(trainer, "train", out_of_memory)
     with pytest.raises(errors.TrainingFailed) as error:
-        training.train(trainer)
+        loop.train(trainer)
     message = str(error.value)
     assert "(32,768 tokens a batch" in message
     assert "--max_tokens_per_batch 16384 --gradient_accumulation_steps 2 (the same tokens a step)" in message

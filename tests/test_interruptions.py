@@ -25,15 +25,15 @@ import transformers
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-import arguments
-import command_line
-import errors
-import distributed
-import interruptions
-import checkpoints
-import training
+from cli import arguments
+from cli import command_line
+from cli import errors
+from training import processes
+from training import interruptions
+from training import checkpoints
+from training import loop, output_dir
 import train_galore
-import versions
+from cli import versions
 
 REPO_ROOT = versions.PROJECT_DIR.parent
 
@@ -126,8 +126,8 @@ def test_a_resumed_run_reports_the_whole_runs_train_loss(logging_steps, whole_ru
 def test_whole_run_train_loss_weighs_each_log_by_its_steps():
     history = [{"loss": 2.0, "step": 3}, {"loss": 5.0, "step": 4}, {"eval_loss": 9.0, "step": 4},
                {"train_loss": 1.0, "step": 4}]
-    assert training.whole_run_train_loss(history) == (2.0 * 3 + 5.0) / 4
-    assert training.whole_run_train_loss([{"train_loss": 1.0, "step": 4}]) is None
+    assert loop.whole_run_train_loss(history) == (2.0 * 3 + 5.0) / 4
+    assert loop.whole_run_train_loss([{"train_loss": 1.0, "step": 4}]) is None
 
 
 # --- 2. complete checkpoints ---------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def test_a_checkpoint_that_does_not_exist_is_refused(whole_runs, tmp_path):
     args = transformers.TrainingArguments(output_dir=str(whole_runs(1)), resume_from_checkpoint=str(tmp_path / "nope"),
                                           report_to=[])
     with pytest.raises(errors.UserInputError, match="the folder does not exist. A complete one holds the weights"):
-        training.plan_output_dir(args, smoke=True)
+        output_dir.plan_output_dir(args, smoke=True)
 
 
 # --- 3. an --output_dir that cannot be written ----------------------------------------------------------
@@ -355,10 +355,10 @@ def test_resume_command_keeps_the_flags_and_replaces_an_earlier_resume(monkeypat
     monkeypatch.setattr(sys, "orig_argv", ["python", "-u", "finetuning/train_galore.py", "--output_dir", "my run",
                                            "--resume_from_checkpoint", "out/checkpoint-5", "--resume-from-checkpoint=x",
                                            "--max_steps", "9"])
-    assert distributed.command_line() == ["python", "-u", "finetuning/train_galore.py", "--output_dir", "my run",
+    assert processes.command_line() == ["python", "-u", "finetuning/train_galore.py", "--output_dir", "my run",
                                        "--max_steps", "9"]
     monkeypatch.setattr(sys.modules["__main__"], "__file__", "/usr/lib/python3/site-packages/pytest/__main__.py")
-    assert distributed.command_line() is None
+    assert processes.command_line() is None
 
 
 # --- 4, 5. the real signals, to the real script ---------------------------------------------------------
@@ -463,7 +463,7 @@ def test_a_time_budget_stops_in_time_to_save_a_checkpoint_and_says_how_to_resume
     monkeypatch.setattr(interruptions, "PROCESS_START", time.monotonic() - 597)
     monkeypatch.setattr(interruptions, "FIRST_SAVE_SECONDS", 5.0)
     exit_code, message = through_cli(smoke_argv(out, *RUN_ARGV, "--time_budget", "10m"), caplog)
-    assert exit_code == training.TIME_BUDGET_EXIT_CODE == 75
+    assert exit_code == loop.TIME_BUDGET_EXIT_CODE == 75
     assert message == ("Training interrupted at step 1 (--time_budget nearly spent; latest checkpoint checkpoint-1); "
                        "resume with the same arguments: add --resume_from_checkpoint latest")
     assert checkpoints.latest_complete_checkpoint(out) == str(out / "checkpoint-1") and not (out / "final").exists()

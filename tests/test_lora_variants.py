@@ -10,7 +10,7 @@ from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM
 
 import common
-import errors
+from cli import errors
 import train_qlora
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import common
-import errors
-import galore_optimizer
+from cli import errors
+from fastpath import galore_8bit
 import train_galore
 import train_qlora
 
@@ -90,7 +90,7 @@ def galore_model(tiny_model_dir):
 
 def test_build_optimizer_projects_the_attention_and_mlp_weights(galore_model):
     optimizer = train_galore.build_optimizer(galore_model, galore_args(), TRAINING)
-    assert isinstance(optimizer, galore_optimizer.galore_adamw8bit())
+    assert isinstance(optimizer, galore_8bit.galore_adamw8bit())
     projected, regular = optimizer.param_groups
     assert projected["rank"] == 8 and projected["proj_type"] == "std"
     layers = galore_model.config.num_hidden_layers
@@ -119,7 +119,7 @@ def _prepared_as_sft_trainer_does(model_dir, keep_embeddings: bool):
     """A 4-bit bf16 model through trl 0.8.6 SFTTrainer's own steps on a GPU (peft's k-bit preparation, LoRA, the cast
     back to bf16), with or without override 15. On the CPU SFTTrainer skips them (it takes 4-bit weights on the CPU
     for sharded QLoRA), so the test takes the steps itself, through the name SFTTrainer looks up."""
-    import kbit_preparation
+    from fastpath import kbit_embeddings
     from peft import get_peft_model
     from trl.trainer import sft_trainer
 
@@ -127,7 +127,7 @@ def _prepared_as_sft_trainer_does(model_dir, keep_embeddings: bool):
                                              "cpu", "eager")
     embedding = model.get_input_embeddings().weight
     before = embedding.detach()  # keeps the loaded storage alive: a copy cannot land at its address
-    with kbit_preparation.embeddings_stay_16bit(keep_embeddings) as installed:
+    with kbit_embeddings.embeddings_stay_16bit(keep_embeddings) as installed:
         model = sft_trainer.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     assert installed == keep_embeddings
     model = get_peft_model(model, train_qlora.LoraArguments().peft_config())
@@ -154,8 +154,8 @@ def test_trainer_keeps_the_bf16_embedding_without_a_float32_copy(tiny_model_dir)
 def test_qlora_builds_its_trainer_inside_override_15_with_the_run_s_bf16(tiny_model_dir, tmp_path, monkeypatch):
     import contextlib
 
-    import batching
-    import kbit_preparation
+    from records import batching
+    from fastpath import kbit_embeddings
 
     class Built(Exception):
         pass
@@ -174,7 +174,7 @@ def test_qlora_builds_its_trainer_inside_override_15_with_the_run_s_bf16(tiny_mo
         assert entered == [training_args.bf16], "the trainer is built inside embeddings_stay_16bit(bf16)"
         raise Built
 
-    monkeypatch.setattr(kbit_preparation, "embeddings_stay_16bit", spy)
+    monkeypatch.setattr(kbit_embeddings, "embeddings_stay_16bit", spy)
     monkeypatch.setattr(batching, "build_trainer", build_trainer)
     with pytest.raises(Built):
         train_qlora.main(*train_qlora.parse_args(["--model_name_or_path", str(tiny_model_dir), "--smoke",

@@ -6,10 +6,8 @@ import math
 
 import pytest
 import torch
+from fastpath import chunked_loss, rms_norm
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-import fused
-import overrides
 
 
 def small_gemma(**overrides) -> Gemma3ForCausalLM:
@@ -45,9 +43,9 @@ def test_chunked_loss_matches_stock_loss_and_gradients(softcap, chunk_tokens, co
     stock = small_gemma(final_logit_softcapping=softcap)
     chunked = copy.deepcopy(stock)
     # The compiled form, traced by dynamo and run without inductor's code generation (the GPU runs that).
-    monkeypatch.setattr(fused, "compiled_chunk_loss_and_grad", lambda: torch.compile(
-        fused.chunk_loss_and_grad, backend="aot_eager", dynamic=True))
-    assert overrides.use_chunked_loss(chunked, chunk_tokens=chunk_tokens, compiled_chunks=compiled)
+    monkeypatch.setattr(chunked_loss, "compiled_chunk_loss_and_grad", lambda: torch.compile(
+        chunked_loss.chunk_loss_and_grad, backend="aot_eager", dynamic=True))
+    assert chunked_loss.use_chunked_loss(chunked, chunk_tokens=chunk_tokens, compiled_chunks=compiled)
 
     stock_loss, stock_grads = loss_and_grads(stock)
     chunked_loss, chunked_grads = loss_and_grads(chunked)
@@ -62,7 +60,7 @@ def test_chunked_loss_matches_stock_loss_and_gradients(softcap, chunk_tokens, co
 def test_chunked_loss_divides_by_the_trainers_token_count_under_accumulation():
     stock = small_gemma()
     chunked = copy.deepcopy(stock)
-    overrides.use_chunked_loss(chunked, chunk_tokens=16)
+    chunked_loss.use_chunked_loss(chunked, chunk_tokens=16)
     count = torch.tensor(250)
     stock_loss, _ = loss_and_grads(stock, num_items_in_batch=count)
     chunked_loss, _ = loss_and_grads(chunked, num_items_in_batch=count)
@@ -71,7 +69,7 @@ def test_chunked_loss_divides_by_the_trainers_token_count_under_accumulation():
 
 def test_chunked_loss_without_gradients_and_returns_no_logits():
     model = small_gemma()
-    overrides.use_chunked_loss(model)
+    chunked_loss.use_chunked_loss(model)
     input_ids, labels = batch()
     with torch.no_grad():
         output = model(input_ids=input_ids, labels=labels)
@@ -114,8 +112,8 @@ def test_stock_fp16_paths_go_nan_where_ours_stays_finite():
 
     # Ours: the scripts' fp16 path (fp32 weights, fp16 autocast, fp32 residual stream, chunked loss).
     ours = copy.deepcopy(reference)
-    assert overrides.fuse_rms_norms(ours, fp32_residual=True) == 2 * 4 + 1 + 2 * 2  # 4 per layer, final, q/k norms
-    overrides.use_chunked_loss(ours)
+    assert rms_norm.fuse_rms_norms(ours, fp32_residual=True) == 2 * 4 + 1 + 2 * 2  # 4 per layer, final, q/k norms
+    chunked_loss.use_chunked_loss(ours)
     with torch.autocast("cpu", dtype=torch.float16):
         loss = ours(input_ids=input_ids, labels=labels).loss
     loss.backward()
@@ -127,7 +125,7 @@ def test_stock_fp16_paths_go_nan_where_ours_stays_finite():
 def test_fp32_residual_patch_changes_nothing_in_float32():
     stock = small_gemma()
     patched = copy.deepcopy(stock)
-    overrides.fuse_rms_norms(patched, fp32_residual=True)
+    rms_norm.fuse_rms_norms(patched, fp32_residual=True)
     stock_loss, stock_grads = loss_and_grads(stock)
     patched_loss, patched_grads = loss_and_grads(patched)
     assert torch.equal(stock_loss, patched_loss)

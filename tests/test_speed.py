@@ -9,12 +9,10 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-import arguments
-import batching
-import fused
-import galore_optimizer
-import overrides
-import varlen
+from cli import arguments
+from records import batching
+from fastpath import chunked_loss, guards, lora_4bit, rms_norm, varlen_attention
+from fastpath import galore_8bit
 
 
 def small_gemma(layers: int = 2, **changes) -> Gemma3ForCausalLM:
@@ -41,7 +39,7 @@ def small_gemma(layers: int = 2, **changes) -> Gemma3ForCausalLM:
 def test_fused_rms_norm_matches_gemmas_in_value_and_gradient():
     stock = small_gemma()
     fused = copy.deepcopy(stock)
-    assert overrides.fuse_rms_norms(fused) == 2 * 6 + 1  # 4 per layer + q/k norms, and the final one
+    assert rms_norm.fuse_rms_norms(fused) == 2 * 6 + 1  # 4 per layer + q/k norms, and the final one
 
     input_ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(1))
     results = []
@@ -58,8 +56,8 @@ def test_fused_rms_norm_output_dtype_follows_the_fp32_residual_setting():
     norm = small_gemma().model.norm  # float32 weights
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     plain, residual = copy.deepcopy(norm), copy.deepcopy(norm)
-    overrides.fuse_rms_norms(plain)
-    overrides.fuse_rms_norms(residual, fp32_residual=True)
+    rms_norm.fuse_rms_norms(plain)
+    rms_norm.fuse_rms_norms(residual, fp32_residual=True)
     assert plain(x).dtype == torch.bfloat16  # as Gemma's: back to the input's dtype
     assert residual(x).dtype == torch.float32
 
@@ -102,7 +100,7 @@ def lora_loss_and_grads(model, seed: int):
 def test_fused_lora_4bit_matches_peft_without_dropout(keep_weight, tmp_path):
     stock = quantized_lora_model(tmp_path, dropout=0.0)
     fused = copy.deepcopy(stock)
-    assert overrides.fuse_lora_4bit(fused, keep_dequantized_weight=keep_weight) == 2 * 7
+    assert lora_4bit.fuse_lora_4bit(fused, keep_dequantized_weight=keep_weight) == 2 * 7
 
     stock_loss, stock_grads = lora_loss_and_grads(stock, seed=0)
     fused_loss, fused_grads = lora_loss_and_grads(fused, seed=0)
@@ -117,7 +115,7 @@ def test_fused_lora_4bit_dropout_gradients_match_an_autograd_reference(tmp_path)
     """With dropout the masks differ from peft's draws, so the reference is autograd over the same mask."""
     model = quantized_lora_model(tmp_path, dropout=0.3)
     layer = next(m for m in model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A"))
-    overrides.fuse_lora_4bit(model, keep_dequantized_weight=False)
+    lora_4bit.fuse_lora_4bit(model, keep_dequantized_weight=False)
     layer.train()
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     x = torch.randn(5, a.shape[1], requires_grad=True)
@@ -144,7 +142,7 @@ def test_fused_lora_4bit_dropout_gradients_match_an_autograd_reference(tmp_path)
 
 def test_fused_lora_4bit_leaves_disabled_adapters_to_peft(tmp_path):
     model = quantized_lora_model(tmp_path, dropout=0.0)
-    overrides.fuse_lora_4bit(model, keep_dequantized_weight=False)
+    lora_4bit.fuse_lora_4bit(model, keep_dequantized_weight=False)
     input_ids = torch.randint(3, 300, (1, 12))
     with torch.no_grad():
         with_adapter = model(input_ids=input_ids).logits
@@ -157,7 +155,7 @@ def test_fused_lora_4bit_after_an_eval_pass_still_trains_right(tmp_path):
     """Samples are generated before training (eval mode, no grad): bitsandbytes may repack CPU weights then."""
     stock = quantized_lora_model(tmp_path, dropout=0.0)
     fused = copy.deepcopy(stock)
-    overrides.fuse_lora_4bit(fused, keep_dequantized_weight=False)
+    lora_4bit.fuse_lora_4bit(fused, keep_dequantized_weight=False)
     input_ids = torch.randint(3, 300, (1, 12))
     for model in (stock, fused):
         model.eval()
@@ -285,7 +283,7 @@ def varlen_against_masked(device: str, dtype, sliding_window: int, lengths=(300,
     for packed, autocast in ((False, False), (False, True), (True, True)):
         copy_ = copy.deepcopy(model)
         if packed:
-            overrides.use_varlen_attention()
+            assert varlen_attention.use_varlen_attention(copy_)
         with torch.autocast(device, dtype=dtype, enabled=autocast):
             loss = copy_(**(batch if packed else masked)).loss
         loss.backward()
@@ -316,7 +314,7 @@ def test_varlen_attention_matches_masked_sdpa_on_the_gpu(sliding_window, gpu, mo
 def test_fused_rms_norm_in_bfloat16_stays_within_bfloat16_rounding():
     stock = small_gemma().model.layers[0].input_layernorm
     fused = copy.deepcopy(stock)
-    overrides.fuse_rms_norms(fused)
+    rms_norm.fuse_rms_norms(fused)
     x = (torch.randn(64, 64) * 3).to(torch.bfloat16)
     reference = stock(x.float())  # Gemma's norm, all in float32
     for output in (stock(x), fused(x)):
@@ -335,7 +333,7 @@ def test_one_kernel_dequantization_equals_bitsandbytes(tmp_path):
     assert state.nested, "train_qlora uses double quantization: the case worth testing"
     expected = bnb_functional.dequantize_4bit(base.weight, state).to(torch.float32)
     for _ in range(2):  # the second call uses the kept scales
-        torch.testing.assert_close(fused.dequantize_4bit(base.weight, state, torch.float32), expected, rtol=0, atol=0)
+        torch.testing.assert_close(lora_4bit.dequantize_4bit(base.weight, state, torch.float32), expected, rtol=0, atol=0)
     assert state.float32_absmax.dtype == torch.float32
 
 
@@ -346,10 +344,10 @@ def test_dequantization_in_plain_operations_equals_bitsandbytes(tmp_path):
     for base in layers[:7]:
         state = base.weight.quant_state
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            expected = fused.dequantize_4bit(base.weight, state, dtype)
+            expected = lora_4bit.dequantize_4bit(base.weight, state, dtype)
             with pytest.MonkeyPatch.context() as patch:  # the plain operations must run, not fall back to the op
-                patch.setattr(fused, "dequantize_4bit", None)
-                actual = fused.dequantize_4bit_traced(base.weight, state, dtype)
+                patch.setattr(lora_4bit, "dequantize_4bit", None)
+                actual = lora_4bit.dequantize_4bit_traced(base.weight, state, dtype)
             torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
@@ -360,16 +358,16 @@ def test_dequantization_in_plain_operations_equals_bitsandbytes(tmp_path):
 
 @pytest.fixture
 def transformers_moved_on(monkeypatch):
-    real = overrides.installed_version
-    monkeypatch.setattr(overrides, "installed_version",
+    real = guards.installed_version
+    monkeypatch.setattr(guards, "installed_version",
                         lambda name: "9.0.0" if name in ("transformers", "peft", "galore-torch") else real(name))
 
 
 def test_a_moved_transformers_keeps_the_stock_norms_and_loss(transformers_moved_on, caplog):
     model = small_gemma()
     stock_forward = model.forward
-    assert overrides.fuse_rms_norms(model) == 0
-    assert overrides.use_chunked_loss(model) is False
+    assert rms_norm.fuse_rms_norms(model) == 0
+    assert chunked_loss.use_chunked_loss(model) is False
     assert model.forward == stock_forward and "forward" not in vars(model.model.norm)
     assert "written for transformers 4.57.*, found 9.0.0; using the stock path" in caplog.text
 
@@ -383,23 +381,23 @@ def test_a_moved_peft_keeps_peft_s_lora_layers(transformers_moved_on, tiny_model
     precision = common.Precision(False, False, torch.float32, "test")
     model = get_peft_model(train_qlora.load_quantized_model(str(tiny_model_dir), precision, "cpu", "sdpa"),
                            LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-    assert overrides.fuse_lora_4bit(model, keep_dequantized_weight=False) == 0
+    assert lora_4bit.fuse_lora_4bit(model, keep_dequantized_weight=False) == 0
 
 
 def test_a_moved_galore_torch_gets_its_stock_optimizer(transformers_moved_on):
     from galore_torch import GaLoreAdamW8bit
 
-    assert galore_optimizer.galore_adamw8bit() is GaLoreAdamW8bit
+    assert galore_8bit.galore_adamw8bit() is GaLoreAdamW8bit
 
 
 @pytest.mark.parametrize("moved", ["version", "no cast back"])
 def test_a_moved_trl_keeps_its_k_bit_preparation(moved, monkeypatch, caplog):
-    import kbit_preparation
+    from fastpath import kbit_embeddings
     from trl.trainer import sft_trainer
 
     if moved == "version":
-        real = overrides.installed_version
-        monkeypatch.setattr(overrides, "installed_version", lambda name: "0.9.0" if name == "trl" else real(name))
+        real = guards.installed_version
+        monkeypatch.setattr(guards, "installed_version", lambda name: "0.9.0" if name == "trl" else real(name))
         expected = "written for trl 0.8.6*, found 0.9.0; using the stock path"
     else:  # an SFTTrainer that prepares the model but no longer casts the embeddings back to bf16
         class Trainer:
@@ -409,16 +407,14 @@ def test_a_moved_trl_keeps_its_k_bit_preparation(moved, monkeypatch, caplog):
         monkeypatch.setattr(sft_trainer, "SFTTrainer", Trainer)
         expected = "no longer calls ['peft_module_casting_to_bf16']; using the stock path"
     stock = sft_trainer.prepare_model_for_kbit_training
-    with kbit_preparation.embeddings_stay_16bit(True) as installed:
+    with kbit_embeddings.embeddings_stay_16bit(True) as installed:
         assert not installed and sft_trainer.prepare_model_for_kbit_training is stock
     assert expected in caplog.text
 
 
 def test_a_private_attention_op_that_changed_keeps_stock_sdpa(monkeypatch, caplog):
-    monkeypatch.setattr(varlen, "FLASH_ARGUMENTS", (*varlen.FLASH_ARGUMENTS, "an_argument_torch_dropped"))
-    overrides.use_varlen_attention.cache_clear()
-    try:
-        assert overrides.use_varlen_attention() is False
-    finally:
-        overrides.use_varlen_attention.cache_clear()
+    monkeypatch.setattr(varlen_attention, "FLASH_ARGUMENTS", (*varlen_attention.FLASH_ARGUMENTS, "an_argument_torch_dropped"))
+    model = small_gemma()
+    assert varlen_attention.use_varlen_attention(model) is False
+    assert model.config._attn_implementation == "sdpa"
     assert "lacks ['an_argument_torch_dropped']; using stock SDPA with a mask" in caplog.text

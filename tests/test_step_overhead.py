@@ -5,13 +5,13 @@ import copy
 
 import torch
 
-import step_overhead
+from fastpath import flops_once, skip_train
 from test_speed import small_gemma
 
 
 def test_train_returns_at_once_while_all_is_training_and_runs_the_stock_walk_otherwise():
     model = small_gemma()
-    step_overhead.skip_train_when_training(model)
+    skip_train.skip_train_when_training(model)
     walks = []
     layer = model.model.layers[0]
     stock_train = layer.train
@@ -44,7 +44,7 @@ def test_flops_count_equals_transformers_and_counts_parameters_once(monkeypatch)
     counts = []
     stock_count = model.num_parameters
     monkeypatch.setattr(model, "num_parameters", lambda **kwargs: counts.append(kwargs) or stock_count(**kwargs))
-    step_overhead.count_parameters_once(model)
+    flops_once.count_parameters_once(model)
     assert [model.floating_point_ops(batch) for _ in range(3)] == [expected] * 3
     assert model.floating_point_ops({"input_ids": torch.ones(1, 10, dtype=torch.long)}) == expected // 12
     assert len(counts) == 1

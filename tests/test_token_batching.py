@@ -6,10 +6,10 @@ import random
 import pytest
 from safetensors.torch import load_file
 
-import arguments
-import batching
-import errors
-import reports
+from cli import arguments
+from records import batching
+from cli import errors
+from training import reports
 import train_galore
 
 

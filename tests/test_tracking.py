@@ -67,7 +67,7 @@ def test_the_loss_reaches_trackios_local_store(tmp_path):
 def test_a_tracker_that_is_not_installed_is_refused_before_anything_loads(tmp_path, caplog):
     import importlib.util
 
-    import command_line
+    from cli import command_line
 
     assert importlib.util.find_spec("mlflow") is None, "the test needs a tracker that is not installed"
     argv = ["--smoke", "--output_dir", str(tmp_path / "run"), "--report_to", "mlflow"]

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 import common
-import reports
-import arguments
-import data
-import errors
+from training import reports
+from cli import arguments
+from records import data
+from cli import errors
 import train_galore
 import train_qlora
 from conftest import REPO_ROOT

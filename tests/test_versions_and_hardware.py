@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import common
-import data
-import errors
-import versions
+from records import data
+from cli import errors
+from cli import versions
 
 REPO_ROOT = versions.PROJECT_DIR.parent
 

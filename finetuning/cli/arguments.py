@@ -1,0 +1,392 @@
+"""The arguments both scripts take: dataclasses, defaults, parsing the command line (a config file first, read by
+config_files.py; --help written by help_text.py), and the checks that span several flags. Also `run_cli`, which
+turns a user's mistake into one message and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from cli.config_files import CONFIG_SUFFIXES, config_argv, read_config_file
+from cli.errors import UserInputError
+from cli.help_text import HELP_GROUPS, HelpFormatter, write_help
+from cli.smoke_flags import parse_smoke
+from fastpath.switches import SWITCHES, parse_fast_path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "google/gemma-3-1b-it"
+DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=DEFAULT_MODEL,
+        metadata={"help": "A hub id or a local folder with a causal LM (config.json + weights)."},
+    )
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={"help": "Attention kernel: 'sdpa' (PyTorch's fused attention; Gemma 3 has no attention softcapping "
+                  "that would need 'eager'), 'eager' or 'flash_attention_2'."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run Python code shipped with the model. Off: Gemma needs none, and it runs anything."},
+    )
+    compile_layers: str = field(
+        default="auto",
+        metadata={"help": "torch.compile each decoder layer: fewer, fused GPU kernels. The first run on a machine "
+                  "waits about a minute for the compiler; later runs read its cache. 'auto' (on for packed batches on "
+                  "an NVIDIA GPU of compute capability 8.0 or newer), 'yes' or 'no'."},
+    )
+    offload_activations: str = field(
+        default="auto",
+        metadata={"help": "Keep each checkpointed layer input in pinned CPU memory until the backward pass: less GPU "
+                  "memory. 'auto' (on a GPU, one process, packed batches, checkpointing on), 'yes' or 'no'."},
+    )
+    fast_path: str = field(
+        default="all",
+        metadata={"help": "The toolkit's overrides of library internals that make training fast: 'all', 'none' (the "
+                  "stock trl/peft/transformers path; three fixes stay on), or a comma list: names turn a switch on, "
+                  "-name off, e.g. all,-compile_layers. Switches: " + ", ".join(SWITCHES) + " (docs/architecture.md)."},
+    )
+
+    def __post_init__(self):
+        parse_fast_path(self.fast_path)  # an unknown switch is refused while parsing
+    smoke: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the whole pipeline on the CPU with a tiny random Gemma 3 (no download, under a minute): "
+            "load, format, train a few steps, save, reload, generate. Writes to its own folder unless --output_dir "
+            "is given on the command line, and never replaces a run it did not write."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "A hub data set id, or a local .json/.jsonl/.csv/.parquet file of instruction/input/output "
+            "records. Default: the small data set shipped with the toolkit."
+        },
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Which split of a hub data set to train on."})
+    max_seq_length: int = field(
+        default=1024, metadata={"help": "Longest training sequence in tokens; longer ones are cut."}
+    )
+    max_train_samples: Optional[int] = field(
+        default=None, metadata={"help": "Train on the first N records only (for quick tries)."}
+    )
+    data_format: str = field(
+        default="auto",
+        metadata={"help": "alpaca (instruction/input/output), chat (messages), sharegpt (conversations), text, "
+                  "or auto: told by the first record's fields."},
+    )
+    instruction_column: str = field(default="instruction", metadata={"help": "Column holding the instruction."})
+    input_column: str = field(default="input", metadata={"help": "Column holding the optional input."})
+    output_column: str = field(default="output", metadata={"help": "Column holding the answer."})
+    messages_column: str = field(default="messages", metadata={"help": "Column holding chat messages."})
+    text_column: str = field(default="text", metadata={"help": "Column holding plain training text."})
+    completion_only_loss: bool = field(
+        default=True,
+        metadata={"help": "Learn from the answers only (prompt tokens masked out of the loss). "
+                  "Off: learn the prompts too. Plain-text data has no prompt and always trains on everything."},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack several records into each --max_seq_length block (trl's ConstantLengthDataset). "
+                  "Needs --completion_only_loss false, and packed records attend to each other."},
+    )
+    max_tokens_per_batch: Optional[int] = field(
+        default=None,
+        metadata={"help": "Batch by tokens: a micro-batch holds as many records as fit this many tokens, spreading "
+                  "a step's fixed cost over many short records (--per_device_train_batch_size is ignored). Default, "
+                  "given no batch flag (this, --per_device_train_batch_size, --packing, --padding_free, "
+                  "--gradient_accumulation_steps, --auto_find_batch_size): packed rows, 32768 tokens on a GPU of "
+                  "20 GiB or more, 8192 (QLoRA) or 4096 (GaLore) below; fewer where an epoch would have < 32 steps."},
+    )
+    padding_free: bool = field(
+        default=True,
+        metadata={"help": "With --max_tokens_per_batch: pack records into rows of --max_seq_length tokens with no "
+                  "padding between them, each record attending only to itself (position ids restart per record). "
+                  "False: batches of records of similar length, padded."},
+    )
+    eval_split_ratio: float = field(
+        default=0.0, metadata={"help": "Hold out this share of the records (e.g. 0.05) to measure eval loss and perplexity."}
+    )
+    eval_file: Optional[str] = field(
+        default=None, metadata={"help": "A separate file of evaluation records (same formats as --dataset_name)."}
+    )
+    auto_batch: bool = field(default=False, init=False)  # not a flag: set by parse_arguments, read by auto_batch.py
+
+    def __post_init__(self):
+        if self.max_seq_length < 16:
+            raise UserInputError(
+                f"--max_seq_length {self.max_seq_length} is too small: a prompt and an answer need at least "
+                "a few dozen tokens. Use 512 to 2048."
+            )
+        if self.data_format not in DATA_FORMATS:
+            raise UserInputError(f"--data_format {self.data_format!r} is not one of {', '.join(DATA_FORMATS)}.")
+        if not 0 <= self.eval_split_ratio < 1:
+            raise UserInputError(f"--eval_split_ratio must be in [0, 1), got {self.eval_split_ratio}. Typical: 0.05.")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise UserInputError(f"--max_train_samples must be 1 or more, got {self.max_train_samples}.")
+
+    @property
+    def packs_without_padding(self) -> bool:
+        """Batches of packed rows, each record attending only to itself (variable-length attention)."""
+        return self.max_tokens_per_batch is not None and self.padding_free
+
+
+@dataclass
+class ReportArguments:
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Load and format the data, show two examples with the masked part marked, token-length "
+                  "statistics and the effective batch size; load no model weights, train nothing."},
+    )
+    num_sample_prompts: int = field(
+        default=3, metadata={"help": "Prompts answered before and after training, written to samples.md (0: none)."}
+    )
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of each sample answer, in tokens."})
+    time_budget: Optional[str] = field(
+        default=None,
+        metadata={"help": "How long this run may take from its start, e.g. 80m, 1h30m, 45m (free Colab ends a "
+                  "session after a few hours). Training stops early enough to save a checkpoint, then prints the "
+                  "command that resumes it."},
+    )
+
+    def __post_init__(self):
+        if self.time_budget is not None:
+            self.time_budget_seconds  # refuses a malformed budget while parsing
+
+    @property
+    def time_budget_seconds(self) -> Optional[float]:
+        if self.time_budget is None:
+            return None
+        text = self.time_budget.strip().lower().replace(" ", "")
+        match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s)?", text)
+        seconds = (float(match[1] or 0) * 3600 + float(match[2] or 0) * 60 + float(match[3] or 0)) if match else 0
+        if not seconds:
+            raise UserInputError(
+                f"--time_budget {self.time_budget!r} is not a duration: write hours, minutes and seconds like 80m, "
+                "1h30m or 90s (a positive time)."
+            )
+        return seconds
+
+
+# Training defaults both scripts share; each script adds its own. Every one can be overridden by its flag.
+SHARED_TRAINING_DEFAULTS = dict(
+    lr_scheduler_type="cosine",
+    warmup_ratio=0.03,
+    num_train_epochs=1,
+    # Batches of similar lengths: real instruction data is short and uneven, and padding is wasted compute.
+    group_by_length=True,
+    gradient_checkpointing=True,
+    # Non-reentrant checkpointing works with frozen 4-bit inputs without enable_input_require_grads tricks.
+    gradient_checkpointing_kwargs={"use_reentrant": False},
+    # Under DDP: every trainable weight gets a gradient each step, so DDP need not search the graph for unused ones
+    # (the Trainer's default for a peft model), which costs a pass per step and fails with checkpointing.
+    ddp_find_unused_parameters=False,
+    logging_steps=10,
+    # The Trainer's filter logs a NaN step's loss as the running average (0.0 at the first step), which hides
+    # exactly what the NaN guard (training.StopOnNonFiniteLoss) looks for.
+    logging_nan_inf_filter=False,
+    save_strategy="steps",
+    save_steps=200,
+    save_total_limit=2,
+    eval_strategy="no",
+    # --report_to trackio keeps its runs on this machine (TRACKIO_DIR); transformers' default would create a
+    # Hugging Face Space named "trackio" and upload to it. --trackio_space_id USER/NAME still deploys one.
+    trackio_space_id=None,
+    project="gemma-finetuning",  # trackio's project (the Trainer's default is "huggingface")
+)
+
+# --report_to names whose package is named otherwise
+TRACKER_PACKAGES = {"azure_ml": "azureml", "flyte": "flytekit"}
+
+BATCH_FLAGS = frozenset({"max_tokens_per_batch", "per_device_train_batch_size", "gradient_accumulation_steps",
+                         "packing", "padding_free", "auto_find_batch_size"})  # given none, auto_batch.py chooses
+
+# Flags users bring from older tutorials; transformers 4.46 renamed or removed them.
+RENAMED_FLAGS = {
+    "--evaluation_strategy": "--eval_strategy",
+    "--max_seq_len": "--max_seq_length",
+    "--model_name": "--model_name_or_path",
+    "--dataset": "--dataset_name",
+    "--no_cuda": "--use_cpu",
+    # A token on the command line ends up in shell history, notebooks and training_args.bin.
+    "--hub_token": "the HF_TOKEN environment variable (or a Colab secret named HF_TOKEN)",
+}
+
+
+class _Parser(HfArgumentParser):
+    def __init__(self, dataclass_types, **kwargs):
+        super().__init__(dataclass_types, formatter_class=HelpFormatter, **kwargs)
+        self._group_by_dataclass()
+
+    def error(self, message):  # argparse would print the whole usage and raise SystemExit
+        raise UserInputError(f"{message}. Run with --help to list every flag.")
+
+    def action_for(self, arg: str) -> Optional[argparse.Action]:
+        """The flag's action for a command-line word (`--flag` or `--flag=value`); None for a value."""
+        return self._option_string_actions.get(arg.split("=", 1)[0]) if arg.startswith("--") else None
+
+    def _group_by_dataclass(self) -> None:
+        """One --help section per dataclass: HfArgumentParser puts all 170 flags in one list."""
+        by_dest: dict = {}
+        for action in self._optionals._group_actions:
+            by_dest.setdefault(action.dest, []).append(action)
+        for dtype in self.dataclass_types:
+            group = self.add_argument_group(HELP_GROUPS.get(dtype.__name__, dtype.__name__))
+            for dataclass_field in dataclasses.fields(dtype):
+                for action in by_dest.pop(dataclass_field.name, []):
+                    self._optionals._group_actions.remove(action)
+                    group._group_actions.append(action)
+
+
+def parse_arguments(script_arguments: type, defaults: Mapping[str, Any], argv: Sequence[str]) -> tuple:
+    """(model, data, report, script, training) arguments from the command line, or a .json/.yaml config file
+    given first with flags after it that override it.
+
+    An unknown flag is an error; a flag known under another name says which; a flag given twice on the
+    command line is an error (after a config file, a flag overriding one of its keys is not).
+    `defaults` are the script's own defaults for TrainingArguments fields.
+    """
+    argv = [str(arg) for arg in argv]
+    config: dict = {}
+    if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
+        config, argv = read_config_file(Path(argv[0])), argv[1:]
+    for arg in config_argv(config) + argv:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--"):
+            flag = "--" + flag[2:].replace("-", "_")  # HfArgumentParser also takes --hub-token
+        if flag in RENAMED_FLAGS:
+            raise UserInputError(f"{flag} is not a flag of this toolkit: use {RENAMED_FLAGS[flag]} instead.")
+    parser = _Parser((ModelArguments, DataArguments, ReportArguments, script_arguments, TrainingArguments),
+                     allow_abbrev=False)
+    parser.set_defaults(report_to=default_report_to(), **defaults)
+    write_help(parser, script_arguments, defaults, RENAMED_FLAGS)
+    _refuse_repeated_flags(parser, argv)
+    # argparse alone, before TrainingArguments checks --bf16 against the machine: --smoke overrides that.
+    namespace = parser.parse_known_args(config_argv(config) + argv)[0]
+    if namespace.smoke:
+        return parse_smoke(parser, lambda args: _parse(parser, args), defaults, config, argv, namespace)
+    parsed = _parse(parser, config_argv(config) + argv)
+    given = {getattr(parser.action_for(arg), "dest", None) for arg in config_argv(config) + argv}  # and the file's keys
+    parsed[1].auto_batch = not given & BATCH_FLAGS  # by name, not value: a flag given at its default is still chosen
+    return parsed
+
+
+def _refuse_repeated_flags(parser: _Parser, argv: Sequence[str]) -> None:
+    """argparse keeps the last of a flag given twice, silently: one of the two values was a mistake."""
+    seen: dict = {}
+    for arg in argv:
+        if arg == "--":
+            break
+        action = parser.action_for(arg)
+        if action is None or action.dest == "help":
+            continue
+        flag = arg.split("=", 1)[0]
+        if action.dest in seen:  # named without their values, which may be secrets
+            first = seen[action.dest]
+            spelt = f"{flag} is" if first == flag else f"{first} and {flag} are the same flag,"
+            raise UserInputError(
+                f"{spelt} given twice on the command line: only one value can apply. Keep one of them "
+                "(to override a config file's key, give the flag once, after the file)."
+            )
+        seen[action.dest] = flag
+
+
+def _parse(parser, argv: list[str]) -> tuple:
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(
+            args=argv, look_for_args_file=False, return_remaining_strings=True
+        )
+    except UserInputError:
+        raise
+    except ValueError as e:
+        raise UserInputError(f"{e}. Run with --help to list every flag.") from e
+    if unknown:  # named without their values, which may be secrets
+        flags = [a.split("=", 1)[0] for a in unknown if a.startswith("-")] or ["(a value without a flag)"]
+        raise UserInputError(f"Unknown flag(s): {', '.join(flags)}. Run with --help to list every flag.")
+    return tuple(parsed)
+
+
+def parse_flags(dataclass_types: tuple, argv: Sequence[str]) -> tuple:
+    """A small script's own flags (no TrainingArguments), with the training scripts' rules: an unknown or repeated
+    flag is an error, and a missing or malformed one is a UserInputError rather than argparse's exit."""
+    parser = _Parser(dataclass_types, allow_abbrev=False)
+    argv = [str(arg) for arg in argv]
+    _refuse_repeated_flags(parser, argv)
+    return _parse(parser, argv)
+
+
+def default_report_to() -> str:
+    """TensorBoard logs where tensorboard is installed (Colab has it), none otherwise."""
+    return "tensorboard" if importlib.util.find_spec("tensorboard") is not None else "none"
+
+
+# ---------------------------------------------------------------------------
+# Checks that span several flags: run first in each script's main, before anything loads
+# ---------------------------------------------------------------------------
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """Reject values and combinations that would only fail (or waste GPU time) later."""
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        value = getattr(training_args, name)
+        if value < 1:
+            raise UserInputError(f"--{name} must be 1 or more, got {value}.")
+    if not training_args.learning_rate > 0 or not math.isfinite(training_args.learning_rate):
+        raise UserInputError(
+            f"--learning_rate must be a positive number, got {training_args.learning_rate}. "
+            "Typical: 2e-4 for QLoRA, 1e-5 for GaLore."
+        )
+    if training_args.max_steps == 0 or (training_args.max_steps < 0 and training_args.num_train_epochs <= 0):
+        raise UserInputError("Nothing to train: set --max_steps to 1 or more, or --num_train_epochs above 0.")
+    if not training_args.save_safetensors:
+        raise UserInputError("--save_safetensors false: this toolkit saves and loads weights as safetensors only (a "
+                             "pickled .bin can run code when loaded). Leave the flag out.")
+    if training_args.save_only_model:
+        raise UserInputError("--save_only_model: checkpoints without the optimizer and scheduler state cannot be "
+                             "resumed, and resuming is what they are for here. Leave the flag out; OUTPUT_DIR/final "
+                             "holds the model alone either way.")
+    for name in ("compile_layers", "offload_activations"):
+        if getattr(model_args, name) not in ("auto", "yes", "no"):
+            raise UserInputError(f"--{name} {getattr(model_args, name)!r}: give auto, yes or no.")
+    if model_args.offload_activations == "yes" and not training_args.gradient_checkpointing:
+        raise UserInputError("--offload_activations yes moves checkpointed layer inputs, and --gradient_checkpointing "
+                             "is off: turn checkpointing on, or leave the offload flag out.")
+    if data_args.eval_split_ratio and data_args.eval_file:
+        raise UserInputError("Give either --eval_split_ratio or --eval_file, not both.")
+    if data_args.max_tokens_per_batch is not None:
+        if data_args.packing:
+            raise UserInputError("--max_tokens_per_batch and --packing both set the batch shape: choose one.")
+        if data_args.max_tokens_per_batch < data_args.max_seq_length:
+            raise UserInputError(
+                f"--max_tokens_per_batch {data_args.max_tokens_per_batch} must be at least --max_seq_length "
+                f"{data_args.max_seq_length}, or the longest records fit no batch."
+            )
+    if training_args.eval_strategy != "no" and not (data_args.eval_split_ratio or data_args.eval_file):
+        raise UserInputError(
+            f"--eval_strategy {training_args.eval_strategy.value} needs evaluation records: add --eval_split_ratio "
+            "0.05 (hold out 5% of the records) or --eval_file FILE, or set --eval_strategy no."
+        )
+    if training_args.eval_strategy == "no" and (data_args.eval_split_ratio or data_args.eval_file):
+        logger.info("Evaluation data given and --eval_strategy no: evaluating once, after training.")
+    missing = [t for t in training_args.report_to if importlib.util.find_spec(TRACKER_PACKAGES.get(t, t)) is None]
+    if missing:  # the Trainer would say so only once the model is loaded
+        raise UserInputError(f"--report_to {','.join(missing)}: not installed. pip install -r "
+                             "finetuning/requirements-tracking.txt (tensorboard, wandb, trackio), or --report_to none.")

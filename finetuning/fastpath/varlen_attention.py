@@ -1,0 +1,132 @@
+"""Override 4 (`varlen_attention`): attention over packed rows record by record, with PyTorch's variable-length
+kernels: each record's own causal triangle, not a row x row score matrix under a block-diagonal mask.
+
+The attention function is registered with transformers under its own name (VARLEN_ATTENTION), its mask function as
+SDPA's, and selected on the model's config for the run; nothing else in the process sees it, and the run's end puts
+"sdpa" back and removes the name. Batches without record bounds, the CPU, and sliding windows the kernel cannot express
+run transformers' SDPA function with its mask.
+
+Target: transformers 4.57 (`AttentionInterface`, `AttentionMaskInterface`, `sdpa_attention_forward`); the private
+aten ops `_flash_attention_forward` / `_efficient_attention_forward`, whose argument names are checked first.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from fastpath.guards import found, version_ok
+from fastpath.patches import Patches
+
+logger = logging.getLogger(__name__)
+
+try:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+except ImportError:
+    AttentionInterface = sdpa_attention_forward = ALL_MASK_ATTENTION_FUNCTIONS = AttentionMaskInterface = None
+
+VARLEN_ATTENTION = "gemma_finetuning_varlen_sdpa"
+
+
+def use_varlen_attention(causal_lm, patches: Optional[Patches] = None) -> bool:
+    """Select the variable-length attention on this model (its config's `_attn_implementation`), where it runs SDPA;
+    returns whether it did. The name is registered with transformers until `patches` are restored."""
+    what = "variable-length attention"
+    config = causal_lm.config
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if not (found(sdpa_attention_forward, "transformers' AttentionInterface, AttentionMaskInterface and SDPA", what)
+            and version_ok("transformers", what) and _schema_has("_flash_attention_forward", FLASH_ARGUMENTS)
+            and _schema_has("_efficient_attention_forward", EFFICIENT_ARGUMENTS)):
+        return False
+    patches = patches if patches is not None else Patches()
+    AttentionInterface.register(VARLEN_ATTENTION, _varlen_or_sdpa(sdpa_attention_forward))
+    AttentionMaskInterface.register(VARLEN_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    patches.on_restore(_unregister)
+    config._attn_implementation = VARLEN_ATTENTION
+    patches.on_restore(lambda: setattr(config, "_attn_implementation", "sdpa"))
+    return True
+
+
+def _unregister() -> None:
+    AttentionInterface._global_mapping.pop(VARLEN_ATTENTION, None)
+    AttentionMaskInterface._global_mapping.pop(VARLEN_ATTENTION, None)
+
+
+def _schema_has(op_name: str, names) -> bool:
+    op = getattr(torch.ops.aten, op_name, None)
+    try:
+        present = {argument.name for argument in op.default._schema.arguments}
+    except (AttributeError, RuntimeError):
+        present = set()
+    missing = set(names) - present
+    if missing:
+        logger.warning("variable-length attention: torch.ops.aten.%s lacks %s; using stock SDPA with a mask.",
+                       op_name, sorted(missing))
+    return not missing
+
+
+def _varlen_or_sdpa(sdpa: Callable) -> Callable:
+    def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                          **kwargs):
+        output = attention(query, key, value, dropout, scaling, sliding_window, kwargs)
+        if output is None:
+            return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                        sliding_window=sliding_window, **kwargs)
+        return output, None
+
+    return attention_forward
+
+
+# The argument names the calls below pass by keyword; a torch whose private ops changed them keeps stock SDPA.
+FLASH_ARGUMENTS = ("query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal",
+                   "return_debug_mask", "scale", "window_size_left", "window_size_right")
+EFFICIENT_ARGUMENTS = ("query", "key", "value", "bias", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                       "max_seqlen_k", "dropout_p", "custom_mask_type", "compute_log_sumexp", "scale")
+
+
+
+def attention(query, key, value, dropout, scaling, sliding_window, kwargs) -> Optional[torch.Tensor]:
+    """The packed batch's attention output, [batch, length, heads, dim]; None where stock SDPA must run."""
+    bounds, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if bounds is None or not query.is_cuda or dropout:
+        return None
+    batch, heads, length, head_dim = query.shape
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    flash = torch.cuda.get_device_capability(query.device)[0] >= 8 and head_dim <= 256 and head_dim % 8 == 0
+    if flash:
+        # Flash attention takes the window, and the row length as a bound on the records' lengths that holds: the
+        # same values every step, so that a compiled layer sees nothing new (a window wider than a record changes
+        # nothing in it).
+        window_applies = sliding_window is not None and length > sliding_window
+        longest = length
+    elif sliding_window is not None and longest > sliding_window:
+        return None  # the memory-efficient kernel has no window
+
+    def tokens_first(states):  # [batch, heads, length, dim] -> [batch * length, heads, dim]
+        return states.transpose(1, 2).reshape(batch * length, states.shape[1], head_dim).to(dtype)
+
+    q, k, v = tokens_first(query), tokens_first(key), tokens_first(value)
+    bounds = bounds.to(device=query.device, dtype=torch.int32)
+    if flash:
+        # Gemma's window: a token sees itself and the sliding_window - 1 tokens before it.
+        window = dict(window_size_left=sliding_window - 1, window_size_right=0) if window_applies else {}
+        output = torch.ops.aten._flash_attention_forward(
+            query=q, key=k, value=v, cum_seq_q=bounds, cum_seq_k=bounds, max_q=longest, max_k=longest,
+            dropout_p=0.0, is_causal=True, return_debug_mask=False, scale=scaling, **window,
+        )[0]
+    else:
+        # The memory-efficient kernel wants as many key/value heads as query heads.
+        repeat = heads // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        output = torch.ops.aten._efficient_attention_forward(
+            query=q[None], key=k[None], value=v[None], bias=None, cu_seqlens_q=bounds, cu_seqlens_k=bounds,
+            max_seqlen_q=longest, max_seqlen_k=longest, dropout_p=0.0, custom_mask_type=1,
+            compute_log_sumexp=True, scale=scaling,  # the backward pass needs the log-sum-exp
+        )[0][0]
+    return output.reshape(batch, length, heads, head_dim)

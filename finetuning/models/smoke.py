@@ -1,0 +1,118 @@
+"""The tiny randomly initialised Gemma 3 of --smoke runs and the tests, with a tokenizer trained on the spot.
+
+Also the real gemma-3-1b shapes with random weights, for the bench (bench/make_random_model.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+import transformers
+import sentencepiece
+from transformers import AutoConfig, Gemma3ForCausalLM, Gemma3TextConfig, GemmaTokenizerFast
+
+from cli.errors import UserInputError
+
+# Where a smoke run writes its tiny base model, inside its output dir: also how a smoke run's folder is told from
+# a real run's (training.plan_output_dir).
+SMOKE_MODEL_DIR = "smoke_base_model"
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+# Gemma's chat format for the tiny tokenizer: user and model turns, a system message
+# folded into the first user turn, roles that must alternate.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set prefix = messages[0]['content'] | trim + '\n\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def build_random_gemma(
+    directory: Path,
+    texts: Iterable[str],
+    vocab_size: int = 1024,
+    config_file: Optional[Path] = None,
+    seed: int = 0,
+) -> Path:
+    """Write a tokenizer trained on `texts` and a randomly initialised Gemma 3 to `directory`.
+
+    Without `config_file`, a 2-layer Gemma 3 a few hundred kB in size (the smoke
+    runs and tests); with one (such as the real gemma-3-1b config.json), a model of
+    those shapes, for measuring real cost. The tokenizer has Gemma's special-token
+    ids (<pad>=0, <eos>=1, <bos>=2) and chat turns, so the real loading,
+    formatting and training code runs on it unchanged.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(texts, vocab_size, directory)
+    tokenizer.save_pretrained(directory)
+    if config_file is None:
+        config = Gemma3TextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            max_position_embeddings=2048,
+            sliding_window=64,
+            # As gemma-3-1b (both 256): llama.cpp scales attention by head_dim and ignores this field.
+            query_pre_attn_scalar=32,
+        )
+    else:
+        config = AutoConfig.from_pretrained(Path(config_file).parent)
+        if config.vocab_size < len(tokenizer):
+            raise UserInputError(f"The tokenizer ({len(tokenizer)} tokens) does not fit {config_file}'s vocabulary.")
+    config.pad_token_id = tokenizer.pad_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config)
+    model.save_pretrained(directory)
+    return directory
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, directory: Path) -> transformers.PreTrainedTokenizerFast:
+    """A SentencePiece BPE tokenizer trained on the spot, shaped like Gemma's: its ids (<pad>=0, <eos>=1, <bos>=2,
+    <unk>=3), chat turns as whole pieces, byte fallback, no normalisation and no space prefix. Its
+    `tokenizer.model` is written to `directory`, so llama.cpp's converter reads it as it reads Gemma's (GGUF export).
+    """
+    model_file = directory / "tokenizer.model"
+    with model_file.open("wb") as writer:
+        sentencepiece.SentencePieceTrainer.train(
+            # SentencePiece trains on lines; a newline falls back to its byte, as any character it has not seen.
+            sentence_iterator=(text.replace("\n", " ") for text in texts), model_writer=writer,
+            vocab_size=vocab_size, hard_vocab_limit=False, model_type="bpe", byte_fallback=True,
+            character_coverage=1.0, split_digits=True, allow_whitespace_only_pieces=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+            unk_piece="<unk>", user_defined_symbols=SPECIAL_TOKENS[4:], minloglevel=2, num_threads=1,
+        )
+    return GemmaTokenizerFast(
+        vocab_file=str(model_file),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=SPECIAL_TOKENS[4:],
+        model_max_length=32768,
+        chat_template=GEMMA_CHAT_TEMPLATE,
+    )
+
+
+def smoke_model(output_dir: str, texts: Iterable[str], reuse: bool = False) -> str:
+    """Build the tiny model for a smoke run, its tokenizer trained on the run's own texts; returns its folder.
+    `reuse`: take the one another process of this run has just built there."""
+    folder = Path(output_dir).resolve() / SMOKE_MODEL_DIR
+    if reuse and (folder / "model.safetensors").is_file():
+        return str(folder)
+    return str(build_random_gemma(folder, texts))

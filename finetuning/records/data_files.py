@@ -1,0 +1,154 @@
+"""Reading data files as text: the encoding (UTF-8, or what a byte-order mark says), and the shapes a JSON file
+comes in (a list, JSON Lines, one record, or an object whose one list field holds the records). data.py checks and
+normalises what these return."""
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+from pathlib import Path
+
+from cli.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+TRAIN_FLAG, EVAL_FLAG = "--dataset_name", "--eval_file"
+# (byte-order mark, codec that checks the bytes after it, codec that reads the file and drops it). UTF-32 LE first:
+# its mark starts with UTF-16 LE's.
+BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le", "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32-be", "utf-32"),
+    (codecs.BOM_UTF8, "utf-8", "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16-le", "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16-be", "utf-16"),
+)
+CHUNK_BYTES = 1 << 20
+
+
+def check_local_file(path: Path, flag: str) -> None:
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_FILE_BUILDERS)
+        inside = f"it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else "it holds none"
+        raise UserInputError(
+            f"{flag}: {path} is a directory, not a data file. Give the path of one .json, .jsonl, .csv or .parquet "
+            f"file ({inside})."
+        )
+    if not path.is_file():
+        raise UserInputError(f"{flag}: the file {path} does not exist.")
+    if suffix not in DATA_FILE_BUILDERS:
+        raise UserInputError(
+            f"{flag}: {path} has the suffix {suffix!r}; give a .json, .jsonl, .csv or .parquet file."
+        )
+    if path.stat().st_size == 0:
+        raise UserInputError(f"{flag}: {path} is empty; it needs instruction/input/output records.")
+
+
+def text_encoding(path: Path, flag: str) -> str:
+    """The codec that reads the file: UTF-8, or the UTF-8/16/32 its byte-order mark names. Any other bytes that are
+    not UTF-8 (Latin-1, Windows-1252, as Excel and older Windows tools save) are an error naming the first bad byte."""
+    with path.open("rb") as file:
+        head = file.read(4)
+        mark, check_codec, codec = next((m for m in BYTE_ORDER_MARKS if head.startswith(m[0])), (b"", "utf-8", "utf-8"))
+        file.seek(len(mark))
+        decoder = codecs.getincrementaldecoder(check_codec)()
+        offset, line = len(mark), 1  # of the chunk about to be read
+        while True:
+            chunk = file.read(CHUNK_BYTES)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk, before `offset`
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                at = offset - pending + e.start
+                bad_line = line + chunk[:max(0, e.start - pending)].count(b"\n")
+                file.seek(at)
+                raise UserInputError(_not_unicode_message(path, flag, check_codec, at, bad_line, file.read(1))) from e
+            if not chunk:
+                return codec
+            offset += len(chunk)
+            line += chunk.count(b"\n")
+
+
+def _not_unicode_message(path: Path, flag: str, codec: str, at: int, line: int, byte: bytes) -> str:
+    if codec != "utf-8":  # a UTF-16/32 mark, then bytes that are not: lines are not counted in those
+        return (f"{flag}: {path} starts with a {codec.upper()} byte-order mark but is not valid {codec.upper()} at "
+                f"byte offset {at}. Save the file as UTF-8.")
+    try:
+        meaning = f" ({byte.decode('cp1252')!r} in Windows-1252/Latin-1, the usual cause)"
+    except UnicodeDecodeError:  # undefined in cp1252: some other legacy encoding
+        meaning = ""
+    return (
+        f"{flag}: {path} is not UTF-8 text: byte offset {at} (line {line}) holds 0x{byte.hex()}{meaning}. "
+        f"Save the file as UTF-8 (Excel: Save As > 'CSV UTF-8'; an editor: save with encoding UTF-8; or "
+        f"`iconv -f cp1252 -t utf-8 {path} > {path.with_stem(path.stem + '-utf8')}`). UTF-16 with a byte-order "
+        "mark is read too."
+    )
+
+
+def read_json_records(path: Path, flag: str = TRAIN_FLAG, record_fields: frozenset = frozenset()) -> list[dict]:
+    text = path.read_text(encoding=text_encoding(path, flag))
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserInputError(f"{flag}: {path} is not valid JSON: line {e.lineno}: {e.msg}.") from e
+    else:
+        records = _json_object_records(text, path, flag, record_fields)
+    if records is None:  # JSON Lines
+        records = []
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserInputError(f"{flag}: {path} line {line_number} is not valid JSON: {e.msg}.") from e
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise UserInputError(
+                f"{flag}: record {index} of {path} is a {type(record).__name__}, not an object with "
+                "instruction/input/output fields."
+            )
+    if not records:
+        raise UserInputError(f"{flag}: {path} holds no records.")
+    return records
+
+
+def _json_object_records(text: str, path: Path, flag: str, record_fields: frozenset) -> list | None:
+    """The records of a file that is one JSON object: a record, or an object whose one list field holds the
+    records (`{"data": [...]}`). None where the file is JSON Lines (or not JSON: the line loop names the line)."""
+    stripped = text.strip()
+    if not stripped.startswith("{"):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        first_line = stripped.splitlines()[0]
+        try:
+            json.loads(first_line)
+        except json.JSONDecodeError:  # the first line is no whole object: one pretty-printed value, broken
+            if first_line != stripped and path.suffix.lower() == ".json":
+                raise UserInputError(f"{flag}: {path} is not valid JSON: line {e.lineno}: {e.msg}.") from e
+        return None
+    # {"data": [...]}: the one list field (not a record's own, like messages) holds the records. Beside a record's
+    # fields (a one-record file), only a list of objects is taken for the records: a record may carry a list of tags.
+    lists = [key for key, field in value.items() if isinstance(field, list) and key not in record_fields]
+    record_like = bool(record_fields & set(value))
+    if len(lists) == 1 and (not record_like or _holds_objects(value[lists[0]])):
+        logger.info("%s: %s is one JSON object; reading its records from its only list field, %r.",
+                    flag, path, lists[0])
+        return value[lists[0]]
+    if record_like or "\n" not in stripped:  # one record, pretty-printed or one JSON Lines line
+        return [value]
+    which = f"several of its fields are lists ({', '.join(lists)})" if lists else "none of its fields is a list"
+    raise UserInputError(
+        f"{flag}: {path} holds one JSON object (keys: {', '.join(list(value)[:20])}) rather than a list of "
+        f"records, and {which}, so no field can be taken for the records. Save the records as a JSON list "
+        "([{...}, {...}]), one per line (JSON Lines), or as an object with a single list field ({\"data\": [...]})."
+    )
+
+
+def _holds_objects(items: list) -> bool:
+    return bool(items) and all(isinstance(item, dict) for item in items)
