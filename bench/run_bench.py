@@ -271,6 +271,10 @@ def main() -> None:
             setups[f"ours {label}, {budget // 1024}k tokens/batch, padded"] = dict(
                 kind="ours", method=method, batch=1, extra=[*tokens(budget), "--padding_free", "false"]
             )
+            # The stock trl/peft/transformers path under our batching: what the fast path is worth.
+            setups[f"ours {label}, {budget // 1024}k tokens/batch, fast path none"] = dict(
+                kind="ours", method=method, batch=1, extra=[*tokens(budget), "--fast_path", "none"]
+            )
             # DDP, one process per GPU (torchrun): the budget is per GPU, so a step trains twice the tokens.
             setups[f"ours {label}, {budget // 1024}k tokens/batch, 2 GPUs"] = dict(
                 kind="ours", method=method, batch=1, extra=tokens(budget), gpus=2

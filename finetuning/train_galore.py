@@ -21,6 +21,8 @@ from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArgument
 from trl import SFTTrainer
 
 import common
+
+from records import loading
 from cli import arguments, command_line
 from cli.arguments import DataArguments, ModelArguments, ReportArguments
 from cli.errors import UserInputError
@@ -91,7 +93,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
     run = settings.check(model_args, data_args, report_args, training_args, "GaLore", __file__)
 
     # ===== Load data and tokenizer: a bad record must not cost a model load =====
-    loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, run.training_args)
+    loaded = loading.load_data_and_tokenizer(model_args, data_args, report_args, run.training_args)
     run = settings.resolve(run, model_args, loaded)  # batch shape, speed, fast path
     if report_args.dry_run:
         reports.dry_run_report(loaded, run.data_args, run.training_args)

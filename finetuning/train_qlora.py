@@ -23,6 +23,8 @@ from transformers import BitsAndBytesConfig, TrainerCallback, TrainingArguments
 from trl import SFTTrainer
 
 import common
+
+from records import loading
 from cli import arguments, command_line
 from cli.arguments import DataArguments, ModelArguments, ReportArguments
 from cli.errors import UserInputError
@@ -126,7 +128,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
     run = settings.check(model_args, data_args, report_args, training_args, "QLoRA", __file__)
 
     # ===== Load data and tokenizer: a bad record must not cost a model download =====
-    loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, run.training_args)
+    loaded = loading.load_data_and_tokenizer(model_args, data_args, report_args, run.training_args)
     run = settings.resolve(run, model_args, loaded, dropout=lora_args.lora_dropout)  # batch shape, speed, fast path
     if report_args.dry_run:
         reports.dry_run_report(loaded, run.data_args, run.training_args)
@@ -150,7 +152,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
             "LoRA": f"r={lora_args.lora_r}, alpha={lora_args.lora_alpha}, targets={lora_args.lora_target_modules}, "
                     f"init {lora_args.init_lora_weights}{', rsLoRA' if lora_args.use_rslora else ''}"
                     f"{', DoRA (peft layers: the fused path has no DoRA)' if lora_args.use_dora else ''}, "
-                    f"fused 4-bit path: {fast.get('lora_4bit', 'off')}",
+                    + fused_path_text(fast.get("lora_4bit", "off")),
         })
         samples_before = reports.sample_answers(trainer, loaded, report_args)
         train_result = loop.train(trainer, run.output, report_args.time_budget_seconds)
@@ -164,6 +166,11 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
     if final and model_args.smoke:
         reports.check_saved_model(AutoPeftModelForCausalLM.from_pretrained, final, loaded, report_args, "adapter")
     return trainer
+
+
+def fused_path_text(done: str) -> str:
+    """What the fast path's lora_4bit switch did, as the settings block says it."""
+    return f"{done} on the fused 4-bit path" if done.endswith("layers") else f"fused 4-bit path {done}"
 
 
 def save_initial_adapter(trainer, lora_args: LoraArguments) -> Optional[Path]:

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from cli import arguments
-from records import auto_batch
+from training import auto_batch
 import common
+from records import loading
 from records import data
 from training import processes
 from training import reports
@@ -46,7 +47,7 @@ def no_gpu(monkeypatch):
 def loaded(tiny_tokenizer):
     """The shipped 200 records (about 22,000 tokens) with the tiny model's tokenizer."""
     records, _ = data.load_train_and_eval(arguments.DataArguments(), seed=0)
-    return common.RunData(records, None, tiny_tokenizer, None, "unused", common.token_lengths(records, tiny_tokenizer))
+    return loading.RunData(records, None, tiny_tokenizer, None, "unused", loading.token_lengths(records, tiny_tokenizer))
 
 
 def many_tokens(monkeypatch, loaded=None, count=20000, length=200):
@@ -147,7 +148,7 @@ def test_a_small_data_set_still_gets_32_steps_an_epoch(monkeypatch, loaded):
     steps = reports.dry_run_report(loaded, data_args, training_args)["optimizer_steps_per_epoch"]
     assert steps >= auto_batch.MIN_STEPS_PER_EPOCH
     # The largest budget that does so: one more row a step would give fewer.
-    assert tokens + 256 > sum(min(n, 256) for n in common.token_lengths(loaded.records, loaded.tokenizer)) // 32
+    assert tokens + 256 > sum(min(n, 256) for n in loading.token_lengths(loaded.records, loaded.tokenizer)) // 32
 
 
 @pytest.mark.parametrize("script, gib, data_tokens, max_seq_length, expected", [
@@ -181,7 +182,7 @@ def test_the_log_line_says_what_was_chosen_and_why(monkeypatch, loaded, caplog):
     many_tokens(monkeypatch, loaded)
     fake_gpu(monkeypatch, H100)
     auto_batch.choose_batch("QLoRA", data_args, training_args, loaded)
-    assert [record.getMessage() for record in caplog.records if record.name == "auto_batch"] == [
+    assert [record.getMessage() for record in caplog.records if record.name == "records.auto_batch"] == [
         "No batch flags given: packed rows, 32,768 tokens per step per GPU (NVIDIA H100 80GB HBM3, 79 GiB; the data's "
         "4,000,000 tokens make 125 steps an epoch). --max_tokens_per_batch N sets the budget; "
         "--per_device_train_batch_size N batches by records instead."]
@@ -217,7 +218,7 @@ def test_the_dry_run_on_a_gpu_states_its_budget(tiny_model_dir, tmp_path, monkey
     model_args, data_args, report_args, _, training_args = parse(
         train_galore, ["--dry_run", "--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path / "out",
                        "--max_seq_length", "256"])
-    loaded = common.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
+    loaded = loading.load_data_and_tokenizer(model_args, data_args, report_args, training_args)
     fake_gpu(monkeypatch, T4)
     caplog.set_level("INFO")
     data_args, training_args = auto_batch.choose_batch("GaLore", data_args, training_args, loaded)

@@ -11,7 +11,6 @@ import pytest
 
 from cli import arguments
 from cli import command_line
-from cli import smoke_flags
 import train_galore
 import train_qlora
 
@@ -165,7 +164,7 @@ def test_flag_after_a_config_file_still_overrides_its_key(tmp_path, parse):
 
 
 def smoke_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "smoke_flags" and r.getMessage().startswith("--smoke")]
+    return [r.getMessage() for r in caplog.records if r.name == "cli.smoke_flags" and r.getMessage().startswith("--smoke")]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -8,6 +8,7 @@ import pytest
 
 from cli import command_line
 import common
+from records import loading
 from cli import errors
 import train_galore
 import train_qlora
@@ -60,7 +61,7 @@ def test_every_record_too_long_never_suggests_more_than_the_context(tiny_tokeniz
 
     records = Dataset.from_dict({"text": ["word " * 3000]})
     with pytest.raises(errors.UserInputError) as error:
-        common.check_lengths(records, tiny_tokenizer, None, 1024, "long.json", context=2048)
+        loading.check_lengths(records, tiny_tokenizer, None, 1024, "long.json", context=2048)
     assert "--max_seq_length 4096" not in str(error.value) and "past the model's context of 2048" in str(error.value)
 
 

@@ -39,6 +39,14 @@ class CountingBackend:
         return aot_eager(graph_module, example_inputs)
 
 
+@pytest.fixture(autouse=True)
+def compiler_as_in_a_run():
+    """Each test compiles from an empty cache, under the compiler settings a run trains with (override 10)."""
+    torch._dynamo.reset()
+    with compiled_layers.compiler_settings():
+        yield
+
+
 @pytest.fixture(scope="module")
 def lora_model(tmp_path_factory):
     """A tiny QLoRA model of six layers, one of them full attention, on the fused 4-bit path."""

@@ -10,7 +10,7 @@ import train_galore
 import train_qlora
 from cli.errors import UserInputError
 from fastpath.patches import Patches
-from fastpath.switches import FIXES, SPEED, SWITCHES, parse_fast_path
+from cli.fast_path_flag import FIXES, SPEED, SWITCHES, parse_fast_path
 from fastpath.varlen_attention import VARLEN_ATTENTION
 
 # The fused LoRA layer dequantizes the 4-bit weight and multiplies in fp32 where bitsandbytes' CPU path rounds

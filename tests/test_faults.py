@@ -45,7 +45,7 @@ def fails_cleanly(module, argv, caplog, output_dir: Path) -> str:
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert exit_code == 2, f"expected exit code 2, got {exit_code}; log:\n{caplog.text[-3000:]}"
     assert len(errors) == 1, [r.getMessage() for r in errors]
-    assert errors[0].name == "command_line"  # run_cli's one message
+    assert errors[0].name == "cli.command_line"  # run_cli's one message
     assert "Traceback" not in caplog.text
     assert not (output_dir / output_dir.FINAL_DIR).exists(), "a failed run left OUTPUT_DIR/final"
     assert not (output_dir / f".{output_dir.FINAL_DIR}.partial").exists(), "a failed run left a half-written final"

@@ -62,7 +62,7 @@ def through_cli(argv, caplog, callbacks=None) -> tuple[int, str]:
     exit_code = command_line.run_cli(train_galore.parse_args, main, [str(a) for a in argv])
     problems = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(problems) == 1, [r.getMessage() for r in problems]
-    assert problems[0].name == "command_line" and "Traceback" not in caplog.text
+    assert problems[0].name == "cli.command_line" and "Traceback" not in caplog.text
     return exit_code, problems[0].getMessage()
 
 

@@ -48,9 +48,9 @@ def test_chunked_loss_matches_stock_loss_and_gradients(softcap, chunk_tokens, co
     assert chunked_loss.use_chunked_loss(chunked, chunk_tokens=chunk_tokens, compiled_chunks=compiled)
 
     stock_loss, stock_grads = loss_and_grads(stock)
-    chunked_loss, chunked_grads = loss_and_grads(chunked)
+    ours, chunked_grads = loss_and_grads(chunked)
 
-    assert torch.allclose(chunked_loss, stock_loss, rtol=1e-5)
+    assert torch.allclose(ours, stock_loss, rtol=1e-5)
     for name, grad in stock_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     # The tied embedding gets the output layer's gradient too.
@@ -63,8 +63,8 @@ def test_chunked_loss_divides_by_the_trainers_token_count_under_accumulation():
     chunked_loss.use_chunked_loss(chunked, chunk_tokens=16)
     count = torch.tensor(250)
     stock_loss, _ = loss_and_grads(stock, num_items_in_batch=count)
-    chunked_loss, _ = loss_and_grads(chunked, num_items_in_batch=count)
-    assert torch.allclose(chunked_loss, stock_loss, rtol=1e-5)
+    ours, _ = loss_and_grads(chunked, num_items_in_batch=count)
+    assert torch.allclose(ours, stock_loss, rtol=1e-5)
 
 
 def test_chunked_loss_without_gradients_and_returns_no_logits():

@@ -232,13 +232,14 @@ def test_packed_records_do_not_see_each_other():
 
 def test_record_labels_keep_the_collators_masking(tiny_tokenizer):
     import common
+    from records import loading
 
     records = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
                {"instruction": "Add 2 and 3.", "input": "", "output": "5"}]
     texts = [common.format_record(r) for r in records]
     features = [{"input_ids": tiny_tokenizer(t)["input_ids"]} for t in texts]
     data_args = arguments.DataArguments()
-    collator = common.completion_only_collator(tiny_tokenizer, data_args, _Columns(["instruction"]))
+    collator = loading.completion_only_collator(tiny_tokenizer, data_args, _Columns(["instruction"]))
     labels = batching.record_labels(features, collator)
     for feature, record_labels, record in zip(features, labels, records):
         assert len(record_labels) == len(feature["input_ids"])

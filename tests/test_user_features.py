@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import common
+
+from records import loading
 from training import reports
 from cli import arguments
 from records import data
@@ -84,7 +86,7 @@ def test_one_bos_and_a_pad_that_is_not_eos(tiny_tokenizer):
 
 
 def collator_for(tokenizer, records, **flags):
-    return common.completion_only_collator(tokenizer, arguments.DataArguments(**flags), records)
+    return loading.completion_only_collator(tokenizer, arguments.DataArguments(**flags), records)
 
 
 def test_response_only_loss_masks_prompts_and_keeps_every_answer(write_data, tiny_tokenizer):

@@ -19,7 +19,7 @@ from cli.config_files import CONFIG_SUFFIXES, config_argv, read_config_file
 from cli.errors import UserInputError
 from cli.help_text import HELP_GROUPS, HelpFormatter, write_help
 from cli.smoke_flags import parse_smoke
-from fastpath.switches import SWITCHES, parse_fast_path
+from cli.fast_path_flag import SWITCHES, parse_fast_path
 
 logger = logging.getLogger(__name__)
 

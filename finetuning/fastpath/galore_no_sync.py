@@ -10,6 +10,7 @@ Target: galore-torch 1.0 `GaLoreAdamW8bit.step` (a `torch.no_grad()`-wrapped fun
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import types
@@ -36,6 +37,7 @@ def _no_sync(*args, **kwargs) -> None:
     return None
 
 
+@functools.cache  # one copy per class: the optimizer class built on it is cached too
 def step_without_sync(stock_class: type) -> Optional[Callable]:
     """A copy of `stock_class.step` whose `torch.cuda.synchronize` does nothing; None (the stock step stays) where
     the step is not the one this was written for."""

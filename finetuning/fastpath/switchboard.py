@@ -23,7 +23,7 @@ from fastpath import (chunked_loss, compiled_layers, cudnn_attention, flops_once
                       kbit_embeddings, lora_4bit, offload, one_gpu, rms_norm, skip_train, varlen_attention)
 from fastpath.choices import SpeedChoices
 from fastpath.patches import Patches
-from fastpath.switches import SWITCHES
+from cli.fast_path_flag import SWITCHES
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 from trl import SFTTrainer
 
 from cli.arguments import DataArguments
-from common import RunData, formatting_func
+from common import formatting_func
+from records.loading import RunData
 
 logger = logging.getLogger(__name__)
 

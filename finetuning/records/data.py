@@ -17,11 +17,11 @@ import datasets
 from cli.arguments import DataArguments
 from records.data_files import DATA_FILE_BUILDERS, EVAL_FLAG, TRAIN_FLAG, check_local_file, read_json_records, text_encoding
 from cli.errors import UserInputError
+from common import INPUT_FIELD, INSTRUCTION_FIELD, OUTPUT_FIELD
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_DATASET_FILE = Path(__file__).resolve().parents[1] / "data" / "default_instructions.json"
-INSTRUCTION_FIELD, INPUT_FIELD, OUTPUT_FIELD = "instruction", "input", "output"
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                   "system": "system"}
 CHAT_ROLES = {"user": "user", "assistant": "assistant", "model": "assistant", "system": "system"}

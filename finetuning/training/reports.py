@@ -14,8 +14,9 @@ import torch
 from training import processes
 from cli.arguments import DataArguments, ReportArguments
 from records.batching import PackedBatches, pack_into_rows, row_fill
-from common import Precision, RunData, format_example, format_prompt
-from records.data import OUTPUT_FIELD
+from common import Precision, format_example, format_prompt
+from records.loading import RunData
+from common import OUTPUT_FIELD
 from training.output_dir import SAMPLES_JSON
 
 logger = logging.getLogger(__name__)

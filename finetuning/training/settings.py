@@ -18,14 +18,16 @@ from typing import Optional
 import transformers
 
 import common
+
+from records import loading
 from cli.arguments import DataArguments, ModelArguments, ReportArguments, check_arguments
 from cli.errors import UserInputError
 from cli.versions import environment_summary
 from fastpath import choices, one_gpu
 from fastpath.switchboard import FastPath
-from fastpath.switches import parse_fast_path
+from cli.fast_path_flag import parse_fast_path
 from models import hub
-from records import auto_batch
+from training import auto_batch
 from training import output_dir, processes
 
 logger = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ def check(model_args: ModelArguments, data_args: DataArguments, report_args: Rep
     return RunSettings(method, training_args, data_args, precision, output, fast_path)
 
 
-def resolve(run: RunSettings, model_args: ModelArguments, loaded: common.RunData, dropout: float = 0.0) -> RunSettings:
+def resolve(run: RunSettings, model_args: ModelArguments, loaded: loading.RunData, dropout: float = 0.0) -> RunSettings:
     """The batch shape, the speed choices and the fast path, from the loaded data; logged once."""
     data_args, training_args = auto_batch.choose_batch(run.method, run.data_args, run.training_args, loaded)
     speed = choices.choose(model_args, data_args, training_args, dropout, run.fast_path.switches)

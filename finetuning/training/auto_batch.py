@@ -11,7 +11,7 @@ import torch
 from training import processes
 from cli.arguments import DataArguments
 from records.batching import PackedBatches, pack_into_rows
-from common import RunData
+from records.loading import RunData
 
 logger = logging.getLogger(__name__)
 
