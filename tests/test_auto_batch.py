@@ -11,7 +11,6 @@ import torch
 
 from cli import arguments
 from training import auto_batch
-import common
 from records import loading
 from records import data
 from training import processes
@@ -55,7 +54,7 @@ def many_tokens(monkeypatch, loaded=None, count=20000, length=200):
     data cap never bites."""
     if loaded is not None:
         monkeypatch.setattr(loaded, "lengths", [length] * count)
-    monkeypatch.setattr(common, "token_lengths", lambda records, tokenizer: [length] * count)
+    monkeypatch.setattr(loading, "token_lengths", lambda records, tokenizer: [length] * count)
 
 
 @pytest.mark.parametrize("script, gpu, expected", [
@@ -177,19 +176,19 @@ def test_under_ddp_every_process_takes_the_smallest_gpu(monkeypatch):
 
 
 def test_the_log_line_says_what_was_chosen_and_why(monkeypatch, loaded, caplog):
-    caplog.set_level("INFO", logger="records.auto_batch")
+    caplog.set_level("INFO", logger="training.auto_batch")
     data_args, training_args = parse(train_qlora, [])[1::3]
     many_tokens(monkeypatch, loaded)
     fake_gpu(monkeypatch, H100)
     auto_batch.choose_batch("QLoRA", data_args, training_args, loaded)
-    assert [record.getMessage() for record in caplog.records if record.name == "records.auto_batch"] == [
+    assert [record.getMessage() for record in caplog.records if record.name == "training.auto_batch"] == [
         "No batch flags given: packed rows, 32,768 tokens per step per GPU (NVIDIA H100 80GB HBM3, 79 GiB; the data's "
         "4,000,000 tokens make 125 steps an epoch). --max_tokens_per_batch N sets the budget; "
         "--per_device_train_batch_size N batches by records instead."]
 
 
 def test_the_log_line_says_when_the_data_cut_the_budget(monkeypatch, loaded, caplog):
-    caplog.set_level("INFO", logger="records.auto_batch")
+    caplog.set_level("INFO", logger="training.auto_batch")
     data_args, training_args = parse(train_qlora, ["--max_seq_length", "256"])[1::3]
     fake_gpu(monkeypatch, T4)
     auto_batch.choose_batch("QLoRA", data_args, training_args, loaded)

@@ -26,6 +26,7 @@ from cli import command_line
 from cli import errors
 from training import checkpoints
 from training import output_dir
+from training.output_dir import FINAL_DIR
 from cli import versions
 import train_galore
 import train_qlora
@@ -47,8 +48,8 @@ def fails_cleanly(module, argv, caplog, output_dir: Path) -> str:
     assert len(errors) == 1, [r.getMessage() for r in errors]
     assert errors[0].name == "cli.command_line"  # run_cli's one message
     assert "Traceback" not in caplog.text
-    assert not (output_dir / output_dir.FINAL_DIR).exists(), "a failed run left OUTPUT_DIR/final"
-    assert not (output_dir / f".{output_dir.FINAL_DIR}.partial").exists(), "a failed run left a half-written final"
+    assert not (output_dir / FINAL_DIR).exists(), "a failed run left OUTPUT_DIR/final"
+    assert not (output_dir / f".{FINAL_DIR}.partial").exists(), "a failed run left a half-written final"
     return errors[0].getMessage()
 
 

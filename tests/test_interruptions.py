@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from cli import arguments
+from records import loading
 from cli import command_line
 from cli import errors
 from training import processes
@@ -222,12 +223,11 @@ def test_a_checkpoint_that_does_not_exist_is_refused(whole_runs, tmp_path):
 
 
 def refused_before_loading(output_dir, caplog, monkeypatch) -> str:
-    import common
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the data or the model loaded before the output dir was checked")
 
-    monkeypatch.setattr(common, "load_data_and_tokenizer", must_not_load)
+    monkeypatch.setattr(loading, "load_data_and_tokenizer", must_not_load)
     exit_code, message = through_cli(smoke_argv(output_dir, "--max_steps", 1), caplog)
     assert exit_code == 2
     return message

@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from training import checkpoints
-from training import output_dir, saving
+from training.output_dir import FINAL_DIR
+from training import saving
 from cli import versions
 import train_galore
 import train_qlora
@@ -80,7 +81,7 @@ class Killed(BaseException):
 
 
 def test_kill_while_replacing_an_existing_final_leaves_it_absent_or_complete(tiny_model_dir, tmp_path, monkeypatch):
-    final = tmp_path / "out" / output_dir.FINAL_DIR
+    final = tmp_path / "out" / FINAL_DIR
     shutil.copytree(tiny_model_dir, final)  # the earlier run's complete final
     real_rmtree = shutil.rmtree
     killed = []
@@ -201,14 +202,14 @@ def check_what_the_kill_left(output_dir: Path) -> dict:
         expected = str(planted / complete[-2].name) if len(complete) > 1 else None
         assert checkpoints.latest_complete_checkpoint(planted) == expected
         shutil.rmtree(planted)
-    final = output_dir / output_dir.FINAL_DIR
+    final = output_dir / FINAL_DIR
     if final.exists():
         loads(final)  # written to .final.partial and renamed: complete or absent
     return {
         "latest": latest.name if latest else None,
         "incomplete": incomplete,
         "final": "complete" if final.exists() else "absent",
-        "partial_final": (output_dir / f".{output_dir.FINAL_DIR}.partial").exists(),
+        "partial_final": (output_dir / f".{FINAL_DIR}.partial").exists(),
     }
 
 
@@ -267,7 +268,7 @@ def test_sigkill_at_a_random_moment_then_resume(seed, kill_runs):
     if left["latest"]:
         assert f"Resuming from the latest complete checkpoint, {out / left['latest']}" in log
     assert state_of(out / "checkpoint-12")["global_step"] == 12
-    assert not (out / f".{output_dir.FINAL_DIR}.partial").exists()
+    assert not (out / f".{FINAL_DIR}.partial").exists()
     loads(out / "final")
     difference = assert_same_weights(kill_runs["reference"], out / "final" / WEIGHTS[KILL_SCRIPT])
     print(f"\nseed {seed}: kill at {outcome['event']} + {outcome['delay'] * 1000:.0f} ms ({outcome['when']}); "

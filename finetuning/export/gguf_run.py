@@ -1,5 +1,5 @@
 """A GGUF answering prompts greedily through llama-cpp-python, and what its metadata lacks for stopping; run by
-parity.py as a child process (`python -m export.gguf_run FILE MAX_NEW_TOKENS`, the prompts as JSON on stdin, the answers
+parity.py as a child process (`python gguf_run.py FILE MAX_NEW_TOKENS`, the scripts' folder on PYTHONPATH, the prompts as JSON on stdin, the answers
 as one JSON line on stdout). No torch or transformers, so the child starts in a moment."""
 from __future__ import annotations
 

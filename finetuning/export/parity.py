@@ -78,10 +78,10 @@ def hf_answers(model_dir: Path, prompts: Sequence[str], max_new_tokens: int) -> 
 def gguf_answers(gguf: Path, prompts: Sequence[str], max_new_tokens: int) -> tuple[list[Answer], list[str]]:
     """The GGUF's greedy answers and what is wrong with its stop tokens or chat template (gguf_run.py), in a process
     of its own: llama.cpp compiled for another CPU dies of SIGILL, which would end this one without a word."""
-    # Run as a module from the scripts' folder, where its package lives.
-    scripts = str(Path(gguf_run.__file__).resolve().parents[1])
+    # gguf_run imports its package's gguf_files: the scripts' folder goes on the child's path.
+    scripts = str(Path(__file__).resolve().parents[1])
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [scripts, os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-m", "export.gguf_run", str(Path(gguf).resolve()), str(max_new_tokens)],
+    done = subprocess.run([sys.executable, str(Path(gguf_run.__file__)), str(gguf), str(max_new_tokens)],
                           input=json.dumps(list(prompts)), capture_output=True, text=True, env=environment)
     if done.returncode in (-signal.SIGILL, 128 + signal.SIGILL):
         raise SetupError(

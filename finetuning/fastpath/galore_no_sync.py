@@ -37,7 +37,6 @@ def _no_sync(*args, **kwargs) -> None:
     return None
 
 
-@functools.cache  # one copy per class: the optimizer class built on it is cached too
 def step_without_sync(stock_class: type) -> Optional[Callable]:
     """A copy of `stock_class.step` whose `torch.cuda.synchronize` does nothing; None (the stock step stays) where
     the step is not the one this was written for."""
@@ -48,6 +47,11 @@ def step_without_sync(stock_class: type) -> Optional[Callable]:
     if stock.__closure__ or "torch" not in stock.__globals__ or "synchronize" not in stock.__code__.co_names:
         logger.warning("%s: GaLoreAdamW8bit.step changed; using the stock path.", what)
         return None
+    return _copy_without_sync(stock)
+
+
+@functools.cache  # one copy per step: the optimizer class built on it is cached too
+def _copy_without_sync(stock: Callable) -> Callable:
     torch_here = _Namespace(torch, cuda=_Namespace(torch.cuda, synchronize=_no_sync))
     globals_copy = dict(stock.__globals__, torch=torch_here)
     step = types.FunctionType(stock.__code__, globals_copy, stock.__name__, stock.__defaults__)
