@@ -20,7 +20,7 @@ import argparse
 import datetime
 import json
 import os
-import statistics
+import shutil
 import subprocess
 import sys
 import time
@@ -31,86 +31,7 @@ REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(REPO_ROOT / "finetuning"))
 sys.path.insert(0, str(BENCH_DIR))
 
-# Dense bf16 peak of each GPU (no sparsity), for MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "T4": 65e12}
-
-
-def measuring_callbacks(warmup: int) -> tuple[list, dict]:
-    """Trainer callbacks that time each optimizer step and count its real tokens; the dict fills in as training runs.
-
-    The Trainer counts the tokens itself (`--include_num_input_tokens_seen non_padding`: the attention mask's sum,
-    or the non-padding ids of a padding-free batch), so a step's tokens are the growth of its count.
-    """
-    import torch
-    from transformers import TrainerCallback
-
-    import step_diagnostics
-
-    result = {"tokens": [], "step_seconds": [], "gpu_tail_seconds": []}
-
-    class Timer(TrainerCallback):
-        seen = 0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            queued = time.perf_counter()  # the host has queued the step's last kernel
-            torch.cuda.synchronize()
-            result["step_seconds"].append(time.perf_counter() - self.start)
-            result["gpu_tail_seconds"].append(time.perf_counter() - queued)
-            result["tokens"].append(state.num_input_tokens_seen - self.seen)
-            self.seen = state.num_input_tokens_seen
-            if len(result["step_seconds"]) == 1:  # the first step compiles: its peak is told apart from the rest's
-                result["first_step_peak_bytes"] = torch.cuda.max_memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-
-    callbacks = [Timer()]
-    if os.environ.get("BENCH_PROFILE"):
-        callbacks.append(step_diagnostics.profiler_callback(warmup, Path(os.environ["BENCH_PROFILE"])))
-    if os.environ.get("BENCH_SKIP_GUARDS"):
-        callbacks.append(step_diagnostics.skip_guards_after_first_step())
-    if os.environ.get("BENCH_MLP_CHUNKS"):
-        callbacks.append(step_diagnostics.mlp_in_token_chunks(int(os.environ["BENCH_MLP_CHUNKS"])))
-    if os.environ.get("BENCH_MEMORY"):  # untimed steps only: a timed one would pay for the recording
-        steps = sorted({0, warmup - 1})
-        callbacks.append(step_diagnostics.memory_callback(steps, Path(os.environ["BENCH_MEMORY"])))
-    return callbacks, result
-
-
-def summarise(result: dict, warmup: int, parameters: int, gpus: int = 1) -> dict:
-    """Tokens are the Trainer's count over every process (DDP gathers it); MFU is per GPU."""
-    import torch
-
-    steps = result["step_seconds"][warmup:]
-    tokens = result["tokens"][warmup:]
-    # An epoch's last step holds the rows left over (a short batch): not a sample of training speed. Under DDP an
-    # epoch has half the steps, so within a short run it falls in the timed steps where one GPU's does not.
-    full = [i for i, n in enumerate(tokens) if n >= 0.9 * statistics.median(tokens)]
-    partial_steps = len(tokens) - len(full)
-    steps, tokens = [steps[i] for i in full], [tokens[i] for i in full]
-    tokens_per_second = sum(tokens) / sum(steps)
-    gpu = torch.cuda.get_device_name()
-    # Under emulation the arithmetic runs on the bigger GPU: a T4's peak would give a meaningless MFU.
-    peak = None if "emulated" in gpu else next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
-    return {
-        "tokens_per_second": tokens_per_second,
-        "median_step_s": statistics.median(steps),
-        "tokens_per_step": sum(tokens) / len(steps),
-        "peak_gib": max(result.get("first_step_peak_bytes", 0), torch.cuda.max_memory_allocated()) / 2**30,
-        "later_steps_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "mfu": 6 * parameters * tokens_per_second / gpus / peak if peak else None,
-        "gpu": gpu,
-        "gpus": gpus,
-        "partial_steps_left_out": partial_steps,
-        "first_step_s": result["step_seconds"][0],  # compilation, where layers are compiled
-        # How long the GPU still ran once the host had queued a step: near 0, the step waits on the host's CPU. What it
-        # covers starts at the step's last wait for the GPU, which differs: ours waits in the loss (nonzero()), the
-        # Trainer's NaN filter on trl's and Unsloth's losses after the backward pass.
-        "gpu_tail_s": statistics.median(result["gpu_tail_seconds"][warmup:]),
-    }
-
+from measure import measuring_callbacks, summarise  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # One setup, in its own process
@@ -240,6 +161,10 @@ def main() -> None:
     parser.add_argument("--unsloth_site", type=Path, default=Path("/tmp/unsloth-site"),
                         help="pip --target folder with Unsloth and its transformers-5 stack (bench/unsloth_setup.md); "
                              "the Unsloth setups run with PYTHONPATH set to it alone, and are skipped without it.")
+    parser.add_argument("--warm", action="store_true",
+                        help="Share the compile caches between setups and earlier runs (torch's default folders). "
+                             "Default: each setup compiles from empty inductor, Triton and Unsloth caches, as a user "
+                             "on a fresh Colab or Kaggle session does.")
     parser.add_argument("--setup", help=argparse.SUPPRESS)  # internal: one setup as JSON, in a child process
     args = parser.parse_args()
     if args.setup:
@@ -336,6 +261,8 @@ def main() -> None:
             else os.environ
         if spec["kind"] == "unsloth":  # its own stack only (transformers 5.x), not ours; offline, no statistics
             env = {**env, **unsloth_run.CHILD_ENV, "PYTHONPATH": str(args.unsloth_site.resolve())}
+        if not args.warm:
+            env = {**env, **cold_caches(spec["output_dir"])}
         child = subprocess.run([*launch, __file__, "--setup", json.dumps(spec)], capture_output=True, text=True,
                                env=env)
         line = next((l for l in child.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -349,10 +276,21 @@ def main() -> None:
         print(f"{name}: {result['tokens_per_second']:,.0f} tokens/s, step {result['median_step_s']:.3f} s, "
               f"{result['tokens_per_step']:,.0f} tokens/step, peak {_peak(result)} GiB, "
               f"MFU {_percent(result['mfu'])}, loss {result['loss']}, first step {result.get('first_step_s', 0):.1f} s, "
+              f"mean step {result.get('mean_step_s', 0):.3f} s, start to first step {result.get('start_to_first_step_s') or 0:.1f} s "
+              f"(after loading {result.get('load_to_first_step_s', 0):.1f} s), recompilations after step 1 "
+              f"{result.get('recompilations_after_step_1')}, {'warm' if args.warm else 'cold'} caches, "
               f"GPU busy {1000 * result.get('gpu_tail_s', 0):.0f} ms after the host queued a step, "
               f"partial epoch-end steps left out {result['partial_steps_left_out']}  ({time.time() - started:.0f} s)",
               flush=True)
     write_results(args, rows)
+
+
+def cold_caches(folder: str) -> dict:
+    """Empty compile caches of a setup's own: nothing compiled by an earlier setup or run is reused."""
+    caches = Path(folder + "-caches")
+    shutil.rmtree(caches, ignore_errors=True)
+    return {"TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton"),
+            "UNSLOTH_COMPILE_LOCATION": str(caches / "unsloth")}
 
 
 def _peak(result: dict) -> str:
@@ -374,18 +312,21 @@ def write_results(args, rows) -> None:
         f"`python bench/run_bench.py --config {args.config} --model {args.model} --data {args.data} "
         f"--steps {args.steps} --warmup {args.warmup} --only \"{args.only}\"`: random-weight gemma-3-1b shapes, "
         f"Alpaca text, 1,024-token cap, gradient checkpointing; timed steps after the first {args.warmup}, an epoch's partial last step left out.\n",
-        "| setup | real tokens/s | step s | tokens/step | peak GiB (after the first step) | MFU | loss |",
-        "|---|---|---|---|---|---|---|",
+        f"Compile caches: {'warm (shared)' if args.warm else 'cold (empty for each setup)'}.\n",
+        "| setup | real tokens/s | median step s | mean step s | tokens/step | start to first step s (after loading) "
+        "| recompilations after step 1 | peak GiB (after the first step) | MFU | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows:
         if r is None:
-            lines.append(f"| {name} | failed | | | | | |")
+            lines.append(f"| {name} | failed | | | | | | | | |")
         elif "skipped" in r:
-            lines.append(f"| {name} | skipped: {r['skipped'].split(';')[0]} | | | | | |")
+            lines.append(f"| {name} | skipped: {r['skipped'].split(';')[0]} | | | | | | | | |")
         else:
             lines.append(f"| {name} | {r['tokens_per_second']:,.0f} | {r['median_step_s']:.3f} | "
-                         f"{r['tokens_per_step']:,.0f} | {_peak(r)} | {_percent(r['mfu'])} | "
-                         f"{r['loss']} |")
+                         f"{r.get('mean_step_s', 0):.3f} | {r['tokens_per_step']:,.0f} | "
+                         f"{r.get('start_to_first_step_s') or 0:.0f} ({r.get('load_to_first_step_s', 0):.0f}) | "
+                         f"{r.get('recompilations_after_step_1')} | {_peak(r)} | {_percent(r['mfu'])} | {r['loss']} |")
     for name, r in rows:
         if r and "versions" in r:
             lines.append(f"\n{name}: timed steps after the first {r['warmup']} (Unsloth compiles first); packing "
