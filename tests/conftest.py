@@ -6,11 +6,13 @@ The scripts live in finetuning/ and import each other as top-level modules
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -52,6 +54,99 @@ def build_tiny_model(directory: Path, texts) -> Path:
 
     return Path(smoke.build_random_gemma(Path(directory), list(texts)))
 
+
+
+# --- helpers shared by several test modules (imported as `from conftest import ...`) ------------------------------
+
+
+def small_gemma(layers: int = 2, random_norms: bool = True, **changes):
+    """A tiny random Gemma3ForCausalLM (64 wide, a 16-token sliding window), its norm weights random unless
+    `random_norms` is False: with the initial zeros, (1 + weight) would hide a wrong scale."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=16,
+        attn_implementation="sdpa",
+    )
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**{**config, **changes}))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name and random_norms:
+                parameter.normal_(0, 0.5)
+    return model
+
+
+
+def quantized_lora_model(directory: Path, dropout: float, base=None):
+    """A tiny Gemma 3 (`base`, else small_gemma()) saved to `directory` and loaded as train_qlora loads it (NF4,
+    bitsandbytes on the CPU), with LoRA adapters on every linear layer, B random."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import common
+    import train_qlora
+
+    if not (directory / "config.json").is_file():
+        (base if base is not None else small_gemma()).save_pretrained(directory)
+    model = train_qlora.load_quantized_model(str(directory), common.Precision(False, False, torch.float32, "test"),
+                                             torch.device("cpu"), "sdpa")
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config).train()  # eval mode would let bitsandbytes repack CPU weights
+    torch.manual_seed(0)
+    with torch.no_grad():  # B starts at zero; a random B makes every gradient path of the adapter count
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    return peft_model
+
+def run_cli_once(module, argv, caplog, main=None) -> tuple[int, str]:
+    """A script's command line as run_cli runs it: (exit code, its one error line). run_cli logs exactly one ERROR
+    line and no traceback."""
+    from cli import command_line
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        exit_code = command_line.run_cli(module.parse_args, main or module.main, [str(a) for a in argv])
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert errors[0].name == "cli.command_line" and "Traceback" not in caplog.text
+    return exit_code, errors[0].getMessage()
+
+
+def fails_cleanly(module, argv, caplog, output_dir: Optional[Path] = None, main=None) -> str:
+    """run_cli_once must end with exit code 2, and (given `output_dir`) no final model there, whole or half-written.
+    Returns the message."""
+    exit_code, message = run_cli_once(module, argv, caplog, main)
+    assert exit_code == 2, f"expected exit code 2, got {exit_code}; log:\n{caplog.text[-3000:]}"
+    if output_dir is not None:
+        from training.output_dir import FINAL_DIR
+
+        assert not (output_dir / FINAL_DIR).exists(), "a failed run left OUTPUT_DIR/final"
+        assert not (output_dir / f".{FINAL_DIR}.partial").exists(), "a failed run left a half-written final"
+    return message
+
+
+def losses_in(output_dir: Path) -> list:
+    """The logged training losses of the run in output_dir (its trainer_state.json)."""
+    state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def trainer_losses(trainer) -> list:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """torch sees no CUDA GPU and no Apple GPU; reading a GPU's properties fails the test."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: pytest.fail("no GPU may be read"))
 
 @pytest.fixture
 def write_data(tmp_path):
@@ -152,3 +247,82 @@ def finished_runs(tmp_path_factory) -> dict:
         runs[script] = FinishedRun(process.returncode, root / script, (root / f"{script}.log").read_bytes())
         assert runs[script].exit_code == 0, runs[script].output.decode(errors="replace")[-3000:]
     return runs
+
+
+# --- one clean message, and scripts run as real processes (issue 24's tests) ---------------------------------------
+
+
+def fails_with_one_message(parse, main, argv, caplog, exit_code: int = 2) -> str:
+    """cli.command_line.run_cli(parse, main, argv) as the command line runs it: `exit_code` (2 for a mistake the user
+    can fix), one ERROR line, logged by run_cli, and no traceback anywhere in the log. Returns that line."""
+    import logging
+
+    from cli import command_line
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        code = command_line.run_cli(parse, main, [str(a) for a in argv])
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert code == exit_code, f"exit code {code}, not {exit_code}; log:\n{caplog.text[-3000:]}"
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert errors[0].name == "cli.command_line", errors[0].name
+    assert "Traceback" not in caplog.text
+    return errors[0].getMessage()
+
+
+def start_script(argv, log_path: Path, env: dict | None = None) -> subprocess.Popen:
+    """`python finetuning/<argv>` from the repository root, its output to `log_path`; SIGINT delivered as a terminal
+    delivers it (a shell without job control starts background jobs with SIGINT ignored)."""
+    import signal
+
+    with Path(log_path).open("wb") as log:
+        return subprocess.Popen([sys.executable, *map(str, argv)], cwd=REPO_ROOT, env={**os.environ, **(env or {})},
+                                stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for_text(process: subprocess.Popen, log_path: Path, text: str, timeout_s: float = 240) -> None:
+    """Until `text` shows in the process's log; fails, with the log's end, if the process ends first."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while text not in Path(log_path).read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{text!r} never showed; {log_path}:\n"
+                                 f"{Path(log_path).read_text(errors='replace')[-3000:]}")
+        time.sleep(0.05)
+
+
+FAKE_CONVERTER = """import os, sys, time
+out = sys.argv[sys.argv.index("--outfile") + 1]
+with open(out, "wb") as f:
+    f.write(b"GGUF fake " + sys.argv[sys.argv.index("--outtype") + 1].encode())
+print("fake converter wrote", out, flush=True)
+time.sleep(float(os.environ.get("FAKE_CONVERT_SECONDS", "0")))
+"""
+FAKE_METADATA_EDITOR = """import shutil, sys
+shutil.copy(sys.argv[1], sys.argv[2])
+"""
+
+
+@pytest.fixture(scope="session")
+def fake_llama_cpp(tmp_path_factory) -> Path:
+    """A --llama_cpp_dir whose converter writes a small fake GGUF (after sleeping FAKE_CONVERT_SECONDS, default 0)
+    and whose metadata editor copies it: export_gguf.py's own steps, without llama.cpp."""
+    tools = tmp_path_factory.mktemp("fake_llama_cpp")
+    (tools / "convert_hf_to_gguf.py").write_text(FAKE_CONVERTER)
+    editor = tools / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py"
+    editor.parent.mkdir(parents=True)
+    editor.write_text(FAKE_METADATA_EDITOR)
+    return tools
+
+
+@pytest.fixture
+def finished_model_run(tmp_path, tiny_model_dir) -> Path:
+    """A run folder whose final/ holds a whole model (as a GaLore run leaves it): the tiny random Gemma 3."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "final")
+    return run

@@ -37,10 +37,6 @@ def fake_gpu(monkeypatch, gpu):
                         lambda device: SimpleNamespace(total_memory=int(gib * 2**30), name=name))
 
 
-def no_gpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: pytest.fail("no GPU may be read"))
-
 
 @pytest.fixture
 def loaded(tiny_tokenizer):
@@ -197,8 +193,7 @@ def test_the_log_line_says_when_the_data_cut_the_budget(monkeypatch, loaded, cap
     assert "tokens make 45 steps an epoch)" in caplog.text
 
 
-def test_the_dry_run_without_a_gpu_states_each_tiers_budget(tiny_model_dir, tmp_path, monkeypatch, caplog):
-    no_gpu(monkeypatch)
+def test_the_dry_run_without_a_gpu_states_each_tiers_budget(tiny_model_dir, tmp_path, monkeypatch, caplog, no_gpu):
     many_tokens(monkeypatch, count=2000, length=1024)  # 2,048,000 tokens: neither tier is cut
     reported = {}
     real_report = reports.dry_run_report
@@ -226,9 +221,8 @@ def test_the_dry_run_on_a_gpu_states_its_budget(tiny_model_dir, tmp_path, monkey
     assert f"make {stats['optimizer_steps_per_epoch']} steps an epoch" in caplog.text
 
 
-def test_a_smoke_run_keeps_its_record_batches_and_reads_no_gpu(monkeypatch, loaded):
+def test_a_smoke_run_keeps_its_record_batches_and_reads_no_gpu(monkeypatch, loaded, no_gpu):
     data_args, training_args = parse(train_qlora, ["--smoke"])[1::3]
-    no_gpu(monkeypatch)
     chosen = auto_batch.choose_batch("QLoRA", data_args, training_args, loaded)
     assert chosen[0] is data_args and chosen[1] is training_args
     assert (training_args.per_device_train_batch_size, data_args.max_tokens_per_batch) == (2, None)

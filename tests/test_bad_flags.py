@@ -13,6 +13,7 @@ from cli import arguments
 from cli import command_line
 import train_galore
 import train_qlora
+from conftest import fails_cleanly
 
 SCRIPTS = {"qlora": train_qlora, "galore": train_galore}
 
@@ -20,17 +21,6 @@ SCRIPTS = {"qlora": train_qlora, "galore": train_galore}
 def must_not_run(*parsed, **kwargs):
     raise AssertionError("the arguments parsed, although they hold a mistake")
 
-
-def fails_cleanly(argv, caplog, module=train_qlora) -> str:
-    """run_cli on argv: exit code 2, one ERROR line, no traceback; returns that line."""
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        exit_code = command_line.run_cli(module.parse_args, must_not_run, [str(a) for a in argv])
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert exit_code == 2, caplog.text
-    assert len(errors) == 1, [r.getMessage() for r in errors]
-    assert "Traceback" not in caplog.text
-    return errors[0].getMessage()
 
 
 def has_all(message: str, *words: str) -> None:
@@ -66,7 +56,7 @@ MALFORMED = {
 def test_malformed_config_file_is_one_message_with_where_and_fix(case, tmp_path, caplog):
     name, content, words = MALFORMED[case]
     (tmp_path / name).write_bytes(content)
-    has_all(fails_cleanly([tmp_path / name], caplog), *words)
+    has_all(fails_cleanly(train_qlora, [tmp_path / name], caplog, main=must_not_run), *words)
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig", "utf-16-be"])
@@ -105,7 +95,7 @@ DUPLICATES = {
 def test_config_key_given_twice_names_the_key_and_both_lines(case, tmp_path, caplog):
     name, text, words = DUPLICATES[case]
     (tmp_path / name).write_text(text, encoding="utf-8")
-    has_all(fails_cleanly([tmp_path / name], caplog), *words)
+    has_all(fails_cleanly(train_qlora, [tmp_path / name], caplog, main=must_not_run), *words)
 
 
 def test_yaml_merge_key_may_be_overridden(tmp_path, parse):
@@ -148,7 +138,7 @@ def test_null_in_a_config_file_keeps_the_default(name, text, tmp_path, parse, ca
     (["--smoke", "--lora_r", "8", "--lora_r", "16"], ["--lora_r is given twice"]),
 ], ids=["same", "with_equals", "dash_alias", "no_form", "smoke"])
 def test_flag_given_twice_is_an_error(argv, words, caplog):
-    message = fails_cleanly(argv, caplog)
+    message = fails_cleanly(train_qlora, argv, caplog, main=must_not_run)
     has_all(message, *words, "Keep one")
     assert "1e-4" not in message and "2e-4" not in message, "values are not echoed (they may be secrets)"
 
@@ -268,8 +258,8 @@ def test_help_after_a_config_file(tmp_path, capsys):
 
 
 def test_unknown_flags_are_still_refused_after_the_help_rewrite(caplog):
-    has_all(fails_cleanly(["--not_a_flag", "3"], caplog, train_galore), "--not_a_flag", "--help")
-    has_all(fails_cleanly(["--hub_token", "hf_x"], caplog), "--hub_token", "HF_TOKEN")
+    has_all(fails_cleanly(train_galore, ["--not_a_flag", "3"], caplog, main=must_not_run), "--not_a_flag", "--help")
+    has_all(fails_cleanly(train_qlora, ["--hub_token", "hf_x"], caplog, main=must_not_run), "--hub_token", "HF_TOKEN")
 
 
 def test_smoke_names_the_model_and_galore_rank_it_overrides(parse, caplog):

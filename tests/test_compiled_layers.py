@@ -19,7 +19,7 @@ from fastpath import choices
 from cli.arguments import DataArguments, ModelArguments
 from cli.errors import UserInputError
 from fastpath import compiled_layers, lora_4bit
-from test_speed import quantized_lora_model
+from conftest import quantized_lora_model, small_gemma
 
 
 class CountingBackend:
@@ -50,16 +50,8 @@ def compiler_as_in_a_run():
 @pytest.fixture(scope="module")
 def lora_model(tmp_path_factory):
     """A tiny QLoRA model of six layers, one of them full attention, on the fused 4-bit path."""
-    import test_speed
-
-    small = test_speed.small_gemma
-    test_speed.small_gemma = lambda layers=2, **changes: small(
-        layers=6, layer_types=["sliding_attention", "full_attention"] + ["sliding_attention"] * 4,
-        **changes)
-    try:
-        model = quantized_lora_model(tmp_path_factory.mktemp("four_layers"), dropout=0.1)
-    finally:
-        test_speed.small_gemma = small
+    base = small_gemma(layers=6, layer_types=["sliding_attention", "full_attention"] + ["sliding_attention"] * 4)
+    model = quantized_lora_model(tmp_path_factory.mktemp("four_layers"), dropout=0.1, base=base)
     assert lora_4bit.fuse_lora_4bit(model, keep_dequantized_weight=True) == 6 * 7
     return model
 
@@ -110,8 +102,6 @@ def test_offloaded_checkpoint_gives_the_stock_checkpoints_loss_and_gradients(lor
 def test_offloaded_checkpoint_recomputes_under_the_forward_passes_autocast():
     """Full training (GaLore's case: every weight has a gradient) under bf16 autocast, which the backward pass,
     where the layer is run again, does not have on its own."""
-    from test_speed import small_gemma
-
     model = small_gemma(layers=2).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     stock = loss_and_grads(model, batch(24), autocast=True)
@@ -145,8 +135,6 @@ def test_compiled_layers_follow_flags_changed_mid_run():
     guards on module attributes must stay (a guard filter that dropped them was tried and failed this). A LoRA model
     without 4-bit layers: bitsandbytes' CPU layers switch kernels once nothing needs a gradient."""
     from peft import LoraConfig, get_peft_model
-
-    from test_speed import small_gemma
 
     model = small_gemma(layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     eager = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()

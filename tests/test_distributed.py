@@ -5,7 +5,6 @@ The GPU versions (NCCL, two GPUs) are in tests/test_gpu_ddp.py.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ from training import processes
 from fastpath import one_gpu
 from fastpath.patches import Patches
 from cli.errors import SetupError
+from conftest import losses_in
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = {"qlora": "adapter_model.safetensors", "galore": "model.safetensors"}
@@ -53,10 +53,6 @@ def finish(process: subprocess.Popen, timeout: int = 300) -> str:
     return output
 
 
-def losses(output_dir: Path) -> list[float]:
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-
 
 # ---------------------------------------------------------------------------
 # The real scripts on two processes
@@ -71,8 +67,8 @@ def test_two_processes_train_the_same_model_as_one_with_the_same_global_batch(sc
     one = torchrun(script, tmp_path / "one", "--max_tokens_per_batch", "512", *extra, processes=0)
     two_log, _ = finish(two), finish(one)
 
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=2e-4)
-    assert len(losses(tmp_path / "two")) == 3
+    assert losses_in(tmp_path / "two") == pytest.approx(losses_in(tmp_path / "one"), abs=2e-4)
+    assert len(losses_in(tmp_path / "two")) == 3
     trained_two = load_file(tmp_path / "two" / "final" / WEIGHTS[script])
     trained_one = load_file(tmp_path / "one" / "final" / WEIGHTS[script])
     for name, weight in trained_one.items():
@@ -94,7 +90,7 @@ def test_two_hosts_meet_through_torchruns_rendezvous(tmp_path):
         "--rdzv_id", "two-hosts"]) for _ in range(2)]
     logs = [finish(host) for host in hosts]
     assert any("x 2 device(s)" in log for log in logs)
-    assert (tmp_path / "run" / "final" / WEIGHTS["qlora"]).is_file() and len(losses(tmp_path / "run")) == 3
+    assert (tmp_path / "run" / "final" / WEIGHTS["qlora"]).is_file() and len(losses_in(tmp_path / "run")) == 3
 
 
 @pytest.mark.slow
@@ -148,9 +144,9 @@ def test_packed_rows_are_dealt_so_each_process_takes_the_same_steps_and_sees_eac
 
 def test_token_batches_are_dealt_so_each_process_takes_the_same_steps_and_sees_each_record_once():
     lengths = [(i * 37) % 300 + 20 for i in range(101)]
-    for processes in (2, 3):
-        sampler = batching.TokenBudgetBatchSampler(lengths, max_tokens=1024, seed=1, processes=processes)
-        taken = _per_process(sampler, processes, epoch=0)
+    for count in (2, 3):
+        sampler = batching.TokenBudgetBatchSampler(lengths, max_tokens=1024, seed=1, processes=count)
+        taken = _per_process(sampler, count, epoch=0)
         assert len({len(process) for process in taken}) == 1
         seen = sorted(i for process in taken for batch in process for i in batch)
         assert seen == list(range(len(lengths)))

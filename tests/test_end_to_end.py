@@ -9,13 +9,11 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import train_qlora
+from conftest import trainer_losses
 
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
-
-def losses(trainer):
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
 def assert_one_bos_per_example(trainer):
@@ -89,7 +87,7 @@ def test_qlora_on_real_alpaca_data(alpaca_path, tmp_path):
                                 "--max_train_samples", "32"]))
     assert len(trainer.train_dataset) == 32
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
-    logged = losses(trainer)
+    logged = trainer_losses(trainer)
     assert len(logged) == 4 and all(math.isfinite(loss) for loss in logged)
     assert_one_bos_per_example(trainer)
 
@@ -102,7 +100,7 @@ def test_qlora_loss_falls_on_a_fixed_batch(tmp_path):
     ]))
     assert trainer.state.global_step == 30, "the user's --max_steps must survive --smoke"
     assert trainer.args.per_device_train_batch_size == 8
-    logged = losses(trainer)
+    logged = trainer_losses(trainer)
     assert len(logged) == 30
     first, last = sum(logged[:3]) / 3, sum(logged[-3:]) / 3
     assert last < first - 0.3, f"loss went {first:.3f} -> {last:.3f} overfitting one batch"

@@ -12,6 +12,7 @@ from cli.errors import UserInputError
 from fastpath.patches import Patches
 from cli.fast_path_flag import FIXES, SPEED, SWITCHES, parse_fast_path
 from fastpath.varlen_attention import VARLEN_ATTENTION
+from conftest import trainer_losses
 
 # The fused LoRA layer dequantizes the 4-bit weight and multiplies in fp32 where bitsandbytes' CPU path rounds
 # otherwise (7e-5 apart at step 1 on the smoke model); four steps of training carry that a little further.
@@ -66,17 +67,14 @@ def _run(module, tmp_path, name, fast_path, *flags):
     return module.main(*module.parse_args([str(a) for a in argv]))
 
 
-def _losses(trainer):
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-
 
 @pytest.mark.parametrize("module", [train_qlora, train_galore], ids=["qlora", "galore"])
 def test_none_trains_to_the_loss_all_trains_to(module, tmp_path):
     # Packed token batches: the variable-length attention is selected too (it runs SDPA on the CPU).
     flags = ["--max_tokens_per_batch", "512"]
     fast, stock = _run(module, tmp_path, "all", "all", *flags), _run(module, tmp_path, "none", "none", *flags)
-    assert len(_losses(fast)) == len(_losses(stock)) == 4
-    for ours, theirs in zip(_losses(fast), _losses(stock)):
+    assert len(trainer_losses(fast)) == len(trainer_losses(stock)) == 4
+    for ours, theirs in zip(trainer_losses(fast), trainer_losses(stock)):
         assert ours == pytest.approx(theirs, rel=SAME_LOSS)
 
 
@@ -109,7 +107,7 @@ def test_none_trains_to_the_loss_all_trains_to_on_a_gpu(module, tiny_model_dir, 
                 "--num_sample_prompts", "0", "--report_to", "none"]
         if module is train_galore:
             argv += ["--galore_rank", "8"]  # the tiny model is 64 wide
-        return _losses(module.main(*module.parse_args([str(a) for a in argv])))
+        return trainer_losses(module.main(*module.parse_args([str(a) for a in argv])))
 
     fast, stock = run("all"), run("none")
     assert len(fast) == len(stock) == 6

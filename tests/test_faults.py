@@ -20,13 +20,12 @@ import pytest
 import torch
 import transformers
 
-from conftest import PLANTED_TOKEN
+from conftest import PLANTED_TOKEN, fails_cleanly
 import common
 from cli import command_line
 from cli import errors
 from training import checkpoints
 from training import output_dir
-from training.output_dir import FINAL_DIR
 from cli import versions
 import train_galore
 import train_qlora
@@ -38,19 +37,6 @@ ENOSPC_MESSAGE = "No space left on device"
 
 # --- helpers ------------------------------------------------------------------
 
-
-def fails_cleanly(module, argv, caplog, output_dir: Path) -> str:
-    """Run main() through run_cli; it must return 2 with one error line, no traceback, no model. Returns the message."""
-    caplog.clear()
-    exit_code = command_line.run_cli(module.parse_args, module.main, [str(a) for a in argv])
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert exit_code == 2, f"expected exit code 2, got {exit_code}; log:\n{caplog.text[-3000:]}"
-    assert len(errors) == 1, [r.getMessage() for r in errors]
-    assert errors[0].name == "cli.command_line"  # run_cli's one message
-    assert "Traceback" not in caplog.text
-    assert not (output_dir / FINAL_DIR).exists(), "a failed run left OUTPUT_DIR/final"
-    assert not (output_dir / f".{FINAL_DIR}.partial").exists(), "a failed run left a half-written final"
-    return errors[0].getMessage()
 
 
 def smoke_argv(output_dir, *argv, samples=False):
@@ -427,11 +413,6 @@ def test_wrong_version_stops_the_script_before_torch_loads(script, package, plan
 
 # --- no GPU -------------------------------------------------------------------
 
-
-@pytest.fixture
-def no_gpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
 
 
 @pytest.mark.parametrize("script, what", [("galore", "GaLore with 8-bit optimizer states"), ("qlora", "QLoRA")])

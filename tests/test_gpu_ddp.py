@@ -4,7 +4,6 @@ with two or more CUDA GPUs; skipped elsewhere. The CPU (gloo) versions are in te
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import losses_in
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
@@ -40,10 +40,6 @@ def run(script: str, model_dir: Path, output_dir: Path, launch: list, tokens: in
     return done.stdout + done.stderr
 
 
-def losses(output_dir: Path) -> list[float]:
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
@@ -60,7 +56,7 @@ def test_two_gpus_take_the_same_step_as_one_gpu_with_the_same_global_batch(scrip
                   "0,1", "--gradient_accumulation_steps", "1")
     run(script, tiny_model_dir, tmp_path / "one", [sys.executable], 256, "0", "--gradient_accumulation_steps", "2")
 
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=2e-2)
+    assert losses_in(tmp_path / "two") == pytest.approx(losses_in(tmp_path / "one"), rel=2e-2)
     two = load_file(tmp_path / "two" / "final" / WEIGHTS[script])
     one = load_file(tmp_path / "one" / "final" / WEIGHTS[script])
     if script == "qlora":  # B starts at zero: its value is the update

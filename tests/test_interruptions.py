@@ -27,7 +27,6 @@ from transformers import TrainerCallback
 
 from cli import arguments
 from records import loading
-from cli import command_line
 from cli import errors
 from training import processes
 from training import interruptions
@@ -35,6 +34,7 @@ from training import checkpoints
 from training import loop, output_dir
 import train_galore
 from cli import versions
+from conftest import run_cli_once
 
 REPO_ROOT = versions.PROJECT_DIR.parent
 
@@ -57,14 +57,8 @@ def run_galore(argv, callbacks=None):
 
 
 def through_cli(argv, caplog, callbacks=None) -> tuple[int, str]:
-    """run_cli as the command line runs it: (exit code, its one error line). No traceback may be logged."""
-    caplog.clear()
-    main = functools.partial(train_galore.main, callbacks=callbacks) if callbacks else train_galore.main
-    exit_code = command_line.run_cli(train_galore.parse_args, main, [str(a) for a in argv])
-    problems = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(problems) == 1, [r.getMessage() for r in problems]
-    assert problems[0].name == "cli.command_line" and "Traceback" not in caplog.text
-    return exit_code, problems[0].getMessage()
+    """The GaLore script's command line as run_cli runs it (conftest.run_cli_once), with callbacks for main()."""
+    return run_cli_once(train_galore, argv, caplog, functools.partial(train_galore.main, callbacks=callbacks))
 
 
 def metrics(output_dir: Path) -> dict:

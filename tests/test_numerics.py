@@ -7,16 +7,9 @@ import math
 import pytest
 import torch
 from fastpath import chunked_loss, rms_norm
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import Gemma3ForCausalLM
+from conftest import small_gemma
 
-
-def small_gemma(**overrides) -> Gemma3ForCausalLM:
-    torch.manual_seed(0)
-    config = dict(
-        vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-    )
-    return Gemma3ForCausalLM(Gemma3TextConfig(**{**config, **overrides}))
 
 
 def batch():
@@ -40,7 +33,7 @@ def loss_and_grads(model, **kwargs):
 @pytest.mark.parametrize("chunk_tokens", [7, 1000])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager chunks", "compiled chunks"])
 def test_chunked_loss_matches_stock_loss_and_gradients(softcap, chunk_tokens, compiled, monkeypatch):
-    stock = small_gemma(final_logit_softcapping=softcap)
+    stock = small_gemma(vocab_size=500, sliding_window=4096, random_norms=False, final_logit_softcapping=softcap)
     chunked = copy.deepcopy(stock)
     # The compiled form, traced by dynamo and run without inductor's code generation (the GPU runs that).
     monkeypatch.setattr(chunked_loss, "compiled_chunk_loss_and_grad", lambda: torch.compile(
@@ -58,7 +51,7 @@ def test_chunked_loss_matches_stock_loss_and_gradients(softcap, chunk_tokens, co
 
 
 def test_chunked_loss_divides_by_the_trainers_token_count_under_accumulation():
-    stock = small_gemma()
+    stock = small_gemma(vocab_size=500, sliding_window=4096, random_norms=False)
     chunked = copy.deepcopy(stock)
     chunked_loss.use_chunked_loss(chunked, chunk_tokens=16)
     count = torch.tensor(250)
@@ -68,7 +61,7 @@ def test_chunked_loss_divides_by_the_trainers_token_count_under_accumulation():
 
 
 def test_chunked_loss_without_gradients_and_returns_no_logits():
-    model = small_gemma()
+    model = small_gemma(vocab_size=500, sliding_window=4096, random_norms=False)
     chunked_loss.use_chunked_loss(model)
     input_ids, labels = batch()
     with torch.no_grad():
@@ -80,7 +73,7 @@ def test_chunked_loss_without_gradients_and_returns_no_logits():
 
 def overflowing_gemma() -> Gemma3ForCausalLM:
     """Post-norm weights scaled up until the residual stream passes float16's 65,504, as the real Gemma 3's does."""
-    model = small_gemma()
+    model = small_gemma(vocab_size=500, sliding_window=4096, random_norms=False)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "post_attention_layernorm" in name or "post_feedforward_layernorm" in name:
@@ -123,7 +116,7 @@ def test_stock_fp16_paths_go_nan_where_ours_stays_finite():
 
 
 def test_fp32_residual_patch_changes_nothing_in_float32():
-    stock = small_gemma()
+    stock = small_gemma(vocab_size=500, sliding_window=4096, random_norms=False)
     patched = copy.deepcopy(stock)
     rms_norm.fuse_rms_norms(patched, fp32_residual=True)
     stock_loss, stock_grads = loss_and_grads(stock)

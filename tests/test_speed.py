@@ -7,28 +7,13 @@ import random
 
 import pytest
 import torch
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from cli import arguments
 from records import batching
 from fastpath import chunked_loss, guards, lora_4bit, rms_norm, varlen_attention
 from fastpath import galore_8bit
+from conftest import quantized_lora_model, small_gemma
 
-
-def small_gemma(layers: int = 2, **changes) -> Gemma3ForCausalLM:
-    torch.manual_seed(0)
-    config = dict(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=16,
-        attn_implementation="sdpa",
-    )
-    model = Gemma3ForCausalLM(Gemma3TextConfig(**{**config, **changes}))
-    # Random norm weights: with the initial zeros, (1 + weight) would hide a wrong scale.
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                parameter.normal_(0, 0.5)
-    return model
 
 
 # ---------------------------------------------------------------------------
@@ -66,25 +51,6 @@ def test_fused_rms_norm_output_dtype_follows_the_fp32_residual_setting():
 # LoRA on a 4-bit base
 # ---------------------------------------------------------------------------
 
-
-def quantized_lora_model(directory, dropout: float):
-    """A tiny Gemma 3 loaded as train_qlora loads it (NF4, bitsandbytes on the CPU), with LoRA adapters on every linear."""
-    from peft import LoraConfig, get_peft_model
-
-    import common
-    import train_qlora
-
-    if not (directory / "config.json").is_file():
-        small_gemma().save_pretrained(directory)
-    model = train_qlora.load_quantized_model(str(directory), common.Precision(False, False, torch.float32, "test"), torch.device("cpu"), "sdpa")
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config).train()  # eval mode would let bitsandbytes repack CPU weights
-    torch.manual_seed(0)
-    with torch.no_grad():  # B starts at zero; a random B makes every gradient path of the adapter count
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.1)
-    return peft_model
 
 
 def lora_loss_and_grads(model, seed: int):

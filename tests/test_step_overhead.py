@@ -6,7 +6,7 @@ import copy
 import torch
 
 from fastpath import flops_once, skip_train
-from test_speed import small_gemma
+from conftest import small_gemma
 
 
 def test_train_returns_at_once_while_all_is_training_and_runs_the_stock_walk_otherwise():
