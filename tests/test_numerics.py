@@ -123,3 +123,33 @@ def test_fp32_residual_patch_changes_nothing_in_float32():
     patched_loss, patched_grads = loss_and_grads(patched)
     assert torch.equal(stock_loss, patched_loss)
     assert all(torch.equal(stock_grads[name], grad) for name, grad in patched_grads.items())
+
+
+def test_chunk_bounds_cover_every_token_and_never_leave_a_one_token_chunk():
+    for tokens in (1, 2, 63, 64, 65, 128, 129, 130, 1000):
+        bounds = chunked_loss.chunk_bounds(tokens, 64)
+        assert [start for start, _ in bounds][0] == 0 and bounds[-1][1] == tokens
+        assert all(end == start_next for (_, end), (start_next, _) in zip(bounds, bounds[1:]))
+        assert tokens == 1 or all(end - start > 1 for start, end in bounds)
+
+
+def test_the_compiled_chunk_loss_compiles_once_whatever_tokens_a_step_keeps(monkeypatch):
+    """A step's unmasked token count changes every step; the compiled chunk loss must not compile again (issue 27:
+    no recompilation after the first step), a last chunk of one token included."""
+    graphs = []
+
+    def counting(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(chunked_loss.chunk_loss_and_grad, backend=counting, dynamic=True)
+    torch._dynamo.reset()
+    weight = torch.randn(500, 64, requires_grad=True)
+    counts = []
+    for kept in (200, 129, 193, 65, 130):  # 129, 193 and 65 would leave one token in a chunk of 64
+        hidden = torch.randn(1, kept + 1, 64, requires_grad=True)
+        labels = torch.randint(0, 500, (1, kept + 1))
+        loss = chunked_loss.chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=64, chunk_function=compiled)
+        loss.backward()
+        counts.append(len(graphs))
+    assert counts[0] >= 1 and counts[1:] == [counts[0]] * 4, counts

@@ -3,7 +3,10 @@
 vocabulary (1 GiB of fp32 logits per 1,024 tokens); masked positions are skipped. Under override 10 each chunk's
 loss and gradient is compiled too.
 
-Target: transformers 4.57 Gemma 3 (`model.model` returns `last_hidden_state`, `lm_head` a plain Linear).
+Target: transformers 4.57 Gemma 3, both classes (`model.model` returns `last_hidden_state`, `lm_head` a plain Linear).
+For `Gemma3ForConditionalGeneration` the stock loss is its own (the micro-batch's mean over the positions the
+attention mask keeps; the Trainer passes no `num_items_in_batch`, as its `accepts_loss_kwargs` is False): the chunked
+loss gives that mean too, as the labels of padding are -100.
 """
 from __future__ import annotations
 
@@ -32,11 +35,18 @@ def use_chunked_loss(causal_lm: torch.nn.Module, chunk_tokens: Optional[int] = N
     if not (version_ok("transformers", "chunked loss") and has(causal_lm, ["model"], "chunked loss")):
         return False
     stock_forward = causal_lm.forward
-    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    # A multimodal Gemma 3 (gemma-3-4b) keeps it in its text config; its `model` (Gemma3Model) returns the language
+    # model's last hidden states as the text model's does, and its lm_head is on the top model as there.
+    softcap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
 
-    def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
-        if labels is None or kwargs.get("logits_to_keep") or kwargs.get("return_dict") is False:
-            return stock_forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+    # logits_to_keep named, as the stock forward names it: generation then asks for the last position's logits only.
+    # None (which Gemma3ForConditionalGeneration's prepare_inputs_for_generation passes when the signature lacks it)
+    # means all of them; stock, it would index the hidden states with None and give logits of one dimension more.
+    def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, logits_to_keep=0, **kwargs):
+        logits_to_keep = 0 if logits_to_keep is None else logits_to_keep
+        if labels is None or logits_to_keep or kwargs.get("return_dict") is False:
+            return stock_forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                 logits_to_keep=logits_to_keep, **kwargs)
         outputs = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         loss = chunked_causal_lm_loss(
             outputs.last_hidden_state, lm_head.weight, labels, softcap, num_items_in_batch, chunk_tokens,
@@ -72,6 +82,16 @@ def chunked_causal_lm_loss(hidden, weight, labels, softcap=None, num_items_in_ba
 
 
 
+def chunk_bounds(tokens: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    """(start, end) of each chunk: `chunk_tokens` each, the last one whatever is left, except that a last chunk of one
+    token joins the one before. The compiled chunk function treats sizes as symbols but a size of 1 as a constant:
+    a one-token chunk would compile it again in the middle of a run."""
+    starts = list(range(0, tokens, chunk_tokens))
+    if len(starts) > 1 and tokens - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [tokens]))
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Loss and its gradients in one pass over vocabulary chunks, as fused linear cross-entropy kernels do.
 
@@ -92,9 +112,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         need_grad = need_hidden_grad or need_weight_grad
-        for start in range(0, hidden.shape[0], chunk_tokens):
-            h = hidden[start : start + chunk_tokens].to(compute_dtype)
-            target = labels[start : start + chunk_tokens]
+        for start, end in chunk_bounds(hidden.shape[0], chunk_tokens):
+            h = hidden[start:end].to(compute_dtype)
+            target = labels[start:end]
             # The logits go straight into the call, so that _eager_chunk can free them once it has used them.
             if chunk_function is not None and need_grad:
                 loss, grad_logits = chunk_function(h @ weight_c.T, target, softcap, compute_dtype)
@@ -104,7 +124,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if not need_grad:
                 continue
             if need_hidden_grad:
-                grad_hidden[start : start + chunk_tokens] = grad_logits @ weight_c
+                grad_hidden[start:end] = grad_logits @ weight_c
             if need_weight_grad:
                 grad_weight += grad_logits.T @ h
             del grad_logits
@@ -172,6 +192,6 @@ def chunk_loss_and_grad(logits, target, softcap, dtype):
 
 @functools.cache
 def compiled_chunk_loss_and_grad():
-    """chunk_loss_and_grad compiled once per process; sizes are symbols (a smaller last chunk compiles nothing,
-    except one of a single token)."""
+    """chunk_loss_and_grad compiled once per process; sizes are symbols, so a smaller last chunk compiles nothing
+    (chunk_bounds never makes one of a single token, a size torch compiles apart)."""
     return torch.compile(chunk_loss_and_grad, dynamic=True)
