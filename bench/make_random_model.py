@@ -4,7 +4,10 @@
         --texts ../shared/datasets/alpaca_5000.json --out /tmp/gemma-3-1b-random
 
 Random weights cost the same compute and memory as the real ones, which the model
-hub (gated, and unreachable from CI) would otherwise be needed for.
+hub (gated, and unreachable from CI) would otherwise be needed for. Any size's config.json: gemma-3-270m and -1b
+give Gemma3ForCausalLM, gemma-3-4b (and 12b, 27b) Gemma3ForConditionalGeneration with its SigLIP vision tower at full
+size (as AutoModelForCausalLM builds them). The weights are written in bfloat16, as published; built on the GPU where
+there is one (4b's 4.3B weights: seconds there, minutes on a CPU).
 """
 from __future__ import annotations
 

@@ -13,6 +13,16 @@ emulation (bf16 off, 15 GiB cap). Results are appended to --results.
 
 The "Unsloth ..." setups run Unsloth's QLoRA beside ours (bench/unsloth_run.py), in a child whose PYTHONPATH is
 --unsloth_site alone (transformers 5.x; bench/unsloth_setup.md installs it); without it they are skipped.
+
+Other sizes of Gemma 3 in the same command: a setup name after "270m: ", "1b: " or "4b: " (also 12b, 27b) runs on a
+random-weight model of that size's published shapes, built once at /tmp/bench-gemma-3-SIZE from
+--shapes_dir/gemma-3-SIZE/config.json (4b: the multimodal class, its SigLIP tower at full size). E.g.
+
+    python bench/run_bench.py --data ../shared/datasets/alpaca_5000.json --shapes_dir ../shared \
+        --only "270m: ours QLoRA, 8k tokens/batch;270m: Unsloth QLoRA, packing, 8 rows x 1,024;4b: T4 emulation: ours GaLore defaults"
+
+A setup our scripts refuse before anything loads (a model the GPU cannot hold: GaLore on gemma-3-4b under T4
+emulation) gets a "refused" row with the script's message.
 """
 from __future__ import annotations
 
@@ -53,7 +63,8 @@ def run_ours(script: str, model: str, data: str, batch: int, steps: int, warmup:
     training_args.include_num_input_tokens_seen = "non_padding"  # the flag parses as a bool only
     trainer = module.main(*parsed, training_args, callbacks=callbacks)
     summary = summarise(result, warmup, _model_parameters(model), gpus)
-    return {**summary, "loss": _last_loss(trainer)}
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {**summary, "loss": _last_loss(trainer), "trainable": trainable}
 
 
 def _last_loss(trainer):
@@ -61,9 +72,11 @@ def _last_loss(trainer):
 
 
 def _model_parameters(model: str) -> int:
+    """The language model's weights (embedding and decoder layers), for MFU: a multimodal model's vision tower does
+    not run on text."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model)
+    config = AutoConfig.from_pretrained(model).get_text_config()
     embedding = config.vocab_size * config.hidden_size
     per_layer = (
         config.hidden_size * config.head_dim * (config.num_attention_heads * 2 + config.num_key_value_heads * 2)
@@ -133,8 +146,38 @@ def run_setup(spec: dict) -> dict:
     torch.cuda.reset_peak_memory_stats()
     if spec["kind"] == "stock":
         return run_stock(spec["method"], spec["model"], spec["data"], spec["batch"], spec["steps"], spec["warmup"])
-    return run_ours(f"train_{spec['method']}", spec["model"], spec["data"], spec["batch"], spec["steps"],
-                    spec["warmup"], spec.get("extra", []), spec["output_dir"], spec.get("gpus", 1))
+    from cli.errors import UserInputError
+
+    try:
+        return run_ours(f"train_{spec['method']}", spec["model"], spec["data"], spec["batch"], spec["steps"],
+                        spec["warmup"], spec.get("extra", []), spec["output_dir"], spec.get("gpus", 1))
+    except UserInputError as refusal:  # stopped before anything loaded (a model this GPU cannot hold): the row says so
+        return {"refused": str(refusal), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"}
+
+
+# The sizes a setup name may start with ("4b: ours QLoRA, 8k tokens/batch"), each a random-weight model of its
+# published shapes (--shapes_dir/gemma-3-SIZE/config.json), built once here.
+SIZES = ("270m", "1b", "4b", "12b", "27b")
+SIZE_MODEL = "/tmp/bench-gemma-3-{size}"
+
+
+def sized_setup(name: str) -> tuple:
+    """("4b", "ours QLoRA, 8k tokens/batch") for "4b: ours QLoRA, 8k tokens/batch"; (None, name) without a size."""
+    size, separator, rest = name.partition(": ")
+    return (size.strip(), rest) if separator and size.strip() in SIZES else (None, name)
+
+
+def size_model(size: str, shapes_dir: Path, data: Path) -> Path:
+    """The random-weight model of gemma-3-SIZE's shapes, built on first use (bench/make_random_model.py)."""
+    folder = Path(SIZE_MODEL.format(size=size))
+    if not (folder / "config.json").is_file():
+        import make_random_model
+
+        config = shapes_dir / f"gemma-3-{size}" / "config.json"
+        if not config.is_file():
+            raise SystemExit(f"{config} is not there: --shapes_dir must hold gemma-3-{size}/config.json")
+        make_random_model.main(["--config", str(config), "--texts", str(data), "--out", str(folder)])
+    return folder
 
 
 # ---------------------------------------------------------------------------
@@ -158,6 +201,9 @@ def main() -> None:
     parser.add_argument("--memory_dir", type=Path, help="Write what GPU memory holds at each setup's peak here "
                         "(bench/step_diagnostics.py).")
     parser.add_argument("--ours_args", default="", help="Extra flags for every one of our setups (e.g. '--attn_implementation sdpa').")
+    parser.add_argument("--shapes_dir", type=Path, default=REPO_ROOT.parent / "shared",
+                        help="Folder of gemma-3-SIZE/config.json files (270m, 1b, 4b...), for the setups named "
+                             "'SIZE: ...'; each size's random-weight model is built once at " + SIZE_MODEL + ".")
     parser.add_argument("--unsloth_site", type=Path, default=Path("/tmp/unsloth-site"),
                         help="pip --target folder with Unsloth and its transformers-5 stack (bench/unsloth_setup.md); "
                              "the Unsloth setups run with PYTHONPATH set to it alone, and are skipped without it.")
@@ -172,7 +218,8 @@ def main() -> None:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, the main process reports
             print("RESULT " + json.dumps(result), flush=True)
         return
-    if not (args.model / "config.json").is_file():
+    wanted = [name.strip() for name in args.only.split(";") if name.strip()]
+    if not (args.model / "config.json").is_file() and (not wanted or any(sized_setup(n)[0] is None for n in wanted)):
         import make_random_model
 
         make_random_model.main(["--config", str(args.config), "--texts", str(args.data), "--out", str(args.model)])
@@ -222,14 +269,20 @@ def main() -> None:
     })
     for rows_per_step in (8, 32):  # trl's packing: each row is up to 1,024 tokens of whole records
         setups[f"Unsloth QLoRA, packing, {rows_per_step} rows x 1,024"] = dict(kind="unsloth", batch=rows_per_step)
+        # gemma-3-4b: Unsloth loading the language model alone (its text_only), beside the whole model above
+        setups[f"Unsloth QLoRA, packing, {rows_per_step} rows x 1,024, text only"] = dict(
+            kind="unsloth", batch=rows_per_step, text_only=True)
     for folder in (args.profile_dir, args.memory_dir):
         if folder:
             folder.mkdir(parents=True, exist_ok=True)
-    wanted = [name.strip() for name in args.only.split(";") if name.strip()] or list(setups)
+    wanted = wanted or list(setups)
     rows = []
     for name in wanted:
-        setup_name, _, added = name.partition(" + ")
+        size, sized_name = sized_setup(name)
+        setup_name, _, added = sized_name.partition(" + ")
         spec = {**base, **setups[setup_name.strip()]}
+        if size:
+            spec["model"] = str(size_model(size, args.shapes_dir, args.data))
         if added:
             spec["extra"] = [*spec.get("extra", []), *added.split()]
         if spec["kind"] == "ours" and args.ours_args:
@@ -273,6 +326,9 @@ def main() -> None:
             continue
         result = json.loads(line[len("RESULT "):])
         rows.append((name, result))
+        if "refused" in result:
+            print(f"{name}: refused before anything loaded: {result['refused']}", flush=True)
+            continue
         print(f"{name}: {result['tokens_per_second']:,.0f} tokens/s, step {result['median_step_s']:.3f} s, "
               f"{result['tokens_per_step']:,.0f} tokens/step, peak {_peak(result)} GiB, "
               f"MFU {_percent(result['mfu'])}, loss {result['loss']}, first step {result.get('first_step_s', 0):.1f} s, "
@@ -310,7 +366,8 @@ def write_results(args, rows) -> None:
     lines = [
         f"\n## {datetime.date.today()} on {gpu}, host CPU {step_diagnostics.host_cpu()}\n",
         f"`python bench/run_bench.py --config {args.config} --model {args.model} --data {args.data} "
-        f"--steps {args.steps} --warmup {args.warmup} --only \"{args.only}\"`: random-weight gemma-3-1b shapes, "
+        f"--steps {args.steps} --warmup {args.warmup} --shapes_dir {args.shapes_dir} --only \"{args.only}\"`: random "
+        f"weights of the shapes of {args.config} (rows named 'SIZE: ...': gemma-3-SIZE's), "
         f"Alpaca text, 1,024-token cap, gradient checkpointing; timed steps after the first {args.warmup}, an epoch's partial last step left out.\n",
         f"Compile caches: {'warm (shared)' if args.warm else 'cold (empty for each setup)'}.\n",
         "| setup | real tokens/s | median step s | mean step s | tokens/step | start to first step s (after loading) "
@@ -322,12 +379,16 @@ def write_results(args, rows) -> None:
             lines.append(f"| {name} | failed | | | | | | | | |")
         elif "skipped" in r:
             lines.append(f"| {name} | skipped: {r['skipped'].split(';')[0]} | | | | | | | | |")
+        elif "refused" in r:
+            lines.append(f"| {name} | refused before loading: {r['refused'].split(': the estimate')[0]} | | | | | | | | |")
         else:
             lines.append(f"| {name} | {r['tokens_per_second']:,.0f} | {r['median_step_s']:.3f} | "
                          f"{r.get('mean_step_s', 0):.3f} | {r['tokens_per_step']:,.0f} | "
                          f"{r.get('start_to_first_step_s') or 0:.0f} ({r.get('load_to_first_step_s', 0):.0f}) | "
                          f"{r.get('recompilations_after_step_1')} | {_peak(r)} | {_percent(r['mfu'])} | {r['loss']} |")
     for name, r in rows:
+        if r and "trainable" in r:
+            lines.append(f"\n{name}: {r['trainable']:,} trainable weights.")
         if r and "versions" in r:
             lines.append(f"\n{name}: timed steps after the first {r['warmup']} (Unsloth compiles first); packing "
                          f"{'on' if r['packing'] else 'OFF'}; "

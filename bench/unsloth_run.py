@@ -4,9 +4,16 @@ Runs in its own child process whose PYTHONPATH is the Unsloth site only (run_ben
 machine's transformers 5.x and huggingface_hub 1.x, plus unsloth, unsloth_zoo, trl 1.15, peft, datasets and
 bitsandbytes installed there with --no-deps (bench/unsloth_setup.md). Nothing from finetuning/ is imported:
 common.py needs trl 0.8.6 and transformers 4.x.
+
+gemma-3-4b (Gemma3ForConditionalGeneration, a folder whose config has a vision_config): FastLanguageModel hands Gemma 3
+to Unsloth's FastModel, which loads the whole multimodal model (the vision tower quantized too, as ours is); the LoRA
+adapters go on the language model's layers only (finetune_vision_layers=False), as ours do, and trl is given the
+tokenizer (not the processor), as for a text model. spec "text_only": Unsloth's option to load the language model
+alone, where its from_pretrained has it (a row of its own: it holds less than the model our scripts load).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -88,13 +95,23 @@ def run_unsloth(spec: dict, measuring_callbacks, summarise, model_parameters, la
     from trl import SFTConfig, SFTTrainer
 
     torch.cuda.reset_peak_memory_stats()
+    loading = {}
+    if spec.get("text_only"):
+        if "text_only" not in inspect.signature(FastLanguageModel.from_pretrained).parameters:
+            raise SystemExit("This Unsloth's FastLanguageModel.from_pretrained has no text_only option.")
+        loading["text_only"] = True
     model, tokenizer = FastLanguageModel.from_pretrained(
-        spec["model"], max_seq_length=1024, load_in_4bit=True, dtype=torch.bfloat16,
+        spec["model"], max_seq_length=1024, load_in_4bit=True, dtype=torch.bfloat16, **loading,
     )
+    # A multimodal model's adapters on its language model alone, as our QLoRA script puts them (Unsloth's
+    # FastModel.get_peft_model scopes an explicit list by these); a text model takes the list as it is.
+    scope = dict(finetune_vision_layers=False, finetune_language_layers=True, finetune_attention_modules=True,
+                 finetune_mlp_modules=True) if multimodal(spec["model"]) else {}
     model = FastLanguageModel.get_peft_model(
         model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGET_MODULES,
-        use_gradient_checkpointing="unsloth",
+        use_gradient_checkpointing="unsloth", **scope,
     )
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a multimodal model's processor: its tokenizer
     records = json.loads(Path(spec["data"]).read_text())
     dataset = Dataset.from_list([{"text": format_record(record)} for record in records])
     config = SFTConfig(
@@ -114,8 +131,14 @@ def run_unsloth(spec: dict, measuring_callbacks, summarise, model_parameters, la
     trainer.train()
     summary = summarise(result, spec["warmup"], model_parameters(spec["model"]))
     packing = bool(getattr(trainer.args, "packing", False))
-    return {**summary, "loss": last_loss(trainer), "warmup": spec["warmup"], "packing": packing,
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # ours logs the same count
+    return {**summary, "loss": last_loss(trainer), "warmup": spec["warmup"], "packing": packing, "trainable": trainable,
             "versions": versions()}
+
+
+def multimodal(model_dir: str) -> bool:
+    """Gemma3ForConditionalGeneration's folder (gemma-3-4b and up): its config.json has a vision_config."""
+    return "vision_config" in json.loads((Path(model_dir) / "config.json").read_text())
 
 
 def versions() -> dict:

@@ -14,7 +14,7 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from cli.errors import SetupError, UserInputError
-from models import hub
+from models import hub, shapes
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +153,10 @@ def empty_model(model_path: str, trust_remote_code: bool = False) -> torch.nn.Mo
 
 
 def linear_layer_names(model: torch.nn.Module) -> set:
-    """The last name part of every linear layer (q_proj, ...), as LoRA's and GaLore's target flags name them."""
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    """The last name part of every linear layer (q_proj, ...), as LoRA's and GaLore's target flags name them; a
+    multimodal Gemma 3's vision tower and projector left out, which text-only training does not train
+    (models/shapes.py)."""
+    return {name.rsplit(".", 1)[-1] for name, m in shapes.text_linear_layers(model)}
 
 
 def load_causal_lm(model_path: str, trust_remote_code: bool, **kwargs):

@@ -9,8 +9,8 @@ finetune fits a 16 GB T4. Every TrainingArguments flag works; --help lists them 
 """
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 import sys
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Sequence
@@ -21,14 +21,13 @@ from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArgument
 from trl import SFTTrainer
 
 import common
-
-from records import loading
 from cli import arguments, command_line
 from cli.arguments import DataArguments, ModelArguments, ReportArguments
 from cli.errors import UserInputError
 from fastpath import galore_8bit
-from records import batching
-from training import loop, processes, reports, saving, settings
+from models import shapes
+from records import batching, loading
+from training import interruptions, loop, processes, report_card, reports, saving, settings
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +75,7 @@ TRAINING_DEFAULTS = dict(
 )
 
 
+@interruptions.whole_run  # SIGTERM/Ctrl-C outside training: one line; the output folder's lock released
 def main(model_args: ModelArguments, data_args: DataArguments, report_args: ReportArguments, galore_args: GaloreArguments,
          training_args: TrainingArguments, callbacks: Optional[list[TrainerCallback]] = None) -> Optional[SFTTrainer]:
     # ===== Check: every flag, the machine and the output dir; nothing loads and nothing is deleted yet =====
@@ -90,7 +90,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
             f"{', '.join('--' + n for n in GaloreArguments.trainer_flags_not_used)}: this script's optimizer is always "
             "GaLore with 8-bit states; set it with the --galore_* flags (--help lists them), and leave these out."
         )
-    run = settings.check(model_args, data_args, report_args, training_args, "GaLore", __file__)
+    run = settings.check(model_args, data_args, report_args, training_args, "GaLore", __file__, galore_args)
 
     # ===== Load data and tokenizer: a bad record must not cost a model load =====
     loaded = loading.load_data_and_tokenizer(model_args, data_args, report_args, run.training_args)
@@ -113,6 +113,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
                                      optimizers=(optimizer, None))  # the Trainer builds the scheduler
 
     # ===== Train: the fast path in place for the training only; an earlier run is deleted only now =====
+    base_answers = report_card.answer_base(trainer, loaded, report_args)  # now: training changes the weights in place
     with run.fast_path.installed(trainer):
         reports.log_settings("GaLore", trainer, run.precision, run.data_args, loaded, {
             "optimizer": f"{type(optimizer).__name__} (galore-torch, bitsandbytes 8-bit states)",
@@ -124,11 +125,14 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
                        + (" master weights with fp16 autocast" if run.precision.fp16 else ""),
         })
         samples_before = reports.sample_answers(trainer, loaded, report_args)
+        if processes.writes(trainer.args):
+            loading.write_data_report(loaded, run.output.output_dir)
         train_result = loop.train(trainer, run.output, report_args.time_budget_seconds)
 
     # ===== Save: the whole model (safetensors) and the tokenizer =====
     final = saving.save_final(trainer, loaded.tokenizer)  # None on the processes that do not write (DDP)
     reports.write_reports(trainer, train_result, loaded, report_args, samples_before)
+    report_card.write(trainer, loaded, report_args, base_answers)  # base vs trained: report_card.md
     if final and model_args.smoke:
         reports.check_saved_model(AutoModelForCausalLM.from_pretrained, final, loaded, report_args, "model")
     return trainer
@@ -140,15 +144,20 @@ def load_model(model_path: str, precision: common.Precision, device: torch.devic
     # gradients); with bf16 the weights themselves are bf16, as GaLore's paper trains.
     dtype = torch.bfloat16 if precision.bf16 else torch.float32
     model = common.load_causal_lm(model_path, trust_remote_code, dtype=dtype, attn_implementation=attn_implementation)
+    frozen = shapes.freeze_vision(model)  # a multimodal Gemma 3 (gemma-3-4b): text-only training, its language model
+    if frozen:
+        logger.info("%s: the vision tower and projector (%s weights) stay frozen, outside the optimizer; the language "
+                    "model trains.", type(model).__name__, f"{frozen:,}")
     return model.to(device)
 
 
 def projected_weights(model, galore_args: GaloreArguments) -> list:
-    """The 2-D weights GaLore projects: the linear layers under --galore_target_modules, each wider than the rank."""
+    """The 2-D weights GaLore projects: the linear layers under --galore_target_modules, each wider than the rank;
+    in a multimodal Gemma 3 those of its language model only (shapes.text_linear_layers)."""
     targets = [t.strip() for t in galore_args.galore_target_modules.split(",") if t.strip()]
     projected = []
-    for module_name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(t in module_name for t in targets):
+    for module_name, module in shapes.text_linear_layers(model):
+        if any(t in module_name for t in targets):
             weight = module.weight
             if galore_args.galore_rank >= min(weight.shape):
                 raise UserInputError(

@@ -23,13 +23,12 @@ from transformers import BitsAndBytesConfig, TrainerCallback, TrainingArguments
 from trl import SFTTrainer
 
 import common
-
-from records import loading
 from cli import arguments, command_line
 from cli.arguments import DataArguments, ModelArguments, ReportArguments
 from cli.errors import UserInputError
-from records import batching
-from training import loop, processes, reports, saving, settings
+from models import shapes
+from records import batching, loading
+from training import interruptions, loop, processes, report_card, reports, saving, settings
 
 logger = logging.getLogger(__name__)
 
@@ -93,13 +92,21 @@ class LoraArguments:
         if not 0 <= self.lora_dropout < 1:
             raise UserInputError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
 
-    def peft_config(self) -> LoraConfig:
+    def peft_config(self, model=None) -> LoraConfig:
+        """`model`: a multimodal Gemma 3 (gemma-3-4b) gets its targets inside the language model only, as a regular
+        expression: "all-linear" or a list would also wrap the vision tower's layers (q_proj, k_proj, v_proj, ...)."""
         targets = self.lora_target_modules
+        target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
+        if model is not None and shapes.is_multimodal(model):
+            names = common.linear_layer_names(model) - {"lm_head"} if targets == "all-linear" else target_modules
+            target_modules = shapes.language_model_targets(names)
+            logger.info("LoRA targets the language model's %s only: %s's vision tower and projector stay frozen "
+                        "(text-only training).", ", ".join(sorted(names)), type(model).__name__)
         return LoraConfig(
             r=self.lora_r,
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
-            target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+            target_modules=target_modules,
             bias="none",
             task_type="CAUSAL_LM",
             use_rslora=self.use_rslora,
@@ -122,10 +129,11 @@ TRAINING_DEFAULTS = dict(
 )
 
 
+@interruptions.whole_run  # SIGTERM/Ctrl-C outside training: one line; the output folder's lock released
 def main(model_args: ModelArguments, data_args: DataArguments, report_args: ReportArguments, lora_args: LoraArguments,
          training_args: TrainingArguments, callbacks: Optional[list[TrainerCallback]] = None) -> Optional[SFTTrainer]:
     # ===== Check: every flag, the machine and the output dir; nothing loads and nothing is deleted yet =====
-    run = settings.check(model_args, data_args, report_args, training_args, "QLoRA", __file__)
+    run = settings.check(model_args, data_args, report_args, training_args, "QLoRA", __file__, lora_args)
 
     # ===== Load data and tokenizer: a bad record must not cost a model download =====
     loaded = loading.load_data_and_tokenizer(model_args, data_args, report_args, run.training_args)
@@ -142,8 +150,9 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
     # ===== Format: SFTTrainer formats and tokenizes the records and wraps the model in LoRA =====
     with run.fast_path.building_trainer(run.precision.bf16):  # no float32 copy of the embeddings on the way
         trainer = batching.build_trainer(model, loaded, run.data_args, run.training_args, callbacks,
-                                         peft_config=lora_args.peft_config())
+                                         peft_config=lora_args.peft_config(model))
     initial_adapter = save_initial_adapter(trainer, lora_args)
+    base_answers = report_card.answer_base(trainer, loaded, report_args)  # OLoRA only: else the adapter is disabled
 
     # ===== Train: the fast path in place for the training only; an earlier run is deleted only now =====
     with run.fast_path.installed(trainer) as fast:
@@ -155,11 +164,14 @@ def main(model_args: ModelArguments, data_args: DataArguments, report_args: Repo
                     + fused_path_text(fast.get("lora_4bit", "off")),
         })
         samples_before = reports.sample_answers(trainer, loaded, report_args)
+        if processes.writes(trainer.args):
+            loading.write_data_report(loaded, run.output.output_dir)
         train_result = loop.train(trainer, run.output, report_args.time_budget_seconds)
 
     # ===== Save: the adapter and the tokenizer (the base model stays where it came from); merged on request =====
     final = saving.save_final(trainer, loaded.tokenizer, initial_adapter)  # None on processes that do not write
     reports.write_reports(trainer, train_result, loaded, report_args, samples_before)
+    report_card.write(trainer, loaded, report_args, base_answers)  # base (adapter disabled) vs trained: report_card.md
     if final and lora_args.merge:
         dtype = torch.bfloat16 if run.precision.bf16 or run.precision.name == "fp32" else torch.float16
         logger.info("Merged the adapter into a 16-bit copy of the base model: %s", saving.merge_adapter(final, dtype))
@@ -185,15 +197,26 @@ def save_initial_adapter(trainer, lora_args: LoraArguments) -> Optional[Path]:
 
 
 def check_lora_targets(model_path: str, lora_args: LoraArguments, trust_remote_code: bool) -> None:
-    """Every name in --lora_target_modules names linear layers of the model, from its config alone (no weights)."""
-    if lora_args.lora_target_modules == "all-linear":
-        return
-    available = common.linear_layer_names(common.empty_model(model_path, trust_remote_code)) - {"lm_head"}
-    unknown = [t for t in lora_args.peft_config().target_modules if t not in available]
+    """Every name in --lora_target_modules names linear layers of the model, and --lora_r fits them, from its config
+    alone (no weights)."""
+    model = common.empty_model(model_path, trust_remote_code)
+    available = common.linear_layer_names(model) - {"lm_head"}
+    targets = available if lora_args.lora_target_modules == "all-linear" else set(lora_args.peft_config().target_modules)
+    unknown = [t for t in targets if t not in available]
     if unknown:
         raise UserInputError(
             f"--lora_target_modules {lora_args.lora_target_modules!r}: {', '.join(sorted(unknown))} names no linear "
             f"layer of the model. Its linear layers are {', '.join(sorted(available))}; or use all-linear."
+        )
+    sides = {min(m.in_features, m.out_features): name for name, m in shapes.text_linear_layers(model)
+             if name.rsplit(".", 1)[-1] in targets}
+    if sides and lora_args.lora_r > min(sides):
+        # A rank above a layer's smaller side adds parameters and no expressiveness: B·A is at most that rank.
+        raise UserInputError(
+            f"--lora_r {lora_args.lora_r} is larger than the smaller side of {sides[min(sides)]} ({min(sides)}): an "
+            f"adapter's update cannot have a rank above that, and the adapter would hold more parameters than the "
+            f"layer it adapts. Use --lora_r {min(sides)} or less (8-64 is usual)"
+            + ("; the --smoke model is 64 wide." if min(sides) <= 64 else ".")
         )
 
 

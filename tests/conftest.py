@@ -252,24 +252,6 @@ def finished_runs(tmp_path_factory) -> dict:
 # --- one clean message, and scripts run as real processes (issue 24's tests) ---------------------------------------
 
 
-def fails_with_one_message(parse, main, argv, caplog, exit_code: int = 2) -> str:
-    """cli.command_line.run_cli(parse, main, argv) as the command line runs it: `exit_code` (2 for a mistake the user
-    can fix), one ERROR line, logged by run_cli, and no traceback anywhere in the log. Returns that line."""
-    import logging
-
-    from cli import command_line
-
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        code = command_line.run_cli(parse, main, [str(a) for a in argv])
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert code == exit_code, f"exit code {code}, not {exit_code}; log:\n{caplog.text[-3000:]}"
-    assert len(errors) == 1, [r.getMessage() for r in errors]
-    assert errors[0].name == "cli.command_line", errors[0].name
-    assert "Traceback" not in caplog.text
-    return errors[0].getMessage()
-
-
 def start_script(argv, log_path: Path, env: dict | None = None) -> subprocess.Popen:
     """`python finetuning/<argv>` from the repository root, its output to `log_path`; SIGINT delivered as a terminal
     delivers it (a shell without job control starts background jobs with SIGINT ignored)."""

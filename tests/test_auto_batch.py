@@ -11,7 +11,7 @@ import torch
 
 from cli import arguments
 from training import auto_batch
-from records import loading
+from records import data_doctor, loading
 from records import data
 from training import processes
 from training import reports
@@ -39,10 +39,12 @@ def fake_gpu(monkeypatch, gpu):
 
 
 @pytest.fixture
-def loaded(tiny_tokenizer):
-    """The shipped 200 records (about 22,000 tokens) with the tiny model's tokenizer."""
+def loaded(tiny_tokenizer, tiny_model_dir):
+    """The shipped 200 records (about 22,000 tokens) with the tiny model's tokenizer; the tiny model's config, whose
+    memory estimate caps no budget."""
     records, _ = data.load_train_and_eval(arguments.DataArguments(), seed=0)
-    return loading.RunData(records, None, tiny_tokenizer, None, "unused", loading.token_lengths(records, tiny_tokenizer))
+    return loading.RunData(records, None, tiny_tokenizer, None, str(tiny_model_dir),
+                           loading.token_lengths(records, tiny_tokenizer))
 
 
 def many_tokens(monkeypatch, loaded=None, count=20000, length=200):
@@ -51,6 +53,14 @@ def many_tokens(monkeypatch, loaded=None, count=20000, length=200):
     if loaded is not None:
         monkeypatch.setattr(loaded, "lengths", [length] * count)
     monkeypatch.setattr(loading, "token_lengths", lambda records, tokenizer: [length] * count)
+    real_examine = data_doctor.examine
+
+    def examine(*args, **kwargs):  # the dry run takes its lengths from the data doctor's count
+        records, eval_records, report = real_examine(*args, **kwargs)
+        report.lengths = [length] * count
+        return records, eval_records, report
+
+    monkeypatch.setattr(data_doctor, "examine", examine)
 
 
 @pytest.mark.parametrize("script, gpu, expected", [
@@ -236,3 +246,126 @@ def test_the_help_states_the_default_budgets():
         assert f"{budgets[0]} ({script})" in help_text
     assert f"{auto_batch.LARGE_GPU_GIB} GiB" in help_text and f"{auto_batch.MIN_STEPS_PER_EPOCH} steps" in help_text
     assert all(f"--{flag}" in help_text for flag in arguments.BATCH_FLAGS if flag != "max_tokens_per_batch")
+
+
+# ---------------------------------------------------------------------------
+# Each Gemma 3 size (issue 25): the budget its memory estimate fits, and the card a model that fits none needs
+# ---------------------------------------------------------------------------
+
+L4 = (22.03, "NVIDIA L4")
+A100_40 = (39.39, "NVIDIA A100-SXM4-40GB")
+T4_EMULATED = (15.0, "Tesla T4 (emulated)")  # bench/emulate_t4.py's cap
+
+
+@pytest.fixture(scope="module")
+def size_folders(tmp_path_factory) -> dict:
+    """A folder with the published config.json of each size (no weights: the budget reads the config alone)."""
+    from models import shapes
+
+    folders, root = {}, tmp_path_factory.mktemp("sizes")
+    for size in shapes.GEMMA3_TEXT:
+        folder = root / f"gemma-3-{size}"  # named as the hub names it: the log says the size
+        shapes.gemma3_config(size).save_pretrained(folder)
+        folders[size] = folder
+    return folders
+
+
+def sized(loaded, folder):
+    return loading.RunData(loaded.records, None, loaded.tokenizer, None, str(folder), loaded.lengths)
+
+
+@pytest.mark.parametrize("size, script, gpu, expected", [
+    # A T4 (fp16: float32 embeddings, a float32 residual stream; GaLore's float32 master weights): the tier's
+    # budgets, which every size up to 4b QLoRA fits.
+    ("270m", "QLoRA", T4, 8192), ("270m", "GaLore", T4, 4096), ("1b", "QLoRA", T4, 8192), ("1b", "GaLore", T4, 4096),
+    ("4b", "QLoRA", T4, 8192), ("4b", "QLoRA", T4_EMULATED, 8192),
+    # 24 GB: 4b QLoRA at the tier's 32k, 4b GaLore's weights, gradients and states leave room for 4k; 12b QLoRA 8k.
+    ("4b", "QLoRA", L4, 32768), ("4b", "GaLore", L4, 4096), ("12b", "QLoRA", L4, 8192),
+    ("4b", "GaLore", A100_40, 32768), ("27b", "QLoRA", A100_40, 8192),
+    ("270m", "QLoRA", H100, 32768), ("4b", "QLoRA", H100, 32768), ("4b", "GaLore", H100, 32768),
+    ("12b", "GaLore", H100, 32768), ("27b", "QLoRA", H100, 32768),
+])
+def test_each_size_gets_a_budget_its_memory_estimate_fits(size, script, gpu, expected, size_folders, monkeypatch,
+                                                          loaded):
+    from training import memory_estimate
+
+    model, data_args, _, _, training_args = parse(SCRIPTS[script], [])
+    training_args.fp16 = gpu[0] < auto_batch.LARGE_GPU_GIB  # as settings.check sets it: no bf16 on the T4s
+    many_tokens(monkeypatch, loaded)
+    fake_gpu(monkeypatch, gpu)
+    run = sized(loaded, size_folders[size])
+    data_args, training_args = auto_batch.choose_batch(script, data_args, training_args, run)
+    assert data_args.max_tokens_per_batch == expected
+    estimate = auto_batch.run_estimate(script, training_args, run.model_path, bool(training_args.fp16))
+    assert estimate.at(expected) <= memory_estimate.usable_bytes(gpu[0])
+
+
+def test_the_log_line_says_when_the_models_memory_cut_the_budget(size_folders, monkeypatch, loaded, caplog):
+    caplog.set_level("INFO", logger="training.auto_batch")
+    data_args, training_args = parse(train_galore, [])[1::3]
+    many_tokens(monkeypatch, loaded)
+    fake_gpu(monkeypatch, L4)
+    auto_batch.choose_batch("GaLore", data_args, training_args, sized(loaded, size_folders["4b"]))
+    assert ("packed rows, 4,096 tokens per step per GPU (NVIDIA L4, 22 GiB; gemma-3-4b (4.30B parameters): at most "
+            "4,096 by its memory estimate, about ") in caplog.text
+
+
+def test_the_dry_run_without_a_gpu_states_each_tiers_budget_for_the_model(size_folders, monkeypatch, loaded, caplog,
+                                                                         no_gpu):
+    caplog.set_level("INFO", logger="training.auto_batch")
+    data_args, training_args = parse(train_galore, [])[1::3]
+    many_tokens(monkeypatch, loaded)
+    auto_batch.choose_batch("GaLore", data_args, training_args, sized(loaded, size_folders["4b"]))
+    assert ("packed rows, 1,024 tokens per step per GPU under 20 GiB of memory, 4,096 from 20 GiB (the data's "
+            "4,000,000 tokens make 4000 or 1000 steps an epoch; no GPU here: what follows counts 1,024). gemma-3-4b "
+            "(4.30B parameters): its memory estimate caps these, on a 16 GB T4 and on a 24 GB card with bf16 (L4, "
+            "A10G, RTX 3090/4090); on a 16 GB T4 not even one row fits: it needs a 24 GB card") in caplog.text
+
+
+def fake_cuda_machine(monkeypatch, gpu, bf16: bool):
+    """What settings.check asks of the machine, as on a GPU of `gpu` (GiB, name)."""
+    fake_gpu(monkeypatch, gpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu[1])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)  # settings.check's copy sets the device up
+
+
+def test_galore_on_4b_on_a_t4_stops_before_anything_loads_naming_the_card_it_needs(size_folders, tmp_path,
+                                                                                   monkeypatch, caplog):
+    from conftest import fails_cleanly
+
+    parsed = parse(train_galore, ["--model_name_or_path", size_folders["4b"], "--output_dir", tmp_path / "out"])
+    fake_cuda_machine(monkeypatch, T4_EMULATED, bf16=False)
+    # The folder holds a config and nothing else: had the data, tokenizer or model been loaded, another message.
+    message = fails_cleanly(SimpleNamespace(parse_args=lambda argv: parsed, main=train_galore.main), [], caplog,
+                            tmp_path / "out")
+    assert message.startswith("GaLore on gemma-3-4b (4.30B parameters) does not fit this GPU, the Tesla T4 (emulated) "
+                              "with 15.0 GiB: the estimate at one row of --max_seq_length 1024 is about ")
+    assert "float32 master weights 16.0" in message and "without bf16" in message
+    assert "It needs a 24 GB card with bf16 (L4, A10G, RTX 3090/4090), where the estimate is about 18." in message
+    assert "Or train it with train_qlora.py" in message
+
+
+@pytest.mark.parametrize("size, script", [("4b", "QLoRA"), ("1b", "GaLore"), ("270m", "GaLore")])
+def test_what_fits_a_t4_passes_the_check(size, script, size_folders, tmp_path, monkeypatch, caplog):
+    from conftest import fails_cleanly
+
+    module = SCRIPTS[script]
+    parsed = parse(module, ["--model_name_or_path", size_folders[size], "--output_dir", tmp_path / "out"])
+    fake_cuda_machine(monkeypatch, T4_EMULATED, bf16=False)
+    message = fails_cleanly(SimpleNamespace(parse_args=lambda argv: parsed, main=module.main), [], caplog)
+    assert "holds a model but no tokenizer" in message  # the check passed: the load step found no tokenizer
+
+
+@pytest.mark.parametrize("size, script, card", [
+    ("4b", "GaLore", "a 24 GB card with bf16"), ("12b", "QLoRA", "a 24 GB card with bf16"),
+    ("12b", "GaLore", "an 80 GB A100 or H100"), ("27b", "QLoRA", "a 40 GB A100"), ("27b", "GaLore", "a 141 GB H200"),
+])
+def test_the_card_each_size_needs(size, script, card):
+    """What docs/usage.md's table says: from a T4 up, the first card one row of 1,024 tokens fits."""
+    from models import shapes
+    from training import memory_estimate
+
+    assert memory_estimate.card_needed(shapes.gemma3_shape(size), script, 1024)[0].startswith(card)
+    assert memory_estimate.card_needed(shapes.gemma3_shape("4b"), "QLoRA", 1024)[0] == "a 16 GB T4"

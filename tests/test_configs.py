@@ -17,6 +17,8 @@ CONFIGS = {
     "qlora_a100.yaml": train_qlora,
     "galore_t4.yaml": train_galore,
     "galore_a100.yaml": train_galore,
+    "qlora_4b_t4.yaml": train_qlora,  # gemma-3-4b (issue 25): QLoRA fits a T4 at 8k tokens
+    "galore_4b_24gb.yaml": train_galore,  # GaLore of 4b needs a 24 GB card with bf16
 }
 KEY_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:")
 
@@ -79,6 +81,8 @@ def test_config_settings_are_consistent(name):
         "qlora_a100.yaml": (32768, 1, 2048),
         "galore_t4.yaml": (4096, 1, 1024),
         "galore_a100.yaml": (32768, 1, 2048),
+        "qlora_4b_t4.yaml": (8192, 1, 1024),
+        "galore_4b_24gb.yaml": (4096, 1, 1024),
     }[name]
     assert (values["max_tokens_per_batch"], values["gradient_accumulation_steps"],
             values["max_seq_length"]) == expected
@@ -99,3 +103,16 @@ def test_every_key_has_a_comment(name):
         line_above = index > 0 and lines[index - 1].lstrip().startswith("#")
         assert same_line or line_above, f"{name}: {match.group(1)} has no comment saying why"
     assert keys == list(load(name)), "every top-level key was checked"
+
+
+@pytest.mark.parametrize("name, script, card", [("qlora_4b_t4.yaml", "QLoRA", (14.74, True)),
+                                                ("galore_4b_24gb.yaml", "GaLore", (22.0, False))])
+def test_the_4b_configs_fit_their_cards_by_the_memory_estimate(name, script, card):
+    """What each 4b file says it fits: its token budget within the memory estimate on its card (fp16 on the T4)."""
+    from models import shapes
+    from training import memory_estimate
+
+    gib, fp16 = card
+    estimate = memory_estimate.estimate(shapes.gemma3_shape("4b"), script, fp16=fp16)
+    assert estimate.at(load(name)["max_tokens_per_batch"]) <= memory_estimate.usable_bytes(gib)
+    assert memory_estimate.largest_budget(estimate, gib, 1024) == load(name)["max_tokens_per_batch"]

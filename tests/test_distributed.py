@@ -106,7 +106,7 @@ def test_sigterm_to_torchrun_stops_every_process_at_the_same_step_with_a_checkpo
     stops = [line.split("Training interrupted at step ")[1].split()[0] for line in output.splitlines()
              if "Training interrupted at step" in line]
     assert len(stops) == 2 and stops[0] == stops[1], output[-3000:]  # both processes, one step
-    assert f"resume with: torchrun --nproc_per_node 2 finetuning/train_qlora.py --smoke" in output
+    assert "resume with: torchrun --nproc_per_node 2 finetuning/train_qlora.py --smoke" in output
     checkpoint = tmp_path / "run" / f"checkpoint-{stops[0]}"
     assert {"optimizer.pt", "rng_state_0.pth", "rng_state_1.pth", WEIGHTS["qlora"]} <= {p.name for p in checkpoint.iterdir()}
 

@@ -61,6 +61,14 @@ def test_a_trained_run_exports_ggufs_that_answer_and_stop_as_it_does(run_that_st
     assert 'PARAMETER stop "<end_of_turn>"' in modelfile and "<start_of_turn>model" in modelfile
     # "Yes, it is." and the stop token, all compared and all agreeing
     assert "| 0 | model-f16.gguf | yes | 6/6 | <end_of_turn> | <end_of_turn> |" in (folder / "parity.md").read_text()
+    # The run's report card gains a row for each GGUF: base -> trained -> exported, on the same prompts.
+    card = json.loads((run_that_stops / "report_card.json").read_text())
+    rows = {row["model"]: row for row in card["export"]["rows"]}
+    assert list(rows) == ["base", "trained", "model-f16.gguf", "model-q8_0.gguf"] and card["export"]["prompts"] == 8
+    for name in ("trained", "model-f16.gguf", "model-q8_0.gguf"):
+        assert rows[name]["stop_rate"] == 1.0 and rows[name]["exact_match"] == 1.0, rows[name]
+    assert rows["base"]["stop_rate"] < 1.0  # the random base runs on
+    assert "| model-q8_0.gguf | 100% | 100% | 100.0 |" in (run_that_stops / "report_card.md").read_text()
 
 
 @pytest.mark.slow
@@ -77,6 +85,38 @@ def test_a_qlora_run_is_merged_into_its_base_then_exported(tmp_path, caplog):
     assert [row["agrees"] for row in rows] == [True]
     # The random model never ends its turn: nothing to compare stopping with, which is said, not failed.
     assert "did not stop within the token limit" in caplog.text
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_a_multimodal_qlora_run_exports_its_language_model_and_answers_alike(tmp_path, caplog):
+    """gemma-3-4b's class (issue 25): the smoke model of Gemma3ForConditionalGeneration trained, merged (its vision
+    tower kept) and converted; the GGUF is its language model alone, as llama.cpp's converter writes it, and answers
+    as the merged model does."""
+    import logging
+
+    run_dir = tmp_path / "qlora-4b"
+    train_qlora.main(*train_qlora.parse_args(["--smoke", "--model_name_or_path", "google/gemma-3-4b-it",
+                                              "--output_dir", str(run_dir), "--num_sample_prompts", "2"]))
+    caplog.set_level(logging.INFO)
+    folder = export_gguf.main(*export_gguf.parse_args(["--run_dir", str(run_dir), "--outtypes", "f16,q8_0"]))
+
+    assert json.loads((run_dir / "merged" / "config.json").read_text())["architectures"] == [
+        "Gemma3ForConditionalGeneration"]
+    report = json.loads((folder / "parity.json").read_text())
+    assert report["problems"] == {"model-f16.gguf": [], "model-q8_0.gguf": []}  # eot id, EOG, chat template
+    assert len(report["rows"]) == 4 and all(row["prompt_tokens_same"] and row["agrees"] for row in report["rows"])
+    assert "the GGUF holds its language model" in caplog.text and "--mmproj" in caplog.text
+    sys.path.insert(0, str(gguf_files.tools_dir(None) / "gguf-py"))
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(str(folder / "model-f16.gguf"))
+    finally:
+        sys.path.pop(0)
+    names = [tensor.name for tensor in reader.tensors]
+    assert "token_embd.weight" in names and not [n for n in names if n.startswith(("v.", "mm."))], names
+    assert bytes(reader.fields["general.architecture"].parts[-1]) == b"gemma3"
 
 
 def test_a_gguf_that_does_not_stop_where_the_model_does_fails_the_export(tmp_path):

@@ -68,22 +68,32 @@ def _run(module, tmp_path, name, fast_path, *flags):
 
 
 
+# The two classes of Gemma 3 (issue 25): the text one (270m, 1b) and the multimodal one (4b, 12b, 27b), whose tiny
+# smoke model --model_name_or_path google/gemma-3-4b-it asks for.
+CLASSES = {"text": [], "multimodal": ["--model_name_or_path", "google/gemma-3-4b-it"]}
+
+
+@pytest.mark.parametrize("model_class", list(CLASSES))
 @pytest.mark.parametrize("module", [train_qlora, train_galore], ids=["qlora", "galore"])
-def test_none_trains_to_the_loss_all_trains_to(module, tmp_path):
+def test_none_trains_to_the_loss_all_trains_to(module, model_class, tmp_path):
     # Packed token batches: the variable-length attention is selected too (it runs SDPA on the CPU).
-    flags = ["--max_tokens_per_batch", "512"]
+    flags = ["--max_tokens_per_batch", "512", *CLASSES[model_class]]
     fast, stock = _run(module, tmp_path, "all", "all", *flags), _run(module, tmp_path, "none", "none", *flags)
     assert len(trainer_losses(fast)) == len(trainer_losses(stock)) == 4
     for ours, theirs in zip(trainer_losses(fast), trainer_losses(stock)):
         assert ours == pytest.approx(theirs, rel=SAME_LOSS)
 
 
-def test_a_run_leaves_nothing_of_the_fast_path_behind(tmp_path):
+@pytest.mark.parametrize("model_class", list(CLASSES))
+def test_a_run_leaves_nothing_of_the_fast_path_behind(model_class, tmp_path):
     cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()
     dynamo_before = dict(torch._dynamo.config.get_config_copy())
-    trainer = _run(train_qlora, tmp_path, "run", "all", "--max_tokens_per_batch", "512")
+    trainer = _run(train_qlora, tmp_path, "run", "all", "--max_tokens_per_batch", "512", *CLASSES[model_class])
     model = trainer.model
-    assert model.get_base_model().config._attn_implementation == "sdpa"
+    config = model.get_base_model().config
+    assert config._attn_implementation == config.get_text_config()._attn_implementation == "sdpa"
+    if model_class == "multimodal":  # the vision tower's attention was never touched
+        assert config.vision_config._attn_implementation == "sdpa"
     assert VARLEN_ATTENTION not in AttentionInterface._global_mapping
     patched = [name for name, module in model.named_modules() if {"forward", "train"} & set(vars(module))]
     assert patched == [], patched[:5]

@@ -138,6 +138,10 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
 
     plot = cell_with(notebook, "loss_curve.png")
     assert any("image/png" in output.get("data", {}) for output in plot.outputs)
+    reports = cell_with(notebook, "report_card.md")  # the report card, then the data report and its histogram
+    shown = "".join(output.get("data", {}).get("text/markdown", "") for output in reports.outputs)
+    assert "# Report card" in shown and "the eval records (held out from training)" in shown
+    assert "# Data report" in shown and any("image/png" in output.get("data", {}) for output in reports.outputs)
     answer_lines = [line for line in cell_text(cell_with(notebook, "AutoPeftModelForCausalLM")).splitlines()
                     if line.startswith("Answer:")]
     assert answer_lines and answer_lines[0].removeprefix("Answer:").strip(), "the generation cell printed an answer"

@@ -9,15 +9,17 @@ import importlib.util
 import logging
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from cli.config_files import CONFIG_SUFFIXES, config_argv, read_config_file
+from cli.config_files import (FORMATS_READ, config_argv, looks_like_config, read_config_file,
+                               resolve_relative_paths)
 from cli.errors import UserInputError
-from cli.help_text import HELP_GROUPS, HelpFormatter, write_help
+from cli.help_text import HELP_GROUPS, HelpFormatter, write_help, write_small_script_help
 from cli.smoke_flags import parse_smoke
 from cli.fast_path_flag import SWITCHES, parse_fast_path
 
@@ -31,7 +33,9 @@ DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
 class ModelArguments:
     model_name_or_path: str = field(
         default=DEFAULT_MODEL,
-        metadata={"help": "A hub id or a local folder with a causal LM (config.json + weights)."},
+        metadata={"help": "A hub id or a local folder with a Gemma 3 (config.json + weights): google/gemma-3-270m, "
+                  "-1b, -4b, -12b or -27b, -it or -pt. 4b and up are multimodal: text-only training trains their "
+                  "language model (docs/usage.md, 'Model sizes')."},
     )
     attn_implementation: str = field(
         default="sdpa",
@@ -56,18 +60,23 @@ class ModelArguments:
     fast_path: str = field(
         default="all",
         metadata={"help": "The toolkit's overrides of library internals that make training fast: 'all', 'none' (the "
-                  "stock trl/peft/transformers path; three fixes stay on), or a comma list: names turn a switch on, "
+                  "stock trl/peft/transformers path; four fixes stay on), or a comma list: names turn a switch on, "
                   "-name off, e.g. all,-compile_layers. Switches: " + ", ".join(SWITCHES) + " (docs/architecture.md)."},
     )
 
     def __post_init__(self):
         parse_fast_path(self.fast_path)  # an unknown switch is refused while parsing
+        if not str(self.model_name_or_path).strip():
+            raise UserInputError(f"--model_name_or_path is empty ({self.model_name_or_path!r}): give a hub id such as "
+                                 f"{DEFAULT_MODEL} or a local model folder, or leave the flag out for {DEFAULT_MODEL}.")
     smoke: bool = field(
         default=False,
         metadata={
             "help": "Run the whole pipeline on the CPU with a tiny random Gemma 3 (no download, under a minute): "
             "load, format, train a few steps, save, reload, generate. Writes to its own folder unless --output_dir "
-            "is given on the command line, and never replaces a run it did not write."
+            "is given on the command line, and never replaces a run it did not write. With --model_name_or_path "
+            "naming a multimodal size (google/gemma-3-4b-it, -12b, -27b), the tiny model is of that class, "
+            "Gemma3ForConditionalGeneration (a tiny vision tower beside the language model)."
         },
     )
 
@@ -128,6 +137,16 @@ class DataArguments:
     eval_file: Optional[str] = field(
         default=None, metadata={"help": "A separate file of evaluation records (same formats as --dataset_name)."}
     )
+    drop_duplicates: bool = field(
+        default=False,
+        metadata={"help": "Drop training records that repeat an earlier one, exactly or nearly (the data doctor's "
+                  "duplicates, data_report.md); the first of each stays."},
+    )
+    drop_eval_overlap: bool = field(
+        default=False,
+        metadata={"help": "Drop evaluation records that are also in the training data, exactly or nearly: they "
+                  "make the eval loss and the report card look better than the model is."},
+    )
     auto_batch: bool = field(default=False, init=False)  # not a flag: set by parse_arguments, read by auto_batch.py
 
     def __post_init__(self):
@@ -142,6 +161,12 @@ class DataArguments:
             raise UserInputError(f"--eval_split_ratio must be in [0, 1), got {self.eval_split_ratio}. Typical: 0.05.")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise UserInputError(f"--max_train_samples must be 1 or more, got {self.max_train_samples}.")
+        for flag, what in (("dataset_name", "a data file (.json, .jsonl, .csv, .parquet) or a hub data set id, or "
+                                            "leave the flag out to train on the toolkit's default data"),
+                           ("eval_file", "a file of evaluation records, or leave the flag out")):
+            value = getattr(self, flag)
+            if value is not None and not value.strip():  # Path("") is the current folder: ". is a directory"
+                raise UserInputError(f"--{flag} is empty ({value!r}): give {what}.")
 
     @property
     def packs_without_padding(self) -> bool:
@@ -160,16 +185,42 @@ class ReportArguments:
         default=3, metadata={"help": "Prompts answered before and after training, written to samples.md (0: none)."}
     )
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of each sample answer, in tokens."})
+    report_card_prompts: int = field(
+        default=100,
+        metadata={"help": "Prompts of the report card (report_card.md): held-out prompts answered by the base and the "
+                  "trained model, scored against the data's answers. From the eval records (--eval_split_ratio, "
+                  "--eval_file), else the first training records. 0: no report card."},
+    )
+    report_card_max_new_tokens: int = field(
+        default=256,
+        metadata={"help": "Token limit of each report-card answer: an answer that has not ended its turn by then "
+                  "counts as not stopping."},
+    )
     time_budget: Optional[str] = field(
         default=None,
         metadata={"help": "How long this run may take from its start, e.g. 80m, 1h30m, 45m (free Colab ends a "
-                  "session after a few hours). Training stops early enough to save a checkpoint, then prints the "
-                  "command that resumes it."},
+                  "session after a few hours), model loading included. Training stops early enough to save a "
+                  "checkpoint (a minute is kept for the first one, then the time the last one took, and two of the "
+                  "slowest steps), then prints the command that resumes it; the log says at the start what the "
+                  "budget leaves for training. A budget of a minute or two trains a step or so per session."},
     )
 
     def __post_init__(self):
         if self.time_budget is not None:
             self.time_budget_seconds  # refuses a malformed budget while parsing
+        if self.num_sample_prompts < 0:
+            raise UserInputError(f"--num_sample_prompts must be 0 (no samples) or more, got {self.num_sample_prompts}.")
+        if self.sample_max_new_tokens < 1:
+            raise UserInputError(
+                f"--sample_max_new_tokens must be 1 or more, got {self.sample_max_new_tokens}: each sample answer "
+                "needs a token. For no samples at all, give --num_sample_prompts 0.")
+        if self.report_card_prompts < 0 or self.report_card_max_new_tokens < 1:
+            raise UserInputError(
+                f"--report_card_prompts must be 0 (no report card) or more and --report_card_max_new_tokens 1 or "
+                f"more, got {self.report_card_prompts} and {self.report_card_max_new_tokens}.")
+        if self.report_card_prompts and importlib.util.find_spec("sacrebleu") is None:  # found now, not after training
+            raise UserInputError("The report card scores answers with sacrebleu, which is not installed: pip install "
+                                 "-r finetuning/requirements.txt, or --report_card_prompts 0 to train without it.")
 
     @property
     def time_budget_seconds(self) -> Optional[float]:
@@ -266,8 +317,10 @@ def parse_arguments(script_arguments: type, defaults: Mapping[str, Any], argv: S
     """
     argv = [str(arg) for arg in argv]
     config: dict = {}
-    if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
-        config, argv = read_config_file(Path(argv[0])), argv[1:]
+    config_file = None
+    if argv and not argv[0].startswith("-") and looks_like_config(argv[0]):
+        config_file = Path(argv[0])
+        config, argv = resolve_relative_paths(read_config_file(config_file), config_file), argv[1:]
     for arg in config_argv(config) + argv:
         flag = arg.split("=", 1)[0]
         if flag.startswith("--"):
@@ -278,15 +331,51 @@ def parse_arguments(script_arguments: type, defaults: Mapping[str, Any], argv: S
                      allow_abbrev=False)
     parser.set_defaults(report_to=default_report_to(), **defaults)
     write_help(parser, script_arguments, defaults, RENAMED_FLAGS)
+    _refuse_misplaced_config_files(parser, argv, config_file)
     _refuse_repeated_flags(parser, argv)
     # argparse alone, before TrainingArguments checks --bf16 against the machine: --smoke overrides that.
     namespace = parser.parse_known_args(config_argv(config) + argv)[0]
+    if namespace.fp16 and namespace.bf16 and not namespace.smoke:  # transformers: "Your setup doesn't support bf16/gpu"
+        raise UserInputError("--fp16 and --bf16 are both given, and a run trains in one of them: give one (--fp16 on "
+                             "a GPU without bfloat16, such as the T4), or neither and the script picks for the GPU.")
     if namespace.smoke:
         return parse_smoke(parser, lambda args: _parse(parser, args), defaults, config, argv, namespace)
     parsed = _parse(parser, config_argv(config) + argv)
     given = {getattr(parser.action_for(arg), "dest", None) for arg in config_argv(config) + argv}  # and the file's keys
     parsed[1].auto_batch = not given & BATCH_FLAGS  # by name, not value: a flag given at its default is still chosen
     return parsed
+
+
+def _refuse_misplaced_config_files(parser: _Parser, argv: Sequence[str], config_file: Optional[Path]) -> None:
+    """A config file after a flag, or a second one: argparse would call it a value without a flag."""
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg.startswith("-") or not looks_like_config(arg, first=False) or _is_a_flags_value(parser, argv, index):
+            continue
+        if config_file is not None:
+            raise UserInputError(
+                f"{arg}: a second config file. One config file is read, the first argument ({config_file}): merge "
+                "the two into one file, or give the second one's keys as flags after the first."
+            )
+        raise UserInputError(
+            f"{arg}: a config file goes first, before any flag (python finetuning/{parser.prog} {arg} --max_steps 3); "
+            f"flags after it override its keys. One config file is read, {FORMATS_READ}."
+        )
+
+
+def _is_a_flags_value(parser: _Parser, argv: Sequence[str], index: int) -> bool:
+    """Whether argv[index] is the value of a flag before it (--dataset_name data.json, --report_to a b)."""
+    for back in range(index - 1, -1, -1):
+        action = parser.action_for(argv[back])
+        if not argv[back].startswith("-"):
+            continue  # a value: the flag before it may take several
+        if action is None:
+            return True  # an unknown flag: refused as such
+        if "=" in argv[back] or action.nargs == 0 or action.nargs == "?":
+            return False  # a flag whose value is given, or takes none: a bool would take the file as its value
+        return back == index - 1 or action.nargs in ("+", "*")
+    return False
 
 
 def _refuse_repeated_flags(parser: _Parser, argv: Sequence[str]) -> None:
@@ -324,10 +413,12 @@ def _parse(parser, argv: list[str]) -> tuple:
     return tuple(parsed)
 
 
-def parse_flags(dataclass_types: tuple, argv: Sequence[str]) -> tuple:
+def parse_flags(dataclass_types: tuple, argv: Sequence[str], examples: Sequence[tuple] = ()) -> tuple:
     """A small script's own flags (no TrainingArguments), with the training scripts' rules: an unknown or repeated
-    flag is an error, and a missing or malformed one is a UserInputError rather than argparse's exit."""
+    flag is an error, and a missing or malformed one is a UserInputError rather than argparse's exit. --help opens
+    with the script's docstring and `examples` ((flags, why) pairs)."""
     parser = _Parser(dataclass_types, allow_abbrev=False)
+    write_small_script_help(parser, sys.modules.get(dataclass_types[0].__module__), examples)
     argv = [str(arg) for arg in argv]
     _refuse_repeated_flags(parser, argv)
     return _parse(parser, argv)
@@ -356,6 +447,28 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         )
     if training_args.max_steps == 0 or (training_args.max_steps < 0 and training_args.num_train_epochs <= 0):
         raise UserInputError("Nothing to train: set --max_steps to 1 or more, or --num_train_epochs above 0.")
+    if not training_args.num_train_epochs > 0 or not math.isfinite(training_args.num_train_epochs):
+        # With --max_steps (which --smoke sets) the Trainer would train anyway, the epochs ignored.
+        raise UserInputError(
+            f"--num_train_epochs {training_args.num_train_epochs} asks for no training, and --max_steps "
+            f"{training_args.max_steps} (--smoke sets 4 unless given) would train anyway. Give --num_train_epochs "
+            "above 0, or leave it out and count the steps with --max_steps.")
+    if training_args.save_total_limit is not None and training_args.save_total_limit < 1:
+        raise UserInputError(
+            f"--save_total_limit {training_args.save_total_limit}: transformers takes 0 or less for no limit and keeps "
+            "every checkpoint, filling the disk. Give 1 or more (the last N checkpoints are kept), or leave it out "
+            "for this script's 2.")
+    limits = [("save_steps", training_args.save_steps if training_args.save_strategy == "steps" else 1),
+              ("eval_steps", training_args.eval_steps if training_args.eval_steps is not None else 1),
+              ("per_device_eval_batch_size", training_args.per_device_eval_batch_size)]
+    for name, value in limits:
+        if not value > 0:
+            raise UserInputError(f"--{name} must be above 0, got {value}.")
+    for name in ("max_grad_norm", "weight_decay"):
+        if not getattr(training_args, name) >= 0:
+            raise UserInputError(f"--{name} must be 0 or more, got {getattr(training_args, name)}.")
+    if not 0 <= training_args.seed < 2 ** 32:
+        raise UserInputError(f"--seed must be from 0 to {2 ** 32 - 1} (numpy's range), got {training_args.seed}.")
     if not training_args.save_safetensors:
         raise UserInputError("--save_safetensors false: this toolkit saves and loads weights as safetensors only (a "
                              "pickled .bin can run code when loaded). Leave the flag out.")

@@ -14,6 +14,19 @@ from cli.errors import UserInputError
 logger = logging.getLogger(__name__)
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+# Config formats of other tools, not read here: said as such (not "Unknown flag(s): (a value without a flag)").
+OTHER_CONFIG_SUFFIXES = (".toml", ".ini", ".cfg", ".conf", ".env", ".txt", ".properties", ".xml")
+FORMATS_READ = "YAML (.yaml, .yml) or JSON (.json)"
+# Keys naming data files: a relative path in a config file is read from the config file's folder.
+RELATIVE_TO_CONFIG = ("dataset_name", "eval_file")
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".gz")
+
+
+def looks_like_config(arg: str, first: bool = True) -> bool:
+    """Whether a command-line word that is no flag's value was meant as a config file: by its suffix, or (the first
+    argument) a file or folder that exists."""
+    path = Path(arg)
+    return path.suffix.lower() in CONFIG_SUFFIXES + OTHER_CONFIG_SUFFIXES or (first and path.exists())
 
 
 class _DuplicateKey(Exception):
@@ -95,11 +108,29 @@ def _decode_config(config_file: Path, raw: bytes) -> str:
 
 def read_config_file(config_file: Path) -> dict:
     """A config file's keys (flag names without the dashes) and values; a null value means the flag's default."""
+    if config_file.is_dir():
+        inside = sorted(p.name for p in config_file.iterdir() if p.suffix.lower() in CONFIG_SUFFIXES)
+        raise UserInputError(
+            f"Config file {config_file} is a folder: give one {FORMATS_READ} file"
+            + (f" (it holds {', '.join(inside[:6])})." if inside else ".")
+        )
+    if config_file.suffix.lower() in DATA_SUFFIXES[1:]:
+        raise UserInputError(
+            f"{config_file}: the first argument is read as a config file ({FORMATS_READ}), and this looks like a "
+            f"data file: give it with --dataset_name {config_file}."
+        )
+    if config_file.suffix.lower() not in CONFIG_SUFFIXES:
+        raise UserInputError(
+            f"Config file {config_file}: {config_file.suffix or 'a file without a suffix'} is not read. A config "
+            f"file is {FORMATS_READ}, one `flag_name: value` per line, given first, before any flag; or give its "
+            "values as flags."
+        )
     if not config_file.is_file():
-        raise UserInputError(f"Config file {config_file} does not exist.")
+        raise UserInputError(f"Config file {config_file} does not exist ({FORMATS_READ} files are read, given "
+                             "first, before any flag).")
     text = _decode_config(config_file, config_file.read_bytes())
     try:
-        if config_file.suffix == ".json":
+        if config_file.suffix.lower() == ".json":
             values = json.loads(text, object_pairs_hook=_json_pairs)
         else:
             yaml, loader = _yaml_loader()
@@ -128,6 +159,11 @@ def read_config_file(config_file: Path) -> dict:
         raise UserInputError(
             f"Config file {config_file} needs PyYAML to be read: pip install pyyaml, or write it as .json."
         ) from e
+    except RecursionError as e:
+        raise UserInputError(
+            f"Config file {config_file} is nested too deeply to read (lists or mappings inside each other about a "
+            "thousand levels deep). A config file maps flag names to values: one `lora_r: 16` per line."
+        ) from e
     if not isinstance(values, dict):
         raise UserInputError(
             f"Config file {config_file} must hold a mapping of flag names to values: one `lora_r: 16` per line "
@@ -147,6 +183,28 @@ def read_config_file(config_file: Path) -> dict:
     if nulls:  # as a flag, null would be the text "None" (a data set of that name, looked up on the hub)
         logger.info("Config file %s: %s set to null, so the default applies.", config_file, ", ".join(nulls))
     return {key: value for key, value in values.items() if value is not None}
+
+
+def resolve_relative_paths(config: dict, config_file: Path) -> dict:
+    """A relative data file in a config file is read from the config file's folder, as most tools read it (a file
+    beside the config in the current folder is still found); each choice logged with the path read."""
+    for key in RELATIVE_TO_CONFIG:
+        value = config.get(key)
+        if not isinstance(value, str) or not value.strip() or Path(value).expanduser().is_absolute():
+            continue
+        beside, here = config_file.parent / value, Path(value)
+        if beside.exists() and beside.resolve() != here.resolve():
+            logger.info("Config file %s: %s %s read as %s (relative to the config file's folder).", config_file, key,
+                        value, beside)
+            config[key] = str(beside)
+        elif not beside.exists() and here.exists():
+            logger.info("Config file %s: %s %s is not beside the config file (%s); read from the current folder: %s.",
+                        config_file, key, value, beside, here.absolute())
+        elif not beside.exists() and Path(value).suffix.lower() in DATA_SUFFIXES:
+            logger.warning("Config file %s: %s %s is found neither beside the config file (%s) nor in the current "
+                           "folder (%s).", config_file, key, value, beside, here.absolute())
+            config[key] = str(beside)  # the message that follows names the path tried
+    return config
 
 
 def _yaml_message(config_file: Path, e) -> str:

@@ -22,9 +22,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._format_action_invocation(action)
 
     def _get_help_string(self, action):
-        # A help that says its default (one chosen at run time) would read "(default: None)" after it.
+        # A help that says its default (one chosen at run time) would read "(default: None)" after it; so would a
+        # required flag, and one whose default is no value.
         if isinstance(action.help, str) and re.search(r"\bDefault[:,]", action.help):
             return action.help
+        if action.required or action.default is None:
+            return action.help
+        if action.option_strings and action.option_strings[0].startswith("--no_") and action.default is False:
+            # HfArgumentParser's --no_FLAG of a flag that defaults to True: the same help again, with "default: False"
+            return f"Turn {action.option_strings[0].replace('--no_', '--', 1)} off."
         return super()._get_help_string(action)
 
 
@@ -32,11 +38,26 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 HELP_GROUPS = {
     "ModelArguments": "model and smoke run (toolkit)",
     "DataArguments": "data (toolkit)",
-    "ReportArguments": "dry run and samples (toolkit)",
+    "ReportArguments": "dry run, samples, report card and time budget (toolkit)",
     "LoraArguments": "LoRA adapters (this script)",
     "GaloreArguments": "GaLore optimizer (this script)",
     "TrainingArguments": "Trainer flags (transformers.TrainingArguments; defaults are this script's)",
+    "ExportArguments": "export (this script)",
 }
+
+
+def write_small_script_help(parser, module, examples) -> None:
+    """--help of a script without the Trainer's flags (export_gguf.py): its docstring, how to run it, examples.
+    `examples`: (flags, why) pairs."""
+    script = Path(getattr(module, "__file__", None) or sys.argv[0]).name
+    parser.prog = script
+    required = " ".join(f"{a.option_strings[0]} {a.metavar or a.dest.upper()}" for a in parser._actions if a.required)
+    parser.usage = f"python finetuning/{script} {required + ' ' if required else ''}[--flag value ...]"
+    lines = "\n".join(f"  # {why}\n  python finetuning/{script} {command}" for command, why in examples)
+    parser.description = f"""{(getattr(module, "__doc__", None) or "").strip()}
+
+Examples:
+{lines}"""
 
 
 def write_help(parser, script_arguments: type, defaults: Mapping[str, Any], refused_flags) -> None:
@@ -75,6 +96,11 @@ dashes; a key set to null (~) keeps its default."""
                                        f"--max_tokens_per_batch) to batch by records instead of the default token "
                                        f"batches. Default: {defaults.get('per_device_train_batch_size')}, where "
                                        f"batches are counted in records.",
+        "report_to": "Where the training metrics go: tensorboard (the default where it is installed, as on Colab), "
+                     "wandb, trackio (kept on this machine unless --trackio_space_id is given), several at once "
+                     "(--report_to tensorboard wandb), or none. pip install -r "
+                     "finetuning/requirements-tracking.txt installs the three; transformers' other integrations "
+                     "(mlflow, comet_ml, ...) work where their package is installed.",
         "gradient_accumulation_steps": f"Micro-batches per optimizer step. Default: 1 where no batch flag is given "
                                        f"(token batches chosen for the GPU), "
                                        f"{defaults.get('gradient_accumulation_steps')} otherwise.",

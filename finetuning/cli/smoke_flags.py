@@ -24,6 +24,8 @@ SMOKE_DEFAULTS = dict(
     # A smoke run is a check: the next one replaces it (never a run it did not write: training.plan_output_dir).
     overwrite_output_dir=True,
     sample_max_new_tokens=8,
+    report_card_prompts=8,
+    report_card_max_new_tokens=16,
     # A check needs no dashboard; --report_to on the command line still wins.
     report_to="none",
 )
@@ -66,7 +68,11 @@ def parse_smoke(parser, parse: Callable[[list], tuple], defaults: Mapping[str, A
                 tiny.append(f"--{name} {getattr(parsed[3], name)} (to {cap})")
             setattr(parsed[3], name, cap)
     if tiny:
-        line += f" Overrides {', '.join(tiny)}: --smoke trains a tiny random model, 64 wide."
+        from models.shapes import names_multimodal  # here: the flags are parsed before the model packages load
+
+        kind = ("of the class it names, Gemma3ForConditionalGeneration: a tiny vision tower beside a language model "
+                "64 wide" if names_multimodal(parsed[0].model_name_or_path) else "64 wide")
+        line += f" Overrides {', '.join(tiny)}: --smoke trains a tiny random model, {kind}."
     if ignored:
         line += (f" Ignores the config file's {', '.join(ignored)}: a smoke run never writes into a real run's "
                  "folder or dashboard (give them on the command line to apply).")

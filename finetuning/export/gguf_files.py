@@ -3,6 +3,7 @@
 distribution of llama-cpp-python, which ships them with the `gguf` package they need. Also the Ollama Modelfile."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -95,6 +96,26 @@ def unpack_tools(archive: Path, folder: Path) -> None:
         raise SetupError(f"{archive.name} has no vendor/llama.cpp/{CONVERTER}: pass --llama_cpp_dir instead.")
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
+
+
+def log_vision_part(model_dir: Path, tools: Path) -> bool:
+    """A multimodal Gemma 3 (gemma-3-4b, -12b, -27b: Gemma3ForConditionalGeneration) converts to a GGUF of its
+    language model: llama.cpp's converter leaves the vision tower and projector out of it, and writes them only with
+    --mmproj, into a file of their own. Text-only training left them as the base has them, so the base model's own
+    mmproj file serves the trained model; one line says so. Returns whether the model is multimodal."""
+    config = Path(model_dir) / "config.json"
+    try:
+        multimodal = "vision_config" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    if multimodal:
+        logger.info(
+            "%s is multimodal (Gemma3ForConditionalGeneration): the GGUF holds its language model, as llama.cpp's "
+            "converter writes one; the vision tower and projector, unchanged by text-only training, are the base "
+            "model's. For image input give llama.cpp the base model's mmproj file beside it (llama-mtmd-cli -m "
+            "MODEL.gguf --mmproj mmproj.gguf), e.g. one written from the base model's folder (which holds "
+            "preprocessor_config.json) by %s BASE_DIR --mmproj --outfile mmproj.gguf.", model_dir, tools / CONVERTER)
+    return multimodal
 
 
 def convert(model_dir: Path, outfile: Path, outtype: str, tools: Path, name: str) -> Path:

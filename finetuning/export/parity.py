@@ -48,6 +48,12 @@ class Comparison:
     def agrees(self) -> bool:
         return self.agreeing == self.compared
 
+    @property
+    def text_differs_alone(self) -> bool:
+        """The same token ids, shown as different text: the two tools detokenize them otherwise (byte pieces, a
+        space), and the model is not to blame."""
+        return self.hf.ids == self.gguf.ids and self.hf.text.strip() != self.gguf.text.strip()
+
 
 def require_llama_cpp() -> None:
     """Checked before anything is converted: the check needs llama-cpp-python."""
@@ -113,17 +119,22 @@ def write_report(folder: Path, rows: Sequence[Comparison], problems: dict) -> Pa
              "|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row.index} | {row.file} | "
-                     f"{'yes' if row.prompt_tokens_same else 'NO'} | {row.agreeing}/{row.compared} | "
+                     f"{'yes' if row.prompt_tokens_same else 'NO'} | {row.agreeing}/{row.compared}"
+                     f"{' (same ids; the text differs: detokenized otherwise)' if row.text_differs_alone else ''} | "
                      f"{row.hf.stopped_at or '(token limit)'} | {row.gguf.stopped_at or '(token limit)'} |")
     for file, found in problems.items():
         lines += [f"\n**{file}:** " + ("; ".join(found) if found else "stop tokens and chat template present")]
     for row in rows:
         lines += [f"\n## Prompt {row.index}, {row.file}\n", "```", row.prompt.rstrip(), "```", "**Trained model:**", "```", row.hf.text,
                   "```", "**GGUF:**", "```", row.gguf.text, "```"]
+        if row.text_differs_alone:
+            lines += ["(The token ids are the same: the texts differ only in how transformers and llama.cpp turn "
+                      "those ids into text, e.g. byte pieces of a character.)"]
     (folder / "parity.md").write_text("\n".join(lines) + "\n")
     (folder / "parity.json").write_text(json.dumps({
         "problems": problems,
         "rows": [{**{k: v for k, v in asdict(row).items() if k not in ("hf", "gguf")}, "agrees": row.agrees,
+                  "text_differs_alone": row.text_differs_alone,
                   "hf": asdict(row.hf), "gguf": asdict(row.gguf)} for row in rows]}, indent=2))
     return folder / "parity.md"
 

@@ -32,10 +32,12 @@ VARLEN_ATTENTION = "gemma_finetuning_varlen_sdpa"
 
 
 def use_varlen_attention(causal_lm, patches: Optional[Patches] = None) -> bool:
-    """Select the variable-length attention on this model (its config's `_attn_implementation`), where it runs SDPA;
-    returns whether it did. The name is registered with transformers until `patches` are restored."""
+    """Select the variable-length attention on this model's language model (its text config's
+    `_attn_implementation`), where it runs SDPA; returns whether it did. The name is registered with transformers
+    until `patches` are restored. A multimodal Gemma 3's vision tower keeps its own config's attention: set on the
+    top config, transformers would pass the name down to every sub-config."""
     what = "variable-length attention"
-    config = causal_lm.config
+    config = causal_lm.config.get_text_config()  # the text model's config is its own text config
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     if not (found(sdpa_attention_forward, "transformers' AttentionInterface, AttentionMaskInterface and SDPA", what)

@@ -32,6 +32,31 @@ def hub_unreachable(timeout_s: float = 3.0):
     return None
 
 
+# Where the Hugging Face libraries keep their downloads and caches (XDG_CACHE_HOME: under it, ~/.cache's stand-in).
+CACHE_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE",
+                   "XDG_CACHE_HOME")
+
+
+def check_cache_variables() -> None:
+    """A cache variable that points at a file (or into one) fails later as a download error or gated-model advice
+    that names neither: name the variable and the path now."""
+    for name in CACHE_VARIABLES:
+        value = os.environ.get(name)
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        existing = path.absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing.exists() and not existing.is_dir():
+            where = "a file" if existing == path.absolute() else f"inside the file {existing}"
+            raise UserInputError(
+                f"The environment variable {name} is {value}, which is {where}, not a folder: the Hugging Face "
+                f"libraries keep their downloads and caches under it. Point {name} at a folder (export "
+                f"{name}=/path/to/a/folder), or unset it (unset {name}) for the default."
+            )
+
+
 def check_hub_reachable(model_name_or_path: str) -> None:
     """A hub id that is neither cached here nor reachable fails at once, not after half a minute of retries."""
     # TRANSFORMERS_CACHE: a cache of its own, which the hub's cache lookup below does not see.

@@ -15,7 +15,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import datasets
 
 from cli.arguments import DataArguments
-from records.data_files import DATA_FILE_BUILDERS, EVAL_FLAG, TRAIN_FLAG, check_local_file, read_json_records, text_encoding
+from records.data_files import (COMPRESSED_JSON, DATA_FILE_BUILDERS, EVAL_FLAG, TRAIN_FLAG, check_local_file,
+                                file_suffix, read_json_records, text_encoding)
 from cli.errors import UserInputError
 from common import INPUT_FIELD, INSTRUCTION_FIELD, OUTPUT_FIELD
 
@@ -36,6 +37,11 @@ def load_train_and_eval(data_args: DataArguments, seed: int):
     """The training records and, where asked for, the evaluation records (a held-out share or a file)."""
     records = load_records(data_args)
     if data_args.eval_file:
+        if data_args.dataset_name and Path(data_args.eval_file).resolve() == Path(data_args.dataset_name).resolve():
+            logger.warning(
+                "--eval_file %s is the training file itself (--dataset_name): every eval record is trained on, so the "
+                "eval loss and perplexity measure memory, not what the model does on records it has not seen. Give "
+                "a file of other records, or hold some out with --eval_split_ratio 0.05 instead.", data_args.eval_file)
         eval_args = dataclasses.replace(data_args, dataset_name=data_args.eval_file, max_train_samples=None)
         return records, load_records(eval_args, flag=EVAL_FLAG)
     if data_args.eval_split_ratio:
@@ -71,6 +77,7 @@ def load_records(data_args: DataArguments, flag: str = TRAIN_FLAG) -> "datasets.
     records = _read_records(data_args, flag, source)
     records = [_rename_columns(record, data_args) for record in records]
     data_format = detect_format(records, data_args.data_format, source)
+    check_one_format(records, data_format, data_args, source)
     if data_format == "alpaca":
         validate_records(records, source, _column_names(data_args))
         columns = (INSTRUCTION_FIELD, INPUT_FIELD, OUTPUT_FIELD)
@@ -87,6 +94,7 @@ def load_records(data_args: DataArguments, flag: str = TRAIN_FLAG) -> "datasets.
             if record["text"] is not None:  # null is blank: drop_empty_records skips it
                 _require_string(record["text"], "text", index, source)
         columns = ("text",)
+    warn_control_tokens(records, data_format, source)
     records = drop_empty_records(records, source)
     # Columns named explicitly: from_list would take them from the first record alone.
     dataset = datasets.Dataset.from_dict({name: [record.get(name) for record in records] for name in columns})
@@ -102,21 +110,24 @@ def _read_records(data_args: DataArguments, flag: str, source: str) -> list[dict
     if name is None:
         return read_json_records(DEFAULT_DATASET_FILE, flag, record_fields)
     path = Path(name)
-    if path.suffix.lower() in DATA_FILE_BUILDERS or path.exists():
+    if file_suffix(path) in DATA_FILE_BUILDERS or file_suffix(path) in COMPRESSED_JSON or path.exists():
         check_local_file(path, flag)
-        suffix = path.suffix.lower()
-        if suffix in (".json", ".jsonl"):
+        suffix = file_suffix(path)
+        if suffix in (".json", ".jsonl") + COMPRESSED_JSON:
             # Parsed here rather than by datasets' Arrow reader, whose errors name neither
             # the line nor the field, and which fails on a number among strings.
             return read_json_records(path, flag, record_fields)
         # Checked here: datasets' CSV reader says only "An error occurred while generating the dataset".
         encoding = text_encoding(path, flag) if suffix == ".csv" else None
+        if suffix == ".csv":
+            _refuse_header_only_csv(path, flag, encoding)
         options = {"encoding": encoding} if encoding else {}
         try:
             dataset = datasets.load_dataset(DATA_FILE_BUILDERS[suffix], data_files=str(path), split="train", **options)
         except Exception as e:  # noqa: BLE001 - pyarrow and pandas raise many unrelated types for a bad file
             raise UserInputError(f"{flag}: {path} could not be read as {path.suffix[1:]}: {e}") from e
     else:
+        _check_hub_dataset(name, flag)
         try:
             dataset = datasets.load_dataset(name, split=data_args.dataset_split)
         except (FileNotFoundError, ConnectionError, ValueError, OSError) as e:
@@ -128,6 +139,50 @@ def _read_records(data_args: DataArguments, flag: str, source: str) -> list[dict
     if len(dataset) == 0:
         raise UserInputError(f"The data set {source} holds no records.")
     return dataset.to_list()
+
+
+def _refuse_header_only_csv(path: Path, flag: str, encoding: str) -> None:
+    """A CSV file with its header and no row: datasets says only 'Instruction "train" corresponds to no data!'."""
+    with path.open(encoding=encoding, newline="") as file:
+        lines = [line for line in (file.readline(), file.readline(), file.readline()) if line.strip()]
+    if len(lines) == 1:
+        raise UserInputError(
+            f"{flag}: {path} has a header line ({lines[0].strip()[:80]}) and no records under it. Add one row per "
+            "record below the header, or check that the right file was given."
+        )
+
+
+def _check_hub_dataset(name: str, flag: str) -> None:
+    """A hub data set id that cannot be loaded fails at once, not after datasets' half a minute of retries: offline
+    (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, or no connection) and not cached, or not on the hub at all."""
+    import huggingface_hub
+    from models import hub
+
+    if "/" not in name and not name.replace("-", "").replace("_", "").isalnum():
+        return  # not an id: datasets says what it is
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE or datasets.config.HF_DATASETS_OFFLINE
+    fix = ("Give a path to a .json/.jsonl/.csv/.parquet file, or the id of a data set on huggingface.co, such as "
+           "yahma/alpaca-cleaned (check its spelling on its page).")
+    if offline or hub.hub_unreachable():
+        cached = Path(datasets.config.HF_DATASETS_CACHE)
+        if not any(cached.glob(f"{name.replace('/', '___')}*")) and not any(
+                Path(huggingface_hub.constants.HF_HUB_CACHE).glob(f"datasets--{name.replace('/', '--')}")):
+            why = "the hub is switched off (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)" if offline else \
+                "huggingface.co cannot be reached from this machine"
+            raise UserInputError(
+                f"{flag} {name!r} is not a local file, and {why}, and it is not in the local cache. Connect this "
+                f"machine (or unset the variable), or download the data set elsewhere and give its file. {fix}")
+        return
+    try:
+        huggingface_hub.HfApi().dataset_info(name, timeout=10)
+    except huggingface_hub.utils.GatedRepoError:
+        return  # it exists: datasets says how to get access
+    except huggingface_hub.utils.RepositoryNotFoundError as e:
+        raise UserInputError(
+            f"{flag} {name!r} is neither a local file nor a data set on the hub (huggingface.co has no data set of "
+            f"that id, or it is private: log in with HF_TOKEN). {fix}") from e
+    except (huggingface_hub.utils.HfHubHTTPError, OSError, ValueError):
+        return  # gated, rate-limited, a malformed id: datasets' own message says which
 
 
 def _column_names(data_args: DataArguments) -> dict[str, str]:
@@ -177,6 +232,75 @@ def detect_format(records: Sequence[Mapping[str, Any]], requested: str, source: 
         "instruction/input/output (Alpaca), messages (chat), conversations (ShareGPT) or text; or name your "
         "columns with --instruction_column, --input_column, --output_column, --messages_column or --text_column."
     )
+
+
+# The fields that make a record one format's (the first that a record has, in this order, is its format), and how
+# messages name each format.
+FORMAT_FIELDS = {"chat": ("messages",), "sharegpt": ("conversations",), "alpaca": (INSTRUCTION_FIELD, OUTPUT_FIELD),
+                 "text": ("text",)}
+FORMAT_NAMES = {"chat": "a chat record (messages)", "sharegpt": "a ShareGPT record (conversations)",
+                "alpaca": "an Alpaca record (instruction/input/output)", "text": "a plain-text record (text)"}
+
+
+def record_format(record: Mapping[str, Any]) -> "str | None":
+    """The format a record's own fields show, as detect_format reads the first record's; None for none."""
+    return next((name for name, fields in FORMAT_FIELDS.items() if any(f in record for f in fields)), None)
+
+
+def check_one_format(records: Sequence[Mapping[str, Any]], data_format: str, data_args: DataArguments,
+                     source: str) -> None:
+    """Every record has the fields of `data_format`; one that is plainly another format's is named, with its format
+    and --data_format (a file that changes format part-way, or --data_format chat on Alpaca records)."""
+    columns = _column_names(data_args)
+    for index, record in enumerate(records):
+        if any(field in record for field in FORMAT_FIELDS[data_format]):
+            continue
+        other = record_format(record)
+        if other is None or other == data_format:
+            continue  # the checks of the format itself say what is missing
+        fields = sorted(columns.get(key, key) for key in record)
+        wanted = " or ".join(repr(columns.get(f, f)) for f in FORMAT_FIELDS[data_format])
+        if data_args.data_format == "auto":
+            raise UserInputError(
+                f"Record {index} of {source} is {FORMAT_NAMES[other]} (fields: {fields}), and record 0 is "
+                f"{FORMAT_NAMES[data_format]}: --data_format auto takes the format from the first record, and a file "
+                f"holds one format. Convert the {other} records to {data_format} (or the other way round), or split "
+                "the file by format and train on one."
+            )
+        raise UserInputError(
+            f"Record {index} of {source} has no {wanted} field, which --data_format {data_format} reads: its fields "
+            f"({fields}) are those of {FORMAT_NAMES[other]}. Give --data_format {other} (or auto), or name your "
+            "column with the matching --*_column flag."
+        )
+
+
+# Gemma's control tokens: written in a record's text, the tokenizer reads each as the token itself.
+CONTROL_TOKENS = ("<end_of_turn>", "<start_of_turn>", "<eos>", "<bos>", "<pad>")
+
+
+def warn_control_tokens(records: Sequence[Mapping[str, Any]], data_format: str, source: str) -> None:
+    """Once, where records hold a control token in a prompt or an answer (plain text may carry them on purpose)."""
+    if data_format == "text":
+        return
+    found = []
+    for index, record in enumerate(records):
+        if "messages" in record:
+            texts = [(f"turn {i} ({m['role']})", m["content"]) for i, m in enumerate(record["messages"])]
+        else:
+            texts = [(name, record.get(name)) for name in (INSTRUCTION_FIELD, INPUT_FIELD, OUTPUT_FIELD)]
+        for where, text in texts:
+            token = next((t for t in CONTROL_TOKENS if isinstance(text, str) and t in text), None)
+            if token:
+                found.append((index, where, token))
+                break
+    if found:
+        index, where, token = found[0]
+        logger.warning(
+            "%d record(s) of %s hold Gemma's control token %s in their text (the first: record %d, its %s). The "
+            "tokenizer reads it as the token itself, not as text: inside an answer the model learns to end its turn "
+            "there, and at inference what follows is never produced; inside a prompt it breaks the turns the loss "
+            "mask follows. Remove it from the data, or write it otherwise (e.g. <end-of-turn>).",
+            len(found), source, token, index, where)
 
 
 def _normalise_conversation(record: Mapping[str, Any], index: int, source: str, data_format: str) -> list[dict]:

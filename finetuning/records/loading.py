@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cli.arguments import DataArguments, ModelArguments, ReportArguments
 from cli.errors import UserInputError
 from common import MODEL_TURN_START, USER_TURN, format_example, load_config, load_tokenizer
-from models import smoke
-from records import data
+from models import shapes, smoke
+from records import data, data_doctor
 from records.data import data_source
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class RunData:
     collator: Any
     model_path: str
     lengths: list  # each training record's tokens as trl tokenizes it, uncut: counted once, for every later use
+    data_report: Any = None  # the data doctor's findings (data_doctor.DataReport), written with write_data_report
 
 
 def load_data_and_tokenizer(model_args: ModelArguments, data_args: DataArguments, report_args: ReportArguments,
@@ -49,19 +51,40 @@ def _load_data_and_tokenizer(model_args, data_args, report_args, training_args) 
     if model_args.smoke:
         # A dry run writes nothing under --output_dir: its tiny model goes to a temporary folder.
         folder = tempfile.mkdtemp(prefix="smoke-dry-run-") if report_args.dry_run else training_args.output_dir
+        # The tiny model is of the class --model_name_or_path names: google/gemma-3-4b-it, a multimodal one.
         model_path = smoke.smoke_model(folder, [format_example(record) for record in records],
-                                       reuse=training_args.process_index > 0 and not report_args.dry_run)
+                                       multimodal=shapes.names_multimodal(model_args.model_name_or_path),
+                                       # A resumed smoke run keeps the base and tokenizer its checkpoint was
+                                       # trained on (rebuilt on other data, the tokenizer would be another).
+                                       reuse=not report_args.dry_run and (training_args.process_index > 0 or
+                                                                          training_args.resume_from_checkpoint
+                                                                          is not None))
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
-    context = load_config(model_path, model_args.trust_remote_code).max_position_embeddings
+    # get_text_config: a multimodal Gemma 3 keeps its language model's shapes under text_config.
+    context = load_config(model_path, model_args.trust_remote_code).get_text_config().max_position_embeddings
     if data_args.max_seq_length > context:
         raise UserInputError(
             f"--max_seq_length {data_args.max_seq_length} is longer than the model's context of {context} tokens "
             f"(max_position_embeddings in {model_path}'s config.json). Use at most {context}."
         )
     collator = completion_only_collator(tokenizer, data_args, records)
-    lengths = token_lengths(records, tokenizer) if report_args.dry_run else \
+    # The data doctor: duplicates, train/eval overlap, the loss mask (dropping what --drop_* asks); data_report.md
+    records, eval_records, doctor = data_doctor.examine(records, eval_records, tokenizer, collator, data_args,
+                                                        data_source(data_args))
+    lengths = doctor.lengths if report_args.dry_run else \
         check_lengths(records, tokenizer, collator, data_args.max_seq_length, data_source(data_args), context)
-    return RunData(records, eval_records, tokenizer, collator, model_path, lengths)
+    loaded = RunData(records, eval_records, tokenizer, collator, model_path, lengths, doctor)
+    if training_args.should_save:  # one copy under DDP
+        data_doctor.log_report(doctor)
+        if report_args.dry_run:  # a dry run writes nothing under --output_dir
+            write_data_report(loaded, Path(tempfile.mkdtemp(prefix="data-report-")))
+    return loaded
+
+
+def write_data_report(loaded: RunData, folder: Path) -> None:
+    """data_report.md and its histogram; into the output folder only once every check has passed (the scripts write it
+    right before training), so a run refused after loading leaves an earlier run's folder as it was."""
+    logger.info("Data report: %s", data_doctor.write_report(loaded.data_report, Path(folder)))
 
 
 def response_only_loss(data_args: DataArguments, records) -> bool:

@@ -1,5 +1,5 @@
 """The batch of a run given no batch flag: packed rows without padding, one micro-batch a step, in a token budget
-chosen from the GPU's memory and the data's size; said in one log line, in the dry run too."""
+chosen from the GPU's memory, the model's size and the data's size; said in one log line, in the dry run too."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,16 +8,18 @@ from typing import Optional
 
 import torch
 
-from training import processes
+from training import memory_estimate, processes
 from cli.arguments import DataArguments
+from models import shapes
 from records.batching import PackedBatches, pack_into_rows
 from records.loading import RunData
 
 logger = logging.getLogger(__name__)
 
 # Tokens per GPU a step, by script: (GPUs under LARGE_GPU_GIB of memory, GPUs with LARGE_GPU_GIB or more). Each fits
-# its tier with room under T4 emulation and on an H100, and at 32768 a step is bound by the GPU, so more tokens buy
-# little for more memory (the peaks and speeds: docs/benchmarks.md).
+# its tier with room under T4 emulation and on an H100 for gemma-3-270m and -1b, and at 32768 a step is bound by the
+# GPU, so more tokens buy little for more memory (the peaks and speeds: docs/benchmarks.md). A bigger model gets less
+# where its memory estimate says so (memory_estimate.largest_budget): gemma-3-4b's GaLore 4,096 on a 24 GB card.
 LARGE_GPU_GIB = 20
 TOKEN_BUDGETS = {"QLoRA": (8192, 32768), "GaLore": (4096, 32768)}
 # A small data set still gets a learning-rate schedule (warm-up, cosine decay) and a loss curve worth reading.
@@ -31,12 +33,51 @@ def tier_budget(script: str, gpu_gib: float) -> int:
     return TOKEN_BUDGETS[script][gpu_gib >= LARGE_GPU_GIB]
 
 
-def token_budget(script: str, gpu_gib: float, data_tokens: int, max_seq_length: int, processes: int = 1) -> int:
-    """Tokens per GPU a step: the GPU's tier's budget, cut so that `data_tokens` over `processes` GPUs make at least
-    MIN_STEPS_PER_EPOCH steps an epoch; whole rows of max_seq_length, and at least one."""
-    tier = tier_budget(script, gpu_gib)
+def token_budget(script: str, gpu_gib: float, data_tokens: int, max_seq_length: int, processes: int = 1,
+                 memory_cap: Optional[int] = None) -> int:
+    """Tokens per GPU a step: the GPU's tier's budget (at most `memory_cap`, what the model's memory estimate allows
+    on this GPU), cut so that `data_tokens` over `processes` GPUs make at least MIN_STEPS_PER_EPOCH steps an epoch;
+    whole rows of max_seq_length, and at least one."""
+    tier = min(tier_budget(script, gpu_gib), memory_cap or tier_budget(script, gpu_gib))
     data_cap = data_tokens // (MIN_STEPS_PER_EPOCH * processes)
     return max(max_seq_length, min(tier, data_cap) // max_seq_length * max_seq_length)
+
+
+# What a dry run without a GPU counts for each tier: a T4 (no bf16), and the smallest usual card of the large tier
+# (memory_estimate.CARDS' first two).
+REFERENCE_GPUS = tuple((gib, not bf16, name) for name, gib, bf16 in memory_estimate.CARDS[:2])  # (GiB, fp16, name)
+
+
+def run_estimate(script: str, training_args, model_path: str, fp16: bool) -> Optional[memory_estimate.Estimate]:
+    """The memory estimate of this run's model (its config, read without weights) at the scripts' default ranks;
+    None for a model whose config the estimate cannot read (not a Gemma-like decoder)."""
+    shape = shapes.known_shape(model_path)
+    return None if shape is None else memory_estimate.estimate(
+        shape, script, fp16=fp16, checkpointing=bool(training_args.gradient_checkpointing),
+        processes=max(1, training_args.world_size))
+
+
+def memory_cap(est: Optional[memory_estimate.Estimate], gpu_gib: float, row: int) -> Optional[int]:
+    """The largest budget the estimate fits on this GPU; one row where none does (settings.check has refused a run
+    whose one row does not fit before anything loaded); None without an estimate."""
+    return None if est is None else memory_estimate.largest_budget(est, gpu_gib, row) or row
+
+
+def check_model_fits(script: str, model_args, data_args: DataArguments, training_args, method_args=None) -> None:
+    """Before anything loads: a model whose memory estimate at one row of --max_seq_length is past this GPU's memory
+    (GaLore on gemma-3-4b on a T4) stops with the estimate and the card it needs (memory_estimate.check_fits). No
+    GPU here: nothing to check."""
+    gpu = smallest_gpu(training_args)
+    if gpu is None:
+        return
+    ranks = {"lora_rank": method_args.lora_r} if hasattr(method_args, "lora_r") else \
+        {"galore_rank": method_args.galore_rank} if hasattr(method_args, "galore_rank") else {}
+    shape = shapes.known_shape(model_args.model_name_or_path, model_args.trust_remote_code)
+    if shape is None:
+        return
+    memory_estimate.check_fits(shape, script, bool(training_args.fp16), gpu, data_args.max_seq_length,
+                               checkpointing=bool(training_args.gradient_checkpointing),
+                               processes=max(1, training_args.world_size), **ranks)
 
 
 def smallest_gpu(training_args) -> Optional[tuple[float, str]]:
@@ -53,7 +94,8 @@ def smallest_gpu(training_args) -> Optional[tuple[float, str]]:
 def choose_batch(script: str, data_args: DataArguments, training_args, loaded: RunData) -> tuple:
     """(data, training arguments) for the run: unchanged where a batch flag was given (or under --smoke); otherwise
     packed rows without padding, one micro-batch a step, in token_budget's budget, said in one log line. Without a
-    GPU (a dry run on a laptop) the budget is that of a GPU under LARGE_GPU_GIB, and the line says both."""
+    GPU (a dry run on a laptop) the budget is that of a GPU under LARGE_GPU_GIB, and the line says both. A model
+    whose memory estimate (memory_estimate.py) allows less than the GPU's tier gets that, and the line says so."""
     if not data_args.auto_batch:
         return data_args, training_args
     row = data_args.max_seq_length
@@ -66,7 +108,10 @@ def choose_batch(script: str, data_args: DataArguments, training_args, loaded: R
 
     gpu = smallest_gpu(training_args)
     if gpu is None:
-        small, large = (token_budget(script, gib, data_tokens, row, processes) for gib in (0, LARGE_GPU_GIB))
+        estimates = [run_estimate(script, training_args, loaded.model_path, fp16) for _, fp16, _ in REFERENCE_GPUS]
+        caps = [memory_cap(est, gib, row) for est, (gib, _, _) in zip(estimates, REFERENCE_GPUS)]
+        small, large = (token_budget(script, tier_gib, data_tokens, row, processes, cap)
+                        for tier_gib, cap in zip((0, LARGE_GPU_GIB), caps))
         tokens = small
         budgets = (f"{small:,} tokens per step per GPU on any GPU" if small == large else
                    f"{small:,} tokens per step per GPU under {LARGE_GPU_GIB} GiB of memory, {large:,} from "
@@ -74,11 +119,24 @@ def choose_batch(script: str, data_args: DataArguments, training_args, loaded: R
         counts = f"{steps(small)}" if small == large else f"{steps(small)} or {steps(large)}"
         line = (f"packed rows, {budgets} (the data's {data_tokens:,} tokens make {counts} steps an epoch; no GPU "
                 f"here: what follows counts {small:,}).")
+        capped = [name for (gib, _, name), cap, tier_gib in zip(REFERENCE_GPUS, caps, (0, LARGE_GPU_GIB))
+                  if cap is not None and cap < tier_budget(script, tier_gib)]
+        if capped:
+            line += f" {estimates[0].shape.label}: its memory estimate caps these, on {' and on '.join(capped)}"
+            if memory_estimate.largest_budget(estimates[0], REFERENCE_GPUS[0][0], row) is None:
+                needed = memory_estimate.card_needed(estimates[0].shape, script, row)
+                line += (f"; on {REFERENCE_GPUS[0][2]} not even one row fits: it needs "
+                         f"{needed[0] if needed else 'more than one GPU'}")
+            line += "."
     else:
         gib, name = gpu
-        tokens = token_budget(script, gib, data_tokens, row, processes)
-        tier = tier_budget(script, gib)
+        est = run_estimate(script, training_args, loaded.model_path, bool(training_args.fp16))
+        cap = memory_cap(est, gib, row) or tier_budget(script, gib)
+        tokens = token_budget(script, gib, data_tokens, row, processes, cap)
+        tier = min(tier_budget(script, gib), cap)
         which = f"{name}, {gib:.0f} GiB" if processes == 1 else f"{processes} GPUs, the smallest {name} with {gib:.0f} GiB"
+        if cap < tier_budget(script, gib):
+            which += f"; {est.shape.label}: at most {cap:,} by its memory estimate, {est.describe(cap)}"
         made = f"the data's {data_tokens:,} tokens make {steps(tokens)} steps an epoch"
         if tokens < max(row, tier // row * row):
             why = f": up to {tier:,}, cut so that {made}"

@@ -110,6 +110,14 @@ def latest_complete_checkpoint(output_dir) -> Optional[str]:
 
 def require_complete_checkpoint(checkpoint, output_dir) -> None:
     """--resume_from_checkpoint PATH: refuse a checkpoint that would resume as another run (checkpoint_problems)."""
+    if Path(checkpoint).is_file():  # a file of a checkpoint (its weights, its trainer_state.json), or another file
+        folder = Path(checkpoint).parent
+        suggestion = (f"give the folder that holds it: --resume_from_checkpoint {folder}"
+                      if folder.name.startswith("checkpoint-") else "give a checkpoint-N folder")
+        raise UserInputError(
+            f"--resume_from_checkpoint {checkpoint} is a file, not a checkpoint folder: {suggestion}, or "
+            "--resume_from_checkpoint latest for the newest complete one in --output_dir."
+        )
     problems = checkpoint_problems(checkpoint)
     if not problems:
         return

@@ -1,9 +1,16 @@
 """Stops from outside: SIGTERM (Kaggle, Colab and job schedulers send it before they kill) saves a checkpoint
-and stops, and every stop ends with one line saying where it stopped and the command that continues it."""
+and stops, and every stop ends with one line saying where it stopped and the command that continues it.
+
+Outside trainer.train() (`RunStops`, installed for main()'s whole life by `whole_run`): a stop while the data or the
+model loads says nothing was trained; one during the saves and reports after training says what is on disk (SIGTERM
+lets final/ finish; Ctrl-C abandons it, leaving no half-written folder). `test_pause` is a test-only hook
+(FINETUNING_TEST_PAUSE) that holds a save or an export half-done, for a test's real signal."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
 import shlex
 import signal
 import threading
@@ -127,3 +134,158 @@ def resume_hint(trainer, how: str) -> str:
     else:
         resume = "resume with the same arguments: add --resume_from_checkpoint latest"
     return f"Training interrupted at step {step} ({how}; latest checkpoint {Path(checkpoint).name}); {resume}"
+
+
+# ---------------------------------------------------------------------------
+# The whole run: a stop before training, and during the saves after it
+# ---------------------------------------------------------------------------
+
+# A test-only hook, read by `test_pause`: "STAGE:SECONDS[,STAGE:SECONDS]" pauses that long at STAGE (final, merged,
+# convert, parity), so that a test can send a real signal while a save or an export is half-done. Never set it
+# otherwise: it only makes a run slower.
+TEST_PAUSE_VARIABLE = "FINETUNING_TEST_PAUSE"
+
+
+def test_pause(stage: str) -> None:
+    """Pause where the test-only FINETUNING_TEST_PAUSE asks (see TEST_PAUSE_VARIABLE); nothing otherwise."""
+    for item in os.environ.get(TEST_PAUSE_VARIABLE, "").split(","):
+        name, _, seconds = item.partition(":")
+        if name.strip() == stage and seconds:
+            logger.info("%s: pausing %s s in %s (test hook).", TEST_PAUSE_VARIABLE, seconds, stage)
+            deadline = time.monotonic() + float(seconds)
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
+class Stop(BaseException):
+    """SIGTERM outside trainer.train(): raised by the handler as Ctrl-C raises KeyboardInterrupt (a BaseException,
+    so no library's `except Exception` swallows it)."""
+
+
+# What each step after training writes, as the stop message names it.
+AFTER_TRAINING_STEPS = {
+    "final": "the trained model in {out}/final",
+    "reports": "the reports (metrics.json, samples.md, the loss curve)",
+    "merged": "{out}/merged (the adapter merged into a 16-bit base)",
+    "check": "the smoke run's reload check",
+}
+
+
+class RunStops:
+    """SIGTERM and Ctrl-C outside trainer.train() (which StopOnSigterm and loop.train handle): before training, a
+    stop with nothing saved; after it, during the saves and reports, a stop that says what is on disk. Installed for
+    main()'s whole life by `whole_run`.
+
+    During the write of final/ (a `writing` step marked `finish`), SIGTERM waits for the save to end, then stops: a
+    scheduler's SIGTERM comes with some seconds of grace, and the trained model is what the run was for. Ctrl-C stops
+    at once; write_atomically removes the half-written folder and keeps an earlier final/.
+    """
+
+    current: Optional["RunStops"] = None
+
+    def __init__(self):
+        self.output_dir: Optional[str] = None  # set when training has ended
+        self.step = 0
+        self.doing: Optional[str] = None
+        self.done: list = []
+        self.finishing = 0
+        self.pending = False
+        self.previous = None
+
+    def _handle(self, signum, frame):
+        if self.finishing:
+            self.pending = True
+            logger.warning("SIGTERM during the save of %s: finishing it, then stopping.", self.doing)
+            return
+        raise Stop("SIGTERM")
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        RunStops.current = self
+
+    def uninstall(self) -> None:
+        if RunStops.current is self:
+            RunStops.current = None
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+    @contextlib.contextmanager
+    def writing(self, step: str, finish: bool = False):
+        self.doing = step
+        self.finishing += finish
+        try:
+            yield
+        finally:
+            self.finishing -= finish
+        self.done.append(step)
+        self.doing = None
+        if self.pending and not self.finishing:
+            raise Stop("SIGTERM")
+
+    def message(self, how: str) -> str:
+        """The one line a stop outside trainer.train() ends with."""
+        if self.output_dir is None:
+            return (f"Stopped ({how}) before training started: nothing was trained, and an earlier run in the output "
+                    "folder is untouched. Run the same command again to start.")
+        out = self.output_dir.rstrip("/")
+        what = AFTER_TRAINING_STEPS.get(self.doing or "", "the run's last files").format(out=out)
+        if "final" not in self.done:
+            checkpoint = latest_complete_checkpoint(out)
+            command = command_line()
+            if checkpoint is None:
+                again = (f"start it over with: {shlex.join(command)}" if command
+                         else "run it again with the same arguments to start over")
+                return (f"Training ended at step {self.step}, then {how} stopped the save of {what}: nothing "
+                        f"half-written was left, and no checkpoint holds the training; {again}")
+            resume = (f"resume with: {shlex.join(command + ['--resume_from_checkpoint', 'latest'])}" if command
+                      else "resume with the same arguments: add --resume_from_checkpoint latest")
+            return (f"Training ended at step {self.step}, then {how} stopped the save of {what}: nothing half-written "
+                    f"was left (latest checkpoint {Path(checkpoint).name}); {resume}")
+        not_written = [AFTER_TRAINING_STEPS[step].format(out=out) for step in ("reports", "merged")
+                       if step not in self.done and (step == self.doing or step == "reports")]
+        return (f"Stopped ({how}) after training to step {self.step}: {out}/final holds the trained model, whole; "
+                f"not written: {'; '.join(not_written) or what}. Nothing half-written was left.")
+
+
+def after_training(trainer) -> None:
+    """loop.train's end: from here a stop says what of the run is on disk."""
+    if RunStops.current is not None:
+        RunStops.current.output_dir = str(trainer.args.output_dir)
+        RunStops.current.step = trainer.state.global_step
+
+
+@contextlib.contextmanager
+def writing(step: str, finish: bool = False):
+    """A step after training (AFTER_TRAINING_STEPS), for the stop message; `finish`: SIGTERM waits for its end."""
+    stops = RunStops.current
+    if stops is None or stops.output_dir is None:
+        yield
+        return
+    with stops.writing(step, finish):
+        yield
+
+
+def whole_run(main):
+    """A training script's main(), with SIGTERM and Ctrl-C outside trainer.train() ending in errors.Interrupted
+    (exit 143 or 130) with one line that says what is on disk, and the output folder's lock (run_lock) released
+    however main() ends."""
+    from cli.errors import Interrupted
+    from training import run_lock
+
+    @functools.wraps(main)
+    def guarded(*args, **kwargs):
+        stops = RunStops()
+        stops.install()
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            raise Interrupted(stops.message("Ctrl-C"), 130) from e
+        except Stop as e:
+            raise Interrupted(stops.message("SIGTERM"), 143) from e
+        finally:
+            stops.uninstall()
+            run_lock.release_all()
+
+    return guarded

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Optional
 
 import torch
@@ -15,7 +16,9 @@ from training.output_dir import OutputPlan, clear_earlier_run
 from training.saving import is_disk_full
 from training.checkpoints import (latest_complete_checkpoint, remove_cut_off_checkpoints, require_complete_checkpoint)
 from cli.errors import Interrupted, TrainingFailed
-from training.interruptions import StopOnSigterm, resume_hint
+from training import interruptions
+from training.interruptions import StopOnSigterm, after_training, resume_hint
+from training.saved_settings import SaveRunSettings
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +94,15 @@ def _out_of_memory_advice(trainer) -> str:
         batch = f"{tokens:,} tokens a batch"
         fixes = [f"set --max_tokens_per_batch {half} --gradient_accumulation_steps "
                  f"{2 * args.gradient_accumulation_steps} (the same tokens a step)"] if half >= trainer.row_tokens else []
-    fixes += ["lower --max_seq_length", "turn on --gradient_checkpointing"]
+    # trl 0.8.6 switches checkpointing on in the 4-bit model itself and off in the arguments it hands the Trainer.
+    checkpointing = args.gradient_checkpointing or getattr(trainer.model, "is_gradient_checkpointing", False)
+    fixes += ["lower --max_seq_length"] + ([] if checkpointing else ["turn on --gradient_checkpointing"])
     last = "."  # --auto_find_batch_size halves --per_device_train_batch_size, which token batches do not use
     if tokens is None:
         last = ("; or let --auto_find_batch_size find the largest batch that fits." if args.world_size == 1 else
                 " (--auto_find_batch_size would retry on one process while the others wait).")
     return (f"The GPU ran out of memory ({batch}, gradient checkpointing "
-            f"{'on' if args.gradient_checkpointing else 'off'}).\nFix, one at a time: {'; '.join(fixes)}{last}\n")
+            f"{'on' if checkpointing else 'off'}).\nFix, one at a time: {'; '.join(fixes)}{last}\n")
 
 
 def train(trainer, output: Optional[OutputPlan] = None, time_budget: Optional[float] = None):
@@ -118,7 +123,11 @@ def train(trainer, output: Optional[OutputPlan] = None, time_budget: Optional[fl
         # Checked when the run was planned too; a checkpoint missing its optimizer would resume as another run.
         require_complete_checkpoint(resume_from_checkpoint, args.output_dir)
     sigterm = StopOnSigterm(time_budget)
+    if time_budget is not None:
+        log_time_budget(time_budget)
     added = [StopOnNonFiniteLoss(), LogAtEverySave(), sigterm]  # removed again afterwards: a trainer may train twice
+    if output is not None and output.settings:
+        added.append(SaveRunSettings(output.settings))  # run_settings.json in each checkpoint, for a resume's check
     for callback in added:
         trainer.add_callback(callback)
     if args.logging_nan_inf_filter:
@@ -161,7 +170,29 @@ def train(trainer, output: Optional[OutputPlan] = None, time_budget: Optional[fl
     if sigterm.signalled:
         # It came after the last step's end: training is done and no checkpoint holds its end; the final save will.
         logger.warning("SIGTERM came after the last training step: finishing the run (saving the final model).")
+    after_training(trainer)  # from here a stop (SIGTERM, Ctrl-C) says what of the run is on disk
     return with_whole_run_train_loss(result, trainer.state.log_history)
+
+
+def log_time_budget(time_budget: float) -> None:
+    """--time_budget at the start of training: what loading has spent, what a checkpoint is kept, what is left."""
+    spent = time.monotonic() - interruptions.PROCESS_START
+    left = time_budget - spent - interruptions.FIRST_SAVE_SECONDS
+    line = (f"--time_budget {_duration(time_budget)}: {_duration(spent)} spent loading, "
+            f"{_duration(interruptions.FIRST_SAVE_SECONDS)} kept for the first checkpoint (then the time the last "
+            f"one took) and two of the slowest steps")
+    if left <= 0:
+        logger.warning("%s: that leaves no time to train, so the run stops after its first step. Give a longer "
+                       "budget to train more than a step per session.", line)
+    else:
+        logger.info("%s: about %s left for training.", line, _duration(left))
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return "".join(f"{value}{unit}" for value, unit in ((hours, "h"), (minutes, "m"), (seconds, "s")) if value) or "0s"
 
 
 def with_whole_run_train_loss(result, log_history):

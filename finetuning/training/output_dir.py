@@ -24,6 +24,17 @@ FINAL_DIR = "final"
 MERGED_DIR = "merged"
 SAMPLES_JSON = "samples.json"  # the sample prompts and answers, which export_gguf.py asks the GGUF again
 GGUF_DIR = "gguf"  # export_gguf.py's files, made from final/: stale once final/ is replaced
+REPORT_CARD_MD, REPORT_CARD_JSON = "report_card.md", "report_card.json"  # training/report_card.py; export adds GGUF rows
+
+
+def require_output_dir_named(text) -> None:
+    """--output_dir "" (a variable that was never set, in a notebook or a shell script): Path("") is the current
+    folder, where the smoke model and the checkpoints would land among the user's own files."""
+    if text is None or not str(text).strip():
+        raise UserInputError(
+            f"--output_dir is empty ({str(text or '')!r}): a run needs a folder of its own for its checkpoints and "
+            "model. Give one, e.g. --output_dir outputs/my_run, or leave the flag out for the script's default."
+        )
 
 
 def check_output_dir_writable(output_dir: Path) -> None:
@@ -58,6 +69,7 @@ class OutputPlan:
     output_dir: Path
     resume_from: Optional[str] = None
     replaces: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # saved_settings.describe: written into each checkpoint
 
 
 def plan_output_dir(training_args, smoke: bool = False) -> OutputPlan:

@@ -1,17 +1,20 @@
 """Saves that leave either the whole model or nothing: OUTPUT_DIR/final, the merged 16-bit model, and the
-disk-full diagnosis."""
+disk-full diagnosis. A stop during them (SIGTERM, Ctrl-C) is interruptions.RunStops': SIGTERM lets final/ finish, Ctrl-C
+abandons it; either way no half-written folder is left, and an earlier final/ is kept whole. Saved files follow the
+user's umask (safetensors writes its files 0600)."""
 from __future__ import annotations
 
 import errno
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from training import processes
+from training import interruptions, processes
 from training.checkpoints import (latest_complete_checkpoint)
 from cli.errors import TrainingFailed
 
@@ -31,10 +34,16 @@ def save_final(trainer, tokenizer, initial_adapter: Optional[Path] = None) -> Op
         if initial_adapter is None:
             trainer.save_model(str(folder))
         else:
-            trainer.model.save_pretrained(str(folder), path_initial_model_for_weight_conversion=str(initial_adapter))
+            with warnings.catch_warnings():
+                # peft loads the initial adapter beside the trained one to convert it, and warns about OLoRA beside
+                # another adapter, "Consider converting the OLoRA adapter": this is that conversion.
+                warnings.filterwarnings("ignore", message="OLoRA changes the base weights")
+                trainer.model.save_pretrained(str(folder),
+                                              path_initial_model_for_weight_conversion=str(initial_adapter))
         tokenizer.save_pretrained(str(folder))
 
-    final = write_atomically(Path(trainer.args.output_dir) / FINAL_DIR, write)
+    with interruptions.writing("final", finish=True):  # SIGTERM waits for the save's end
+        final = write_atomically(Path(trainer.args.output_dir) / FINAL_DIR, write)
     if initial_adapter is not None:
         shutil.rmtree(initial_adapter, ignore_errors=True)  # a temporary folder, used up by the conversion
     logger.info("Saved to %s", final)
@@ -48,15 +57,16 @@ def merge_adapter(adapter_dir: Path, dtype: torch.dtype) -> Path:
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    merged_model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=dtype,
-                                                            device_map={"": "cpu"}).merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    with interruptions.writing("merged"):
+        merged_model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=dtype,
+                                                                device_map={"": "cpu"}).merge_and_unload()
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
 
-    def write(folder: Path) -> None:
-        merged_model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+        def write(folder: Path) -> None:
+            merged_model.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
 
-    return write_atomically(adapter_dir.parent / MERGED_DIR, write)
+        return write_atomically(adapter_dir.parent / MERGED_DIR, write)
 
 
 def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
@@ -70,12 +80,16 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
     old = final.parent / f".{final.name}.old"
     try:
         write(partial)
+        follow_umask(partial)
+        interruptions.test_pause(final.name)  # a test's signal lands here, the folder written but not in place
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(partial, final)
     except BaseException as e:
         shutil.rmtree(partial, ignore_errors=True)
+        if old.is_dir() and not final.exists():  # stopped between the two renames: the earlier one goes back
+            os.replace(old, final)
         if not is_disk_full(e):
             raise
         raise TrainingFailed(
@@ -85,6 +99,19 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
         ) from e
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def follow_umask(folder: Path) -> None:
+    """Files as the user's umask makes them (0644 under the usual 022): safetensors writes 0600, unlike every other
+    file of a run, so another user or a container's server could not read the weights beside readable configs."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                path.chmod(0o666 & ~mask)
+            except OSError:  # not ours to change (a file system without modes): left as written
+                pass
 
 
 def is_disk_full(error) -> bool:
