@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from cli import startup  # noqa: F401  (first: checks the library versions before torch loads)
 
-from cli import arguments, command_line
+from cli import command_line, parsing
 from cli.errors import TrainingFailed, UserInputError
 from cli.fast_path_flag import parse_fast_path
 from training import accumulation_check
@@ -55,7 +55,7 @@ def main(args: CheckArguments) -> list:
 
 
 def parse_args(argv: Sequence[str]) -> tuple:
-    return arguments.parse_flags((CheckArguments,), argv)
+    return parsing.parse_flags((CheckArguments,), argv)
 
 
 if __name__ == "__main__":

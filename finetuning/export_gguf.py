@@ -31,7 +31,7 @@ from cli import startup  # noqa: F401  (first: checks the library versions befor
 import torch
 
 import common
-from cli import arguments, command_line
+from cli import command_line, parsing
 from cli.errors import Interrupted, UserInputError
 from export import gguf_files, parity
 from models import hub
@@ -281,7 +281,7 @@ HELP_EXAMPLES = (
 
 
 def parse_args(argv: Sequence[str]) -> tuple:
-    return arguments.parse_flags((ExportArguments,), argv, HELP_EXAMPLES)
+    return parsing.parse_flags((ExportArguments,), argv, HELP_EXAMPLES)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArgument
 from trl import SFTTrainer
 
 import common
-from cli import arguments, command_line
+from cli import arguments, command_line, parsing
 from cli.arguments import DataArguments, ModelArguments, ReportArguments
 from cli.errors import UserInputError
 from fastpath import galore_8bit
@@ -205,7 +205,7 @@ def build_optimizer(model, galore_args: GaloreArguments, training_args, optimize
 
 def parse_args(argv: Sequence[str]) -> tuple:
     """(model, data, report, galore, training) arguments: the command line, or a config file and flags after it."""
-    return arguments.parse_arguments(GaloreArguments, TRAINING_DEFAULTS, argv)
+    return parsing.parse_arguments(GaloreArguments, TRAINING_DEFAULTS, argv)
 
 
 if __name__ == "__main__":

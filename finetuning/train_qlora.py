@@ -23,7 +23,7 @@ from transformers import BitsAndBytesConfig, TrainerCallback, TrainingArguments
 from trl import SFTTrainer
 
 import common
-from cli import arguments, command_line
+from cli import arguments, command_line, parsing
 from cli.arguments import DataArguments, ModelArguments, ReportArguments
 from cli.errors import UserInputError
 from models import shapes
@@ -245,7 +245,7 @@ def load_quantized_model(model_path: str, precision: common.Precision, device: t
 
 def parse_args(argv: Sequence[str]) -> tuple:
     """(model, data, report, lora, training) arguments: the command line, or a config file and flags after it."""
-    return arguments.parse_arguments(LoraArguments, TRAINING_DEFAULTS, argv)
+    return parsing.parse_arguments(LoraArguments, TRAINING_DEFAULTS, argv)
 
 
 if __name__ == "__main__":

@@ -238,16 +238,6 @@ def test_a_smoke_run_keeps_its_record_batches_and_reads_no_gpu(monkeypatch, load
     assert (training_args.per_device_train_batch_size, data_args.max_tokens_per_batch) == (2, None)
 
 
-def test_the_help_states_the_default_budgets():
-    help_text = arguments.DataArguments.__dataclass_fields__["max_tokens_per_batch"].metadata["help"]
-    for script, budgets in auto_batch.TOKEN_BUDGETS.items():
-        for budget in budgets:
-            assert str(budget) in help_text
-        assert f"{budgets[0]} ({script})" in help_text
-    assert f"{auto_batch.LARGE_GPU_GIB} GiB" in help_text and f"{auto_batch.MIN_STEPS_PER_EPOCH} steps" in help_text
-    assert all(f"--{flag}" in help_text for flag in arguments.BATCH_FLAGS if flag != "max_tokens_per_batch")
-
-
 # ---------------------------------------------------------------------------
 # Each Gemma 3 size (issue 25): the budget its memory estimate fits, and the card a model that fits none needs
 # ---------------------------------------------------------------------------

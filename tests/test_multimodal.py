@@ -395,7 +395,7 @@ def test_a_qlora_smoke_run_of_the_4b_class_trains_saves_and_merges(tmp_path, cap
     trainer = train_qlora.main(*train_qlora.parse_args([
         "--smoke", "--model_name_or_path", MULTIMODAL_ID, "--output_dir", str(run), "--merge",
         "--num_sample_prompts", "1"]))
-    assert "Gemma3ForConditionalGeneration: a tiny vision tower" in caplog.text  # the smoke line says the class
+    assert "Gemma3ForConditionalGeneration: a tiny vision tower" in caplog.text  # the load step says the class
     assert type(trainer.model.get_base_model()) is Gemma3ForConditionalGeneration
     adapter = json.loads((run / "final" / "adapter_config.json").read_text())
     assert "language_model" in adapter["target_modules"]

@@ -13,7 +13,7 @@ from sacrebleu.metrics import CHRF
 from transformers import AutoModelForCausalLM
 
 from cli.arguments import ReportArguments
-from records.loading import RunData
+from records.run_data import RunData
 from training import report_card
 
 

@@ -14,7 +14,7 @@ import common
 
 from records import loading
 from training import reports
-from cli import arguments
+from cli import arguments, parsing
 from records import data
 from cli import errors
 import train_galore
@@ -173,9 +173,9 @@ def test_tensorboard_is_used_when_installed(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "tensorboard" else real(name))
-    assert arguments.default_report_to() == "tensorboard"
+    assert parsing.default_report_to() == "tensorboard"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "tensorboard" else real(name))
-    assert arguments.default_report_to() == "none"
+    assert parsing.default_report_to() == "none"
 
 
 @pytest.mark.parametrize("installed", [True, False])

@@ -68,11 +68,8 @@ def parse_smoke(parser, parse: Callable[[list], tuple], defaults: Mapping[str, A
                 tiny.append(f"--{name} {getattr(parsed[3], name)} (to {cap})")
             setattr(parsed[3], name, cap)
     if tiny:
-        from models.shapes import names_multimodal  # here: the flags are parsed before the model packages load
-
-        kind = ("of the class it names, Gemma3ForConditionalGeneration: a tiny vision tower beside a language model "
-                "64 wide" if names_multimodal(parsed[0].model_name_or_path) else "64 wide")
-        line += f" Overrides {', '.join(tiny)}: --smoke trains a tiny random model, {kind}."
+        line += (f" Overrides {', '.join(tiny)}: --smoke trains a tiny random model of the class the name means, 64 "
+                 "wide (a multimodal one with a tiny vision tower beside it).")
     if ignored:
         line += (f" Ignores the config file's {', '.join(ignored)}: a smoke run never writes into a real run's "
                  "folder or dashboard (give them on the command line to apply).")

@@ -212,20 +212,16 @@ def size_named(model_name_or_path: str) -> Optional[str]:
     return found.group(1).lower() if found else None
 
 
-def shape_for(model_name_or_path: str, trust_remote_code: bool = False, config=None) -> Shape:
-    """The Shape of the model a run names: from its config (given, or its config.json read, no weights), labelled
-    with its Gemma 3 size where the name says one."""
+def shape_for(model_name_or_path: str, config) -> Shape:
+    """The Shape of the model a run names, from its config (read without weights by the caller), labelled with its
+    Gemma 3 size where the name says one."""
     size = size_named(model_name_or_path)
-    if config is None:
-        from common import load_config
-
-        config = load_config(model_name_or_path, trust_remote_code)
     return shape_of(config, f"gemma-3-{size}" if size else "")
 
 
-def known_shape(model_name_or_path: str, trust_remote_code: bool = False) -> Optional[Shape]:
+def known_shape(model_name_or_path: str, config) -> Optional[Shape]:
     """shape_for, or None for a config without a decoder's usual fields (not a Gemma-like model): no estimate then."""
     try:
-        return shape_for(model_name_or_path, trust_remote_code)
+        return shape_for(model_name_or_path, config)
     except (AttributeError, TypeError, KeyError):
         return None

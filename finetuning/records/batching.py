@@ -13,7 +13,7 @@ from trl import SFTTrainer
 
 from cli.arguments import DataArguments
 from common import formatting_func
-from records.loading import RunData
+from records.run_data import RunData
 
 logger = logging.getLogger(__name__)
 

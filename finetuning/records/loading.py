@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cli.arguments import DataArguments, ModelArguments, ReportArguments
 from cli.errors import UserInputError
@@ -15,21 +13,9 @@ from common import MODEL_TURN_START, USER_TURN, format_example, load_config, loa
 from models import shapes, smoke
 from records import data, data_doctor
 from records.data import data_source
+from records.run_data import RunData
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RunData:
-    """What the load step hands on: the records, the tokenizer and its loss mask, and where the model is."""
-
-    records: Any
-    eval_records: Any
-    tokenizer: Any
-    collator: Any
-    model_path: str
-    lengths: list  # each training record's tokens as trl tokenizes it, uncut: counted once, for every later use
-    data_report: Any = None  # the data doctor's findings (data_doctor.DataReport), written with write_data_report
 
 
 def load_data_and_tokenizer(model_args: ModelArguments, data_args: DataArguments, report_args: ReportArguments,
@@ -52,8 +38,11 @@ def _load_data_and_tokenizer(model_args, data_args, report_args, training_args) 
         # A dry run writes nothing under --output_dir: its tiny model goes to a temporary folder.
         folder = tempfile.mkdtemp(prefix="smoke-dry-run-") if report_args.dry_run else training_args.output_dir
         # The tiny model is of the class --model_name_or_path names: google/gemma-3-4b-it, a multimodal one.
+        multimodal = shapes.names_multimodal(model_args.model_name_or_path)
+        logger.info("--smoke model: a tiny random %s.", "Gemma3ForConditionalGeneration: a tiny vision tower beside a "
+                    "language model 64 wide" if multimodal else "Gemma3ForCausalLM, 64 wide")
         model_path = smoke.smoke_model(folder, [format_example(record) for record in records],
-                                       multimodal=shapes.names_multimodal(model_args.model_name_or_path),
+                                       multimodal=multimodal,
                                        # A resumed smoke run keeps the base and tokenizer its checkpoint was
                                        # trained on (rebuilt on other data, the tokenizer would be another).
                                        reuse=not report_args.dry_run and (training_args.process_index > 0 or

@@ -8,22 +8,17 @@ from typing import Optional
 
 import torch
 
-from training import memory_estimate, processes
-from cli.arguments import DataArguments
+import common
+from cli.arguments import LARGE_GPU_GIB, MIN_STEPS_PER_EPOCH, TOKEN_BUDGETS, DataArguments
 from models import shapes
 from records.batching import PackedBatches, pack_into_rows
-from records.loading import RunData
+from records.run_data import RunData
+from training import memory_estimate, processes
 
 logger = logging.getLogger(__name__)
 
-# Tokens per GPU a step, by script: (GPUs under LARGE_GPU_GIB of memory, GPUs with LARGE_GPU_GIB or more). Each fits
-# its tier with room under T4 emulation and on an H100 for gemma-3-270m and -1b, and at 32768 a step is bound by the
-# GPU, so more tokens buy little for more memory (the peaks and speeds: docs/benchmarks.md). A bigger model gets less
-# where its memory estimate says so (memory_estimate.largest_budget): gemma-3-4b's GaLore 4,096 on a 24 GB card.
-LARGE_GPU_GIB = 20
-TOKEN_BUDGETS = {"QLoRA": (8192, 32768), "GaLore": (4096, 32768)}
-# A small data set still gets a learning-rate schedule (warm-up, cosine decay) and a loss curve worth reading.
-MIN_STEPS_PER_EPOCH = 32
+# The budgets given no batch flag (the flag's defaults, in cli/arguments.py, where --help reads them). A bigger model
+# gets less where its memory estimate says so (memory_estimate.largest_budget): gemma-3-4b's GaLore 4,096 on 24 GB.
 
 ALTERNATIVES = ("--max_tokens_per_batch N sets the budget; --per_device_train_batch_size N batches by records "
                 "instead.")
@@ -51,7 +46,7 @@ REFERENCE_GPUS = tuple((gib, not bf16, name) for name, gib, bf16 in memory_estim
 def run_estimate(script: str, training_args, model_path: str, fp16: bool) -> Optional[memory_estimate.Estimate]:
     """The memory estimate of this run's model (its config, read without weights) at the scripts' default ranks;
     None for a model whose config the estimate cannot read (not a Gemma-like decoder)."""
-    shape = shapes.known_shape(model_path)
+    shape = shapes.known_shape(model_path, common.load_config(model_path))
     return None if shape is None else memory_estimate.estimate(
         shape, script, fp16=fp16, checkpointing=bool(training_args.gradient_checkpointing),
         processes=max(1, training_args.world_size))
@@ -72,7 +67,8 @@ def check_model_fits(script: str, model_args, data_args: DataArguments, training
         return
     ranks = {"lora_rank": method_args.lora_r} if hasattr(method_args, "lora_r") else \
         {"galore_rank": method_args.galore_rank} if hasattr(method_args, "galore_rank") else {}
-    shape = shapes.known_shape(model_args.model_name_or_path, model_args.trust_remote_code)
+    shape = shapes.known_shape(model_args.model_name_or_path,
+                               common.load_config(model_args.model_name_or_path, model_args.trust_remote_code))
     if shape is None:
         return
     memory_estimate.check_fits(shape, script, bool(training_args.fp16), gpu, data_args.max_seq_length,

@@ -31,7 +31,7 @@ from training import processes
 from training.output_dir import REPORT_CARD_JSON, REPORT_CARD_MD
 
 if TYPE_CHECKING:  # export_gguf.py imports this module, and must not load trl (records.batching) through it
-    from records.loading import RunData
+    from records.run_data import RunData
 
 logger = logging.getLogger(__name__)
 

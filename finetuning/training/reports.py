@@ -15,7 +15,7 @@ from training import interruptions, processes
 from cli.arguments import DataArguments, ReportArguments
 from records.batching import PackedBatches, pack_into_rows, row_fill
 from common import Precision, format_example, format_prompt
-from records.loading import RunData
+from records.run_data import RunData
 from common import OUTPUT_FIELD
 from training.output_dir import SAMPLES_JSON
 
