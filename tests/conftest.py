@@ -102,6 +102,42 @@ def quantized_lora_model(directory: Path, dropout: float, base=None):
                 parameter.normal_(0, 0.1)
     return peft_model
 
+
+def uneven_records(count: int = 6, vocab: int = 8000, seed: int = 0) -> tuple[list, list]:
+    """(token ids, labels) of records of uneven length (60-700 tokens) with a masked prompt of 40, as instruction data
+    looks after tokenization."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(60, 700, (count,), generator=generator).tolist()
+    records = [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
+    return records, [[-100] * 40 + r[40:] for r in records]
+
+
+def padded_batch(records, labels, device: str = "cuda") -> dict:
+    """The records as one batch of rows padded to the longest, with their attention mask."""
+    import torch
+
+    width = max(len(r) for r in records)
+    batch = {name: torch.full((len(records), width), fill) for name, fill in
+             (("input_ids", 0), ("labels", -100), ("attention_mask", 0))}
+    for i, (ids, lab) in enumerate(zip(records, labels)):
+        batch["input_ids"][i, : len(ids)] = torch.tensor(ids)
+        batch["labels"][i, : len(ids)] = torch.tensor(lab)
+        batch["attention_mask"][i, : len(ids)] = 1
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def packed_batch(records, labels, device: str = "cuda") -> dict:
+    """The records packed into rows of 1,024 tokens without padding, with their bounds (as the scripts batch them)."""
+    import torch
+
+    from records import batching
+
+    rows = batching.pack_into_rows([len(r) for r in records], 1024)
+    batch = batching.pad_rows(0, 1024)(batching.packed_rows([{"input_ids": r} for r in records], labels, rows))
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
 def run_cli_once(module, argv, caplog, main=None) -> tuple[int, str]:
     """A script's command line as run_cli runs it: (exit code, its one error line). run_cli logs exactly one ERROR
     line and no traceback."""
@@ -147,6 +183,24 @@ def no_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: pytest.fail("no GPU may be read"))
+
+
+@pytest.fixture
+def emulated_t4(monkeypatch):
+    """A 16 GB T4 on a bigger GPU for the length of a test (bench/emulate_t4.py's figures): no bfloat16, compute
+    capability 7.5 (eager layers, no flash attention), memory capped at 15 GiB."""
+    import torch
+
+    import emulate_t4
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    torch.cuda.set_per_process_memory_fraction(emulate_t4.T4_USABLE_GIB * 2**30 / total)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    yield
+    torch.cuda.set_per_process_memory_fraction(1.0)
 
 @pytest.fixture
 def write_data(tmp_path):

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import common
-from records import batching
 from fastpath import galore_8bit
 from fastpath import chunked_loss, compiled_layers, lora_4bit, rms_norm, varlen_attention
 from models import smoke
+from conftest import packed_batch, padded_batch, uneven_records
 
 pytestmark = pytest.mark.gpu
 
@@ -102,21 +101,6 @@ def test_galore_8bit_moves_like_32bit_reference_on_real_shapes():
     assert fixed >= 0.9 * reference, (fixed, reference)
 
 
-@pytest.fixture
-def emulated_t4(monkeypatch):
-    """A 16 GB T4 on a bigger GPU: no bfloat16, compute capability 7.5 (eager layers, no flash attention), memory
-    capped at 15 GiB."""
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
-    import emulate_t4
-
-    total = torch.cuda.get_device_properties(0).total_memory
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    torch.cuda.set_per_process_memory_fraction(emulate_t4.T4_USABLE_GIB * 2**30 / total)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    yield
-    torch.cuda.set_per_process_memory_fraction(1.0)
 
 
 def test_fp16_path_trains_finite_on_real_shapes(real_shape_model, tmp_path, emulated_t4):
@@ -150,30 +134,7 @@ def test_chunked_loss_equals_stock_loss_on_real_shapes(real_shape_model, compile
     assert relative < 2e-2, relative.item()  # bf16 keeps 8 bits of mantissa
 
 
-def _records(count=6, vocab=8000, seed=0):
-    """Records of uneven length with a masked prompt, as instruction data looks after tokenization."""
-    generator = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(60, 700, (count,), generator=generator).tolist()
-    records = [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
-    labels = [[-100] * 40 + r[40:] for r in records]
-    return records, labels
 
-
-def _padded(records, labels):
-    width = max(len(r) for r in records)
-    batch = {name: torch.full((len(records), width), fill) for name, fill in
-             (("input_ids", 0), ("labels", -100), ("attention_mask", 0))}
-    for i, (ids, lab) in enumerate(zip(records, labels)):
-        batch["input_ids"][i, : len(ids)] = torch.tensor(ids)
-        batch["labels"][i, : len(ids)] = torch.tensor(lab)
-        batch["attention_mask"][i, : len(ids)] = 1
-    return {k: v.cuda() for k, v in batch.items()}
-
-
-def _packed(records, labels):
-    rows = batching.pack_into_rows([len(r) for r in records], 1024)
-    batch = batching.pad_rows(0, 1024)(batching.packed_rows([{"input_ids": r} for r in records], labels, rows))
-    return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _same_answer(stock_loss, fast_loss, stock_grads, fast_grads, reference_grads=None):
@@ -195,7 +156,7 @@ def test_fast_path_same_answer_as_stock_on_real_shapes(real_shape_model):
     """GaLore's model: fused norms, chunked loss, packed rows and variable-length attention against stock
     transformers on the same records (padded, SDPA with a mask, stock loss), both in bf16, and both against the
     stock computation in float32."""
-    records, labels = _records()
+    records, labels = uneven_records()
     losses, grads = {}, {}
     watched = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
                "model.layers.5.self_attn.k_norm.weight", "model.layers.25.mlp.down_proj.weight")
@@ -205,7 +166,7 @@ def test_fast_path_same_answer_as_stock_on_real_shapes(real_shape_model):
             chunked_loss.use_chunked_loss(model)
             rms_norm.fuse_rms_norms(model)
             assert varlen_attention.use_varlen_attention(model)
-        loss = model(**(_packed(records, labels) if run == "fast" else _padded(records, labels))).loss
+        loss = model(**(packed_batch(records, labels) if run == "fast" else padded_batch(records, labels))).loss
         loss.backward()
         losses[run] = loss.float().item()
         parameters = dict(model.named_parameters())
@@ -222,7 +183,7 @@ def test_fused_lora_4bit_same_answer_as_peft_on_real_shapes(real_shape_model):
     from peft import LoraConfig, get_peft_model
 
     precision = common.Precision(True, False, torch.bfloat16, "test")
-    records, labels = _records(count=4)
+    records, labels = uneven_records(count=4)
     losses, grads = [], []
     for fast in (False, True):
         model = train_qlora.load_quantized_model(str(real_shape_model), precision, "cuda", "sdpa")
@@ -236,7 +197,7 @@ def test_fused_lora_4bit_same_answer_as_peft_on_real_shapes(real_shape_model):
         if fast:
             assert lora_4bit.fuse_lora_4bit(model, keep_dequantized_weight=True) == 26 * 7
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**_padded(records, labels)).loss
+            loss = model(**padded_batch(records, labels)).loss
         loss.backward()
         losses.append(loss.float().item())
         grads.append({n: p.grad.float() for n, p in model.named_parameters()
@@ -300,7 +261,7 @@ def test_compiled_offloaded_qlora_layers_same_answer_and_compiled_once_on_real_s
         return loss.float().item(), {n: p.grad.float().clone() for n, p in model.named_parameters()
                                      if p.requires_grad and ("layers.0." in n or "layers.25." in n)}
 
-    batches = [_packed(*_records(count=8, seed=seed)) for seed in range(4)]
+    batches = [packed_batch(*uneven_records(count=8, seed=seed)) for seed in range(4)]
     reference_model = lora_model(torch.float32)
     reference = [step(reference_model, batch, torch.float32) for batch in batches]
     del reference_model

@@ -6,7 +6,6 @@ and more for gemma-3-1b. Skipped without CUDA (conftest.py).
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import train_galore
 import train_qlora
 from fastpath import chunked_loss, compiled_layers, lora_4bit, offload, rms_norm, varlen_attention
 from models import shapes, smoke
-from records import batching
+from conftest import packed_batch, padded_batch, uneven_records
 
 pytestmark = pytest.mark.gpu
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -82,28 +81,7 @@ def test_galore_trains_the_language_model_alone(sized_model, tmp_path):
     assert all(torch.equal(before[n], after[n].to(before[n].dtype)) for n in vision)
 
 
-def _records(count=6, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(60, 700, (count,), generator=generator).tolist()
-    records = [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in lengths]
-    return records, [[-100] * 40 + r[40:] for r in records]
 
-
-def _padded(records, labels):
-    width = max(len(r) for r in records)
-    batch = {name: torch.full((len(records), width), fill) for name, fill in
-             (("input_ids", 0), ("labels", -100), ("attention_mask", 0))}
-    for i, (ids, lab) in enumerate(zip(records, labels)):
-        batch["input_ids"][i, : len(ids)] = torch.tensor(ids)
-        batch["labels"][i, : len(ids)] = torch.tensor(lab)
-        batch["attention_mask"][i, : len(ids)] = 1
-    return {k: v.cuda() for k, v in batch.items()}
-
-
-def _packed(records, labels):
-    rows = batching.pack_into_rows([len(r) for r in records], 1024)
-    batch = batching.pad_rows(0, 1024)(batching.packed_rows([{"input_ids": r} for r in records], labels, rows))
-    return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _watched(model) -> list:
@@ -129,7 +107,7 @@ def test_fast_path_same_answer_as_stock(sized_model):
     """GaLore's model: fused norms, chunked loss, packed rows and variable-length attention against stock
     transformers (padded, SDPA with a mask, the class's own loss), both in bf16, and both against float32."""
     _, model_dir = sized_model
-    records, labels = _records()
+    records, labels = uneven_records(vocab=VOCAB)
     losses, grads = {}, {}
     for run, dtype in (("reference", torch.float32), ("stock", torch.bfloat16), ("fast", torch.bfloat16)):
         model = common.load_causal_lm(str(model_dir), False, dtype=dtype, attn_implementation="sdpa").cuda()
@@ -139,7 +117,7 @@ def test_fast_path_same_answer_as_stock(sized_model):
             assert chunked_loss.use_chunked_loss(model)
             rms_norm.fuse_rms_norms(model)
             assert varlen_attention.use_varlen_attention(model)
-        loss = model(**(_packed(records, labels) if run == "fast" else _padded(records, labels))).loss
+        loss = model(**(packed_batch(records, labels) if run == "fast" else padded_batch(records, labels))).loss
         loss.backward()
         losses[run] = loss.float().item()
         parameters = dict(model.named_parameters())
@@ -179,7 +157,7 @@ def _lora_step(model, batch, autocast=True):
 def test_fused_lora_4bit_same_answer_as_peft(sized_model):
     size, model_dir = sized_model
     layers = shapes.gemma3_shape(size).layers
-    batch = _padded(*_records(count=4))
+    batch = padded_batch(*uneven_records(vocab=VOCAB, count=4))
     results = []
     for fast in (False, True):
         model = _lora_model(model_dir)
@@ -206,7 +184,7 @@ def test_compiled_offloaded_layers_same_answer_and_compiled_once(sized_model):
     lora_4bit.fuse_lora_4bit(model, keep_dequantized_weight=True)
     varlen_attention.use_varlen_attention(model.get_base_model())
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batches = [_packed(*_records(count=8, seed=seed)) for seed in range(3)]
+    batches = [packed_batch(*uneven_records(vocab=VOCAB, count=8, seed=seed)) for seed in range(3)]
     eager = [_lora_step(model, batch) for batch in batches]
     graphs = []
 
@@ -228,20 +206,6 @@ def test_compiled_offloaded_layers_same_answer_and_compiled_once(sized_model):
             assert float((fast_grads[name] - grad).norm() / grad.norm()) < 5e-2, name
 
 
-@pytest.fixture
-def emulated_t4(monkeypatch):
-    """bench/emulate_t4.py's T4 for the length of a test: no bf16, compute capability 7.5, 15 GiB."""
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
-    import emulate_t4
-
-    total = torch.cuda.get_device_properties(0).total_memory
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    torch.cuda.set_per_process_memory_fraction(emulate_t4.T4_USABLE_GIB * 2**30 / total)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    yield
-    torch.cuda.set_per_process_memory_fraction(1.0)
 
 
 def test_qlora_fp16_path_trains_finite_within_a_t4(sized_model, tmp_path, emulated_t4):
