@@ -58,7 +58,8 @@ def run_ours(script: str, model: str, data: str, batch: int, steps: int, warmup:
     *parsed, training_args = module.parse_args([
         "--model_name_or_path", model, "--dataset_name", data, "--output_dir", output_dir, "--overwrite_output_dir",
         "--max_steps", str(steps), *batch_flags,
-        "--logging_steps", "1", "--save_strategy", "no", "--num_sample_prompts", "0", "--warmup_ratio", "0", *extra,
+        "--logging_steps", "1", "--save_strategy", "no", "--num_sample_prompts", "0", "--report_card_prompts", "0",
+        "--warmup_ratio", "0", *extra,
     ])
     training_args.include_num_input_tokens_seen = "non_padding"  # the flag parses as a bool only
     trainer = module.main(*parsed, training_args, callbacks=callbacks)

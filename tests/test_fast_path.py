@@ -63,7 +63,8 @@ def test_patches_put_back_instance_attributes_and_other_changes():
 
 
 def _run(module, tmp_path, name, fast_path, *flags):
-    argv = ["--smoke", "--output_dir", tmp_path / name, "--fast_path", fast_path, "--num_sample_prompts", "0", *flags]
+    argv = ["--smoke", "--output_dir", tmp_path / name, "--fast_path", fast_path, "--num_sample_prompts", "0",
+            "--report_card_prompts", "0", *flags]
     return module.main(*module.parse_args([str(a) for a in argv]))
 
 
@@ -114,7 +115,7 @@ def test_none_trains_to_the_loss_all_trains_to_on_a_gpu(module, tiny_model_dir, 
         argv = ["--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path / fast_path, "--fast_path", fast_path,
                 "--max_steps", "6", "--max_train_samples", "256", "--max_seq_length", "256",
                 "--max_tokens_per_batch", "1024", "--logging_steps", "1", "--save_strategy", "no",
-                "--num_sample_prompts", "0", "--report_to", "none"]
+                "--num_sample_prompts", "0", "--report_card_prompts", "0", "--report_to", "none"]
         if module is train_galore:
             argv += ["--galore_rank", "8"]  # the tiny model is 64 wide
         return trainer_losses(module.main(*module.parse_args([str(a) for a in argv])))
