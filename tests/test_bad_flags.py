@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from cli import arguments
+from cli import parsing
 from cli import command_line
 import train_galore
 import train_qlora
@@ -187,7 +187,7 @@ def test_smoke_keeps_save_and_report_flags_the_user_gave(parse, caplog):
 
 
 def test_smoke_reports_nowhere_unless_told(parse, monkeypatch):
-    monkeypatch.setattr(arguments, "default_report_to", lambda: "tensorboard")
+    monkeypatch.setattr(parsing, "default_report_to", lambda: "tensorboard")
     assert parse(train_qlora, ["--smoke"])[-1].report_to == []
     assert parse(train_qlora, [])[-1].report_to == ["tensorboard"], "a real run keeps the default"
 
