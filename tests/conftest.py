@@ -165,6 +165,14 @@ def fails_cleanly(module, argv, caplog, output_dir: Optional[Path] = None, main=
     return message
 
 
+
+def stop_processes(processes) -> None:
+    """Kill and reap every one of a test's child processes still running, however the test ended."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
 def losses_in(output_dir: Path) -> list:
     """The logged training losses of the run in output_dir (its trainer_state.json)."""
     state = json.loads((Path(output_dir) / "trainer_state.json").read_text())

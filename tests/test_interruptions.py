@@ -34,7 +34,7 @@ from training import checkpoints
 from training import loop, output_dir
 import train_galore
 from cli import versions
-from conftest import run_cli_once
+from conftest import run_cli_once, stop_processes
 
 REPO_ROOT = versions.PROJECT_DIR.parent
 
@@ -405,10 +405,7 @@ def signalled(tmp_path_factory) -> dict:
             run["process"].wait(timeout=PROCESS_TIMEOUT_S)
             run["output"] = run["log"].read_text(errors="replace")
     finally:
-        for run in runs.values():
-            if run["process"].poll() is None:
-                run["process"].kill()
-                run["process"].wait()
+        stop_processes(run["process"] for run in runs.values())
     return runs
 
 

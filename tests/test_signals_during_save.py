@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import start_script
+from conftest import start_script, stop_processes
 import train_galore
 from training import checkpoints, run_lock, saving
 
@@ -88,10 +88,7 @@ def stopped(tmp_path_factory, tiny_model_dir, fake_llama_cpp) -> dict:
             run["process"].wait(timeout=240)
             run["output"] = run["log"].read_text(errors="replace")
     finally:
-        for run in runs.values():
-            if run["process"].poll() is None:
-                run["process"].kill()
-                run["process"].wait()
+        stop_processes(run["process"] for run in runs.values())
     return runs
 
 
