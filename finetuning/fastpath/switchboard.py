@@ -40,9 +40,6 @@ class FastPath:
     text: str = "all"  # as the user gave it, for the log
     done: dict = field(default_factory=dict)  # switch -> what it did, for the log line
 
-    def on(self, name: str) -> bool:
-        return name in self.switches
-
     def _off(self, name: str) -> bool:
         if name in self.switches:
             return False

@@ -16,7 +16,7 @@ import datasets
 
 from cli.arguments import DataArguments
 from records.data_files import (COMPRESSED_JSON, DATA_FILE_BUILDERS, EVAL_FLAG, TRAIN_FLAG, check_local_file,
-                                file_suffix, read_json_records, text_encoding)
+                                file_suffix, read_json_records, refuse_header_only_csv, text_encoding)
 from cli.errors import UserInputError
 from common import INPUT_FIELD, INSTRUCTION_FIELD, OUTPUT_FIELD
 
@@ -120,7 +120,7 @@ def _read_records(data_args: DataArguments, flag: str, source: str) -> list[dict
         # Checked here: datasets' CSV reader says only "An error occurred while generating the dataset".
         encoding = text_encoding(path, flag) if suffix == ".csv" else None
         if suffix == ".csv":
-            _refuse_header_only_csv(path, flag, encoding)
+            refuse_header_only_csv(path, flag, encoding)
         options = {"encoding": encoding} if encoding else {}
         try:
             dataset = datasets.load_dataset(DATA_FILE_BUILDERS[suffix], data_files=str(path), split="train", **options)
@@ -139,17 +139,6 @@ def _read_records(data_args: DataArguments, flag: str, source: str) -> list[dict
     if len(dataset) == 0:
         raise UserInputError(f"The data set {source} holds no records.")
     return dataset.to_list()
-
-
-def _refuse_header_only_csv(path: Path, flag: str, encoding: str) -> None:
-    """A CSV file with its header and no row: datasets says only 'Instruction "train" corresponds to no data!'."""
-    with path.open(encoding=encoding, newline="") as file:
-        lines = [line for line in (file.readline(), file.readline(), file.readline()) if line.strip()]
-    if len(lines) == 1:
-        raise UserInputError(
-            f"{flag}: {path} has a header line ({lines[0].strip()[:80]}) and no records under it. Add one row per "
-            "record below the header, or check that the right file was given."
-        )
 
 
 def _check_hub_dataset(name: str, flag: str) -> None:

@@ -271,3 +271,14 @@ def _json_object_records(text: str, path: Path, flag: str, record_fields: frozen
 
 def _holds_objects(items: list) -> bool:
     return bool(items) and all(isinstance(item, dict) for item in items)
+
+
+def refuse_header_only_csv(path: Path, flag: str, encoding: str) -> None:
+    """A CSV file with its header and no row: datasets says only 'Instruction "train" corresponds to no data!'."""
+    with path.open(encoding=encoding, newline="") as file:
+        lines = [line for line in (file.readline(), file.readline(), file.readline()) if line.strip()]
+    if len(lines) == 1:
+        raise UserInputError(
+            f"{flag}: {path} has a header line ({lines[0].strip()[:80]}) and no records under it. Add one row per "
+            "record below the header, or check that the right file was given."
+        )
