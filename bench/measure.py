@@ -48,6 +48,7 @@ def measuring_callbacks(warmup: int) -> tuple[list, dict]:
             result["tokens"].append(state.num_input_tokens_seen - self.seen)
             self.seen = state.num_input_tokens_seen
             if len(result["step_seconds"]) == 1:  # the first step compiles: its peak is told apart from the rest's
+                result["first_step_compile_s"] = compile_timers()
                 result["first_step_peak_bytes"] = torch.cuda.max_memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
                 result["start_to_first_step_s"] = time.time() - PROCESS_START
@@ -66,6 +67,16 @@ def measuring_callbacks(warmup: int) -> tuple[list, dict]:
         steps = sorted({0, warmup - 1})
         callbacks.append(step_diagnostics.memory_callback(steps, Path(os.environ["BENCH_MEMORY"])))
     return callbacks, result
+
+
+def compile_timers() -> dict:
+    """torch.compile's own timers so far in this process (what our runs log after their first step), for where a cold
+    first step's time goes. Imported when called: in Unsloth's child, after Unsloth has patched the libraries."""
+    try:
+        from fastpath.compiled_layers import compile_seconds
+    except ImportError:  # a setup's site without our stack: the row goes on without the timers
+        return {}
+    return compile_seconds()
 
 
 def summarise(result: dict, warmup: int, parameters: int, gpus: int = 1) -> dict:
@@ -94,6 +105,7 @@ def summarise(result: dict, warmup: int, parameters: int, gpus: int = 1) -> dict
         "gpus": gpus,
         "partial_steps_left_out": partial_steps,
         "first_step_s": result["step_seconds"][0],  # compilation, where layers are compiled
+        "first_step_compile_s": result.get("first_step_compile_s"),
         "mean_step_s": statistics.mean(steps),
         # From the process's start, and from the trainer's start (the model loaded), to the first step's end.
         "start_to_first_step_s": result.get("start_to_first_step_s"),

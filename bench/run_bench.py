@@ -334,12 +334,21 @@ def main() -> None:
               f"{result['tokens_per_step']:,.0f} tokens/step, peak {_peak(result)} GiB, "
               f"MFU {_percent(result['mfu'])}, loss {result['loss']}, first step {result.get('first_step_s', 0):.1f} s, "
               f"mean step {result.get('mean_step_s', 0):.3f} s, start to first step {result.get('start_to_first_step_s') or 0:.1f} s "
-              f"(after loading {result.get('load_to_first_step_s', 0):.1f} s), recompilations after step 1 "
+              f"(after loading {result.get('load_to_first_step_s', 0):.1f} s; {_compiling(result)}), "
+              f"recompilations after step 1 "
               f"{result.get('recompilations_after_step_1')}, {'warm' if args.warm else 'cold'} caches, "
               f"GPU busy {1000 * result.get('gpu_tail_s', 0):.0f} ms after the host queued a step, "
               f"partial epoch-end steps left out {result['partial_steps_left_out']}  ({time.time() - started:.0f} s)",
               flush=True)
     write_results(args, rows)
+
+
+def _compiling(result: dict) -> str:
+    timers = result.get("first_step_compile_s")
+    if not timers:
+        return "torch.compile's timers not read"
+    return ("torch.compile {total:.1f} s by its timers, of which backward graphs {backward:.1f}, inductor's code "
+            "generation {generated:.1f}, waiting for kernel builds {kernels:.1f}").format(**timers)
 
 
 def cold_caches(folder: str) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import pytest
 import torch
@@ -159,6 +160,33 @@ def test_compiled_and_offloaded_layers_together_give_the_eager_answer(lora_model
     for length in (24, 37):
         assert_same(loss_and_grads(eager, batch(length)), loss_and_grads(both, batch(length)))
     assert backend.graphs == first
+
+
+def test_the_first_step_says_what_it_waits_for_and_how_long_it_took(lora_model, caplog, monkeypatch, tmp_path):
+    """Issue 27: before the first step, that it compiles and whether torch's cache is empty; after it, the time and
+    torch.compile's share by its own timers; nothing more at later steps."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = checkpointed(lora_model, dropout=False)
+    compiled_layers.compile_decoder_layers(model, backend="aot_eager")
+    wait = compiled_layers.CompileWait()
+    before = compiled_layers.compile_seconds()
+    with caplog.at_level(logging.INFO, logger="fastpath.compiled_layers"):
+        for _ in range(2):
+            wait.on_step_begin(None, None, None)
+            loss_and_grads(model, batch(20))
+            wait.on_step_end(None, None, None)
+    assert compiled_layers.compile_seconds()["total"] > before["total"]
+    said = [record.getMessage() for record in caplog.records]
+    assert len(said) == 2, said
+    assert f"torch's compile cache {tmp_path} is empty" in said[0]
+    step, compiled = map(int, re.match(r"First step: (\d+) s, of which torch.compile (\d+) s", said[1]).groups())
+    assert compiled <= step
+
+    (tmp_path / "fxgraph" / "ab").mkdir(parents=True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fastpath.compiled_layers"):
+        compiled_layers.CompileWait().on_step_begin(None, None, None)
+    assert "holds earlier compilations" in caplog.text
 
 
 def test_mlp_in_token_chunks_gives_the_same_answer_eager_compiled_and_offloaded(lora_model):

@@ -12,9 +12,13 @@ Target: transformers 4.57 `Gemma3DecoderLayer`; torch >= 2.6 (`torch.compiler.is
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import time
 from typing import Callable, Iterator, Optional
 
 import torch
+from transformers import TrainerCallback
 
 from fastpath.guards import found, has, version_ok
 from fastpath.patches import Patches
@@ -23,6 +27,8 @@ try:
     from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer
 except ImportError:
     Gemma3DecoderLayer = None
+
+logger = logging.getLogger(__name__)
 
 # Room for the graphs a run can need (up to 8: layer kinds x grad modes x a batch of one row) under torch's limit.
 RECOMPILE_LIMIT = 16
@@ -63,3 +69,64 @@ def _training_only(compiled: Callable, stock: Callable) -> Callable:
         return (compiled if self.training else stock)(*args, **kwargs)
 
     return forward
+
+
+# ---------------------------------------------------------------------------
+# The wait before the first step: said before it starts, and how long it took after
+# ---------------------------------------------------------------------------
+
+# torch.compile's own timers (torch._dynamo.utils.compilation_time_metrics): dynamo's frames with everything compiled
+# inside them (torch 2.13 compiles a graph's backward there too), the backward graphs, inductor's code generation, and
+# the wait for the kernels that inductor builds in worker processes.
+_TIMERS = {"total": "_compile.compile_inner", "backward": "compile_fx.<locals>.bw_compiler",
+           "generated": "compile_fx_inner", "kernels": "async_compile.wait"}
+
+
+def compile_seconds() -> dict:
+    """Seconds torch.compile has spent in this process so far, by the parts of `_TIMERS`."""
+    metrics = getattr(torch._dynamo.utils, "compilation_time_metrics", {})
+    return {part: sum(metrics.get(name, ())) for part, name in _TIMERS.items()}
+
+
+def compile_cache() -> tuple[str, bool]:
+    """torch's compile cache folder, and whether it already holds compiled graphs (read only: torch's own
+    `cache_dir()` would set an environment variable and make the folder)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:
+        return "torch's cache", False
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    graphs = os.path.join(folder, "fxgraph")
+    return folder, os.path.isdir(graphs) and any(os.scandir(graphs))
+
+
+class CompileWait(TrainerCallback):
+    """Says what the first step waits for (compiling the layers) and where torch caches it, then how long it took
+    and where the time went, from torch's own timers: a user facing a still progress bar knows why."""
+
+    def __init__(self):
+        self.began = None
+        self.logged = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.began is not None:
+            return
+        self.began, self.before = time.perf_counter(), compile_seconds()
+        folder, warm = compile_cache()
+        logger.info("The first step compiles the decoder layers (their graphs for sliding-window and full attention). "
+                    "torch's compile cache %s %s: %s", folder,
+                    "holds earlier compilations" if warm else "is empty",
+                    "a run of the same model reuses what it can." if warm else "with an empty cache, as on a fresh "
+                    "Colab session, this has taken about 2 minutes on an H100 (docs/benchmarks.md); later runs on "
+                    "this machine are faster. --compile_layers no skips it.")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.logged or self.began is None:
+            return
+        self.logged = True
+        now = compile_seconds()
+        spent = {part: now[part] - self.before[part] for part in now}
+        logger.info("First step: %.0f s, of which torch.compile %.0f s (by its own timers: backward graphs %.0f s; "
+                    "inductor's code generation %.0f s, %.0f s of it waiting for kernel builds). Later steps run the "
+                    "compiled layers.", time.perf_counter() - self.began, spent["total"], spent["backward"],
+                    spent["generated"], spent["kernels"])

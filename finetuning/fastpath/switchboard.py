@@ -105,6 +105,7 @@ class FastPath:
             self.done["compile_layers"] = f"{compiled} layers" if self.speed.compile_layers else "not chosen"
             if compiled:
                 stack.enter_context(compiled_layers.compiler_settings())
+                self._add_callback(trainer, compiled_layers.CompileWait(), patches)
         if not self._off("chunked_loss"):
             self.done["chunked_loss"] = "on" if chunked_loss.use_chunked_loss(
                 causal_lm, compiled_chunks=compiled > 0, patches=patches) else "stock"
@@ -114,9 +115,7 @@ class FastPath:
             self.done["flops_once"] = "on" if flops_once.count_parameters_once(causal_lm, patches) else "stock (guard)"
         if not self._off("offload"):
             if self.speed.offload_activations and offload.offload_target_found(model):
-                callback = offload.OffloadLayerInputs(patches)
-                trainer.add_callback(callback)
-                patches.on_restore(lambda: trainer.remove_callback(callback))
+                self._add_callback(trainer, offload.OffloadLayerInputs(patches), patches)
                 self.done["offload"] = "from the first step"
             else:
                 self.done["offload"] = "not chosen" if not self.speed.offload_activations else "stock (guard)"
@@ -128,3 +127,7 @@ class FastPath:
             self.done["galore_resume"] = ("on" if galore_resume.allow_projector_while_training(stack)
                                           else "stock (guard)") if self.method == "GaLore" else "n/a"
 
+    @staticmethod
+    def _add_callback(trainer, callback, patches: Patches) -> None:
+        trainer.add_callback(callback)
+        patches.on_restore(lambda: trainer.remove_callback(callback))
