@@ -55,9 +55,13 @@ def compile_decoder_layers(model, backend="inductor", patches: Optional[Patches]
 @contextlib.contextmanager
 def compiler_settings() -> Iterator[None]:
     """While training: a layer torch cannot compile (a compiler that fails on this machine) runs eagerly, with
-    torch's warning, instead of stopping the run; and room for the graphs the run needs. Restored afterwards."""
+    torch's warning, instead of stopping the run; room for the graphs the run needs; and the layers' Python floats
+    taken as constants, which spares dynamo a second analysis of the first frame (it restarts when it cannot turn
+    a float into a tensor). Restored afterwards."""
     config = torch._dynamo.config
     settings = {"suppress_errors": True}
+    if hasattr(config, "specialize_float"):  # the layers' floats (scales, eps) never change: no traced-again frame
+        settings["specialize_float"] = True
     if hasattr(config, "recompile_limit"):
         settings["recompile_limit"] = max(config.recompile_limit, RECOMPILE_LIMIT)
     with config.patch(**settings):

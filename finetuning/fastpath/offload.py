@@ -34,13 +34,24 @@ _anchors: dict = {}
 def checkpoint(run: Callable, *args, **kwargs):
     """Stands in for torch.utils.checkpoint.checkpoint as a layer's `_gradient_checkpointing_func`; transformers
     calls it as checkpoint(partial(layer.__call__, **kwargs), hidden_states). Anything else: the stock function."""
+    return _checkpoint(run, args, kwargs, forward_with_grad=False)
+
+
+def checkpoint_compiled(run: Callable, *args, **kwargs):
+    """`checkpoint` for compiled layers (override 10): the forward pass runs the layer's training graph too, with
+    grad and its output detached, so each kind of layer compiles one graph, not a second one without grad. Its saved
+    tensors are freed as the layer returns; the recomputation in the backward pass holds the same ones anyway."""
+    return _checkpoint(run, args, kwargs, forward_with_grad=True)
+
+
+def _checkpoint(run: Callable, args: tuple, kwargs: dict, forward_with_grad: bool):
     keywords = getattr(run, "keywords", {})
     if not torch.is_grad_enabled():
         return run(*args, **kwargs)
     if kwargs or len(args) != 1 or not torch.is_tensor(args[0]) or keywords.get("output_attentions"):
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
     hidden = args[0]
-    return (OffloadedCheckpoint.apply(run, hidden, _anchor(hidden.device)),)
+    return (OffloadedCheckpoint.apply(run, hidden, _anchor(hidden.device), forward_with_grad),)
 
 
 def _anchor(device) -> torch.Tensor:
@@ -53,15 +64,17 @@ def _anchor(device) -> torch.Tensor:
 
 class OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, hidden, anchor):
+    def forward(ctx, run, hidden, anchor, with_grad=False):
         ctx.run = run
         ctx.autocast = _autocast_state(hidden.device.type)
         ctx.rng = _rng_state(hidden.device)
         ctx.stash = Stash(hidden)
-        # Without grad here (autograd.Function's forward), with grad in backward; as input, always a tensor that does
-        # not require grad here and one that does there, so that a compiled layer sees two cases, not four.
-        outputs = run(hidden.detach())
-        return outputs[0] if isinstance(outputs, tuple) else outputs
+        # Without grad here (autograd.Function's forward) unless `with_grad`, with grad in backward; as input, a tensor
+        # that requires grad exactly when grad is on, so that a compiled layer sees one case per grad mode, not four.
+        with torch.set_grad_enabled(with_grad):
+            outputs = run(hidden.detach().requires_grad_(with_grad))
+        output = outputs[0] if isinstance(outputs, tuple) else outputs
+        return output.detach()
 
     @staticmethod
     def backward(ctx, grad):
@@ -75,7 +88,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
         output = outputs[0] if isinstance(outputs, tuple) else outputs
         if output.requires_grad:
             torch.autograd.backward(output, grad)
-        return None, hidden.grad if ctx.needs_input_grad[1] else None, None
+        return None, hidden.grad if ctx.needs_input_grad[1] else None, None, None
 
 
 class Stash:
@@ -167,11 +180,12 @@ class OffloadLayerInputs(TrainerCallback):
     `_gradient_checkpointing_func`), makes `checkpoint` every decoder layer's checkpointing function; `patches`
     puts the Trainer's back when the run ends."""
 
-    def __init__(self, patches: Patches | None = None):
+    def __init__(self, patches: Patches | None = None, compiled: bool = False):
         self.patches = patches if patches is not None else Patches()
+        self.function = checkpoint_compiled if compiled else checkpoint
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         layers = [layer for layer in decoder_layers(model) if getattr(layer, "gradient_checkpointing", False)]
         for layer in layers:
-            self.patches.set(layer, "_gradient_checkpointing_func", checkpoint)
+            self.patches.set(layer, "_gradient_checkpointing_func", self.function)
         logger.info("Checkpointed inputs of %d decoder layers go to pinned CPU memory.", len(layers))

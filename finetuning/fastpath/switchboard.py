@@ -115,7 +115,7 @@ class FastPath:
             self.done["flops_once"] = "on" if flops_once.count_parameters_once(causal_lm, patches) else "stock (guard)"
         if not self._off("offload"):
             if self.speed.offload_activations and offload.offload_target_found(model):
-                self._add_callback(trainer, offload.OffloadLayerInputs(patches), patches)
+                self._add_callback(trainer, offload.OffloadLayerInputs(patches, compiled=compiled > 0), patches)
                 self.done["offload"] = "from the first step"
             else:
                 self.done["offload"] = "not chosen" if not self.speed.offload_activations else "stock (guard)"
