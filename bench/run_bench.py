@@ -41,6 +41,8 @@ REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(REPO_ROOT / "finetuning"))
 sys.path.insert(0, str(BENCH_DIR))
 
+import long_context  # noqa: E402
+import unsloth_run  # noqa: E402
 from measure import measuring_callbacks, summarise  # noqa: E402
 
 # ---------------------------------------------------------------------------
@@ -135,8 +137,6 @@ def run_setup(spec: dict) -> dict:
         if spec.get(key):
             os.environ[variable] = spec[key]
     if spec["kind"] == "unsloth":  # before torch: Unsloth sets the allocator and patches the libraries as they import
-        import unsloth_run
-
         return unsloth_run.run_unsloth(spec, measuring_callbacks, summarise, _model_parameters, _last_loss)
     import torch
 
@@ -186,45 +186,8 @@ def size_model(size: str, shapes_dir: Path, data: Path) -> Path:
 # ---------------------------------------------------------------------------
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, required=False)
-    parser.add_argument("--data", type=Path, required=False)
-    parser.add_argument("--model", type=Path, default=Path("/tmp/bench-gemma-3-1b"))
-    parser.add_argument("--results", type=Path, default=BENCH_DIR / "RESULTS.md")
-    parser.add_argument("--steps", type=int, default=14)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--only", default="",
-                        help="Setup names to run, separated by semicolons (default: all). 'NAME + FLAGS' adds "
-                             "script flags to one of our setups, e.g. 'ours QLoRA, 32k tokens/batch + --lora_dropout 0'.")
-    parser.add_argument("--profile_dir", type=Path,
-                        help="Write a torch.profiler table of each of our and Unsloth's setups here.")
-    parser.add_argument("--memory_dir", type=Path, help="Write what GPU memory holds at each setup's peak here "
-                        "(bench/step_diagnostics.py).")
-    parser.add_argument("--ours_args", default="", help="Extra flags for every one of our setups (e.g. '--attn_implementation sdpa').")
-    parser.add_argument("--shapes_dir", type=Path, default=REPO_ROOT.parent / "shared",
-                        help="Folder of gemma-3-SIZE/config.json files (270m, 1b, 4b...), for the setups named "
-                             "'SIZE: ...'; each size's random-weight model is built once at " + SIZE_MODEL + ".")
-    parser.add_argument("--unsloth_site", type=Path, default=Path("/tmp/unsloth-site"),
-                        help="pip --target folder with Unsloth and its transformers-5 stack (bench/unsloth_setup.md); "
-                             "the Unsloth setups run with PYTHONPATH set to it alone, and are skipped without it.")
-    parser.add_argument("--warm", action="store_true",
-                        help="Share the compile caches between setups and earlier runs (torch's default folders). "
-                             "Default: each setup compiles from empty inductor, Triton and Unsloth caches, as a user "
-                             "on a fresh Colab or Kaggle session does.")
-    parser.add_argument("--setup", help=argparse.SUPPRESS)  # internal: one setup as JSON, in a child process
-    args = parser.parse_args()
-    if args.setup:
-        result = run_setup(json.loads(args.setup))
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, the main process reports
-            print("RESULT " + json.dumps(result), flush=True)
-        return
-    wanted = [name.strip() for name in args.only.split(";") if name.strip()]
-    if not (args.model / "config.json").is_file() and (not wanted or any(sized_setup(n)[0] is None for n in wanted)):
-        import make_random_model
-
-        make_random_model.main(["--config", str(args.config), "--texts", str(args.data), "--out", str(args.model)])
-    base = dict(model=str(args.model), data=str(args.data), steps=args.steps, warmup=args.warmup)
+def setup_table() -> dict:
+    """Every setup by name: kind, method, batch, flags; main() adds the model, data, steps and warmup."""
     tokens = lambda n: ["--max_tokens_per_batch", str(n)]  # noqa: E731
     setups = {}
     for method, label in (("qlora", "QLoRA"), ("galore", "GaLore")):
@@ -273,10 +236,57 @@ def main() -> None:
         # gemma-3-4b: Unsloth loading the language model alone (its text_only), beside the whole model above
         setups[f"Unsloth QLoRA, packing, {rows_per_step} rows x 1,024, text only"] = dict(
             kind="unsloth", batch=rows_per_step, text_only=True)
+    setups.update(long_context.setups())  # issue 27: 4k-16k-token records, ours and Unsloth's
+    return setups
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=False)
+    parser.add_argument("--data", type=Path, required=False)
+    parser.add_argument("--model", type=Path, default=Path("/tmp/bench-gemma-3-1b"))
+    parser.add_argument("--results", type=Path, default=BENCH_DIR / "RESULTS.md")
+    parser.add_argument("--steps", type=int, default=14)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--only", default="",
+                        help="Setup names to run, separated by semicolons (default: all). 'NAME + FLAGS' adds "
+                             "script flags to one of our setups, e.g. 'ours QLoRA, 32k tokens/batch + --lora_dropout 0'.")
+    parser.add_argument("--profile_dir", type=Path,
+                        help="Write a torch.profiler table of each of our and Unsloth's setups here.")
+    parser.add_argument("--memory_dir", type=Path, help="Write what GPU memory holds at each setup's peak here "
+                        "(bench/step_diagnostics.py).")
+    parser.add_argument("--ours_args", default="", help="Extra flags for every one of our setups (e.g. '--attn_implementation sdpa').")
+    parser.add_argument("--shapes_dir", type=Path, default=REPO_ROOT.parent / "shared",
+                        help="Folder of gemma-3-SIZE/config.json files (270m, 1b, 4b...), for the setups named "
+                             "'SIZE: ...'; each size's random-weight model is built once at " + SIZE_MODEL + ".")
+    parser.add_argument("--unsloth_site", type=Path, default=Path("/tmp/unsloth-site"),
+                        help="pip --target folder with Unsloth and its transformers-5 stack (bench/unsloth_setup.md); "
+                             "the Unsloth setups run with PYTHONPATH set to it alone, and are skipped without it.")
+    parser.add_argument("--warm", action="store_true",
+                        help="Share the compile caches between setups and earlier runs (torch's default folders). "
+                             "Default: each setup compiles from empty inductor, Triton and Unsloth caches, as a user "
+                             "on a fresh Colab or Kaggle session does.")
+    parser.add_argument("--longest", action="append", default=[], choices=long_context.SEARCHES,
+                        help="The longest --max_seq_length one step of QLoRA trains under T4 emulation (ours, unsloth: "
+                             "repeat for both; bench/long_context.py). Without --only, no other setup runs.")
+    parser.add_argument("--setup", help=argparse.SUPPRESS)  # internal: one setup as JSON, in a child process
+    args = parser.parse_args()
+    if args.setup:
+        result = run_setup(json.loads(args.setup))
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, the main process reports
+            print("RESULT " + json.dumps(result), flush=True)
+        return
+    wanted = [name.strip() for name in args.only.split(";") if name.strip()]
+    if not (args.model / "config.json").is_file() and (not wanted or any(sized_setup(n)[0] is None for n in wanted)):
+        import make_random_model
+
+        make_random_model.main(["--config", str(args.config), "--texts", str(args.data), "--out", str(args.model)])
+    base = dict(model=str(args.model), data=str(args.data), steps=args.steps, warmup=args.warmup)
+    setups = setup_table()
     for folder in (args.profile_dir, args.memory_dir):
         if folder:
             folder.mkdir(parents=True, exist_ok=True)
-    wanted = wanted or list(setups)
+    wanted = wanted or ([] if args.longest else list(setups))
     rows = []
     for name in wanted:
         size, sized_name = sized_setup(name)
@@ -293,9 +303,9 @@ def main() -> None:
             spec["profile"] = str(args.profile_dir / f"profile_{label}.txt")
         if args.memory_dir:
             spec["memory"] = str(args.memory_dir / f"memory_{label}.txt")
+        if spec.get("long"):  # records of about that many tokens, joined from --data's (the same file for Unsloth)
+            spec["data"] = str(long_context.long_file(spec["long"], args.data, spec["model"]))
         if spec["kind"] == "unsloth":
-            import unsloth_run
-
             skipped = unsloth_run.missing(args.unsloth_site)
             if skipped:
                 print(f"{name}: skipped: {skipped}", flush=True)
@@ -307,26 +317,10 @@ def main() -> None:
                   f"(max(--warmup, 6): compilation)", flush=True)
         started = time.time()
         spec["output_dir"] = f"/tmp/bench-{len(rows)}-{os.getpid()}"
-        gpus = spec.get("gpus", 1)
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)] \
-            if gpus > 1 else [sys.executable]
-        # One-GPU setups see one GPU: on a machine with more, the same card as a DDP run's first.
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")} if gpus == 1 \
-            else os.environ
-        if spec["kind"] == "unsloth":  # its own stack only (transformers 5.x), not ours; offline, no statistics
-            env = {**env, **unsloth_run.CHILD_ENV, "PYTHONPATH": str(args.unsloth_site.resolve())}
-        if not args.warm:
-            env = {**env, **cold_caches(spec["output_dir"])}
-        child = subprocess.run([*launch, __file__, "--setup", json.dumps(spec)], capture_output=True, text=True,
-                               env=env)
-        line = next((l for l in child.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            tail = (child.stderr or child.stdout)[-1500:]
-            print(f"{name}: FAILED\n{tail}", flush=True)
-            rows.append((name, None))
-            continue
-        result = json.loads(line[len("RESULT "):])
+        result = run_child(name, spec, args)
         rows.append((name, result))
+        if result is None:
+            continue
         if "refused" in result:
             print(f"{name}: refused before anything loaded: {result['refused']}", flush=True)
             continue
@@ -340,7 +334,29 @@ def main() -> None:
               f"GPU busy {1000 * result.get('gpu_tail_s', 0):.0f} ms after the host queued a step, "
               f"partial epoch-end steps left out {result['partial_steps_left_out']}  ({time.time() - started:.0f} s)",
               flush=True)
-    write_results(args, rows)
+    if rows:
+        write_results(args, rows)
+    long_context.run_searches(args, base, run_child, cold_caches)
+
+
+def run_child(name: str, spec: dict, args, caches: dict | None = None) -> dict | None:
+    """One setup in its own process: its result, or None where it failed. `caches`: compile caches to share."""
+    gpus = spec.get("gpus", 1)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)] \
+        if gpus > 1 else [sys.executable]
+    # One-GPU setups see one GPU: on a machine with more, the same card as a DDP run's first.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")} if gpus == 1 \
+        else os.environ
+    if spec["kind"] == "unsloth":  # its own stack only (transformers 5.x), not ours; offline, no statistics
+        env = {**env, **unsloth_run.CHILD_ENV, "PYTHONPATH": str(args.unsloth_site.resolve())}
+    if not args.warm:
+        env = {**env, **(caches or cold_caches(spec["output_dir"]))}
+    child = subprocess.run([*launch, __file__, "--setup", json.dumps(spec)], capture_output=True, text=True, env=env)
+    line = next((l for l in child.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        print(f"{name}: FAILED\n{(child.stderr or child.stdout)[-1500:]}", flush=True)
+        return None
+    return json.loads(line[len("RESULT "):])
 
 
 def _compiling(result: dict) -> str:
@@ -378,7 +394,8 @@ def write_results(args, rows) -> None:
         f"`python bench/run_bench.py --config {args.config} --model {args.model} --data {args.data} "
         f"--steps {args.steps} --warmup {args.warmup} --shapes_dir {args.shapes_dir} --only \"{args.only}\"`: random "
         f"weights of the shapes of {args.config} (rows named 'SIZE: ...': gemma-3-SIZE's), "
-        f"Alpaca text, 1,024-token cap, gradient checkpointing; timed steps after the first {args.warmup}, an epoch's partial last step left out.\n",
+        f"Alpaca text, a 1,024-token cap or the N a row names ('Nk-token records', 'rows x N': records joined to fill N), "
+        f"gradient checkpointing; timed steps after the first {args.warmup}, an epoch's partial last step left out.\n",
         f"Compile caches: {'warm (shared)' if args.warm else 'cold (empty for each setup)'}.\n",
         "| setup | real tokens/s | median step s | mean step s | tokens/step | start to first step s (after loading) "
         "| recompilations after step 1 | peak GiB (after the first step) | MFU | loss |",

@@ -76,7 +76,8 @@ FROM_OUR_WHEELS = (
 
 
 def run_unsloth(spec: dict, measuring_callbacks, summarise, model_parameters, last_loss) -> dict:
-    """One Unsloth setup: spec's model, data, batch (rows of 1,024 tokens), steps and warmup.
+    """One Unsloth setup: spec's model, data, batch (rows of max_seq_length tokens, default 1,024), steps and warmup;
+    "t4": under T4 emulation (bench/emulate_t4.py: 15 GiB, no bf16, so fp16 as Unsloth runs on a T4).
 
     The measuring helpers are run_bench.py's own, passed in (this process runs run_bench.py as __main__).
     """
@@ -87,21 +88,32 @@ def run_unsloth(spec: dict, measuring_callbacks, summarise, model_parameters, la
     finetuning = str(Path(__file__).resolve().parents[1] / "finetuning")
     sys.path[:] = [entry for entry in sys.path if entry != finetuning]
 
-    import unsloth  # first: it patches transformers, trl and peft as they import
+    t4 = bool(spec.get("t4"))
+    allocator = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    if t4:  # before Unsloth: it reads the card's bf16 support and capability as it imports
+        import emulate_t4
+
+        emulate_t4.emulate_t4()
+    import unsloth  # noqa: F401  first: it patches transformers, trl and peft as they import
     from unsloth import FastLanguageModel
 
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if t4 and setter and os.environ.get("PYTORCH_CUDA_ALLOC_CONF") != allocator:
+        setter(os.environ["PYTORCH_CUDA_ALLOC_CONF"])  # the emulation started CUDA before Unsloth set these
     torch.cuda.reset_peak_memory_stats()
     loading = {}
     if spec.get("text_only"):
         if "text_only" not in inspect.signature(FastLanguageModel.from_pretrained).parameters:
             raise SystemExit("This Unsloth's FastLanguageModel.from_pretrained has no text_only option.")
         loading["text_only"] = True
+    max_seq_length = spec.get("max_seq_length", 1024)
     model, tokenizer = FastLanguageModel.from_pretrained(
-        spec["model"], max_seq_length=1024, load_in_4bit=True, dtype=torch.bfloat16, **loading,
+        spec["model"], max_seq_length=max_seq_length, load_in_4bit=True,
+        dtype=torch.float16 if t4 else torch.bfloat16, **loading,  # a T4 has no bf16
     )
     # A multimodal model's adapters on its language model alone, as our QLoRA script puts them (Unsloth's
     # FastModel.get_peft_model scopes an explicit list by these); a text model takes the list as it is.
@@ -116,9 +128,10 @@ def run_unsloth(spec: dict, measuring_callbacks, summarise, model_parameters, la
     dataset = Dataset.from_list([{"text": format_record(record)} for record in records])
     config = SFTConfig(
         output_dir=f"/tmp/bench-unsloth-{os.getpid()}",
-        packing=True, max_length=1024, dataset_text_field="text",
+        packing=True, max_length=max_seq_length, dataset_text_field="text",
         per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
-        optim="adamw_8bit", learning_rate=2e-4, bf16=True, logging_steps=1, save_strategy="no", report_to="none",
+        optim="adamw_8bit", learning_rate=2e-4, bf16=not t4, fp16=t4, logging_steps=1, save_strategy="no",
+        report_to="none",
         max_steps=spec["steps"], warmup_steps=0,  # transformers 5 has no warmup_ratio; Unsloth's own default is 0.1
         # transformers 5.17 (Trainer._track_num_input_tokens): the attention mask's sum, else the ids that are not
         # the pad token. Packed batches are padding-free (one row, no attention mask), so this counts real tokens.
