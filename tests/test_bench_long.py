@@ -15,6 +15,7 @@ import pytest
 import common
 import long_context
 import run_bench
+import setups as bench_setups
 import unsloth_run
 from records import data
 
@@ -99,7 +100,7 @@ def test_the_long_file_is_made_once_per_length(tmp_path, monkeypatch, alpaca_rec
 
 
 def test_the_long_setups_train_the_same_tokens_a_step_ours_and_unsloths():
-    setups = run_bench.setup_table()
+    setups = bench_setups.setup_table()
     for length, rows, unsloth in ((4096, 4, "4 rows x 4,096"), (8192, 2, "2 rows x 8,192"),
                                   (16384, 1, "1 row x 16,384")):
         ours = setups[f"ours QLoRA, {length // 1024}k-token records, 16k tokens/step"]

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 import run_bench
+import setups
 from cli.errors import UserInputError
 from models import shapes
 
@@ -20,25 +21,25 @@ from models import shapes
     ("ours QLoRA, 8k tokens/batch + --lora_dropout 0", (None, "ours QLoRA, 8k tokens/batch + --lora_dropout 0")),
 ])
 def test_a_size_in_front_of_a_setup_name_picks_the_model(name, expected):
-    assert run_bench.sized_setup(name) == expected
+    assert setups.sized_setup(name) == expected
 
 
 def test_each_size_model_is_built_once_from_its_config(tmp_path, monkeypatch):
     import make_random_model
 
     built = []
-    monkeypatch.setattr(run_bench, "SIZE_MODEL", str(tmp_path / "bench-gemma-3-{size}"))
+    monkeypatch.setattr(setups, "SIZE_MODEL", str(tmp_path / "bench-gemma-3-{size}"))
     monkeypatch.setattr(make_random_model, "main", lambda argv: built.append(argv) or
                         (Path(argv[argv.index("--out") + 1]).mkdir() or
                          (Path(argv[argv.index("--out") + 1]) / "config.json").write_text("{}")))
     shapes_dir = tmp_path / "shared"
     shapes.gemma3_config("4b").save_pretrained(shapes_dir / "gemma-3-4b")
     for _ in range(2):
-        folder = run_bench.size_model("4b", shapes_dir, tmp_path / "data.json")
+        folder = setups.size_model("4b", shapes_dir, tmp_path / "data.json")
     assert folder == tmp_path / "bench-gemma-3-4b" and len(built) == 1
     assert built[0][:2] == ["--config", str(shapes_dir / "gemma-3-4b" / "config.json")]
     with pytest.raises(SystemExit, match="gemma-3-270m/config.json"):
-        run_bench.size_model("270m", shapes_dir, tmp_path / "data.json")
+        setups.size_model("270m", shapes_dir, tmp_path / "data.json")
 
 
 def test_a_run_refused_before_loading_is_a_row_that_says_why(tmp_path, monkeypatch, capsys):
