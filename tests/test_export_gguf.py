@@ -89,20 +89,24 @@ def test_a_qlora_run_is_merged_into_its_base_then_exported(tmp_path, caplog):
 
 @pytest.mark.slow
 @needs_llama_cpp
-def test_a_multimodal_qlora_run_exports_its_language_model_and_answers_alike(tmp_path, caplog):
-    """gemma-3-4b's class (issue 25): the smoke model of Gemma3ForConditionalGeneration trained, merged (its vision
-    tower kept) and converted; the GGUF is its language model alone, as llama.cpp's converter writes it, and answers
-    as the merged model does."""
+@pytest.mark.parametrize("script", [train_qlora, train_galore], ids=["qlora", "galore"])
+def test_a_multimodal_run_exports_its_language_model_and_answers_alike(script, tmp_path, caplog):
+    """gemma-3-4b's class (issue 25): the smoke model of Gemma3ForConditionalGeneration trained (QLoRA's adapter
+    merged into its base, the vision tower kept; GaLore's final/ the whole model, converted as it is); the GGUF is its
+    language model alone, as llama.cpp's converter writes it, and answers as the trained model does."""
     import logging
 
-    run_dir = tmp_path / "qlora-4b"
-    train_qlora.main(*train_qlora.parse_args(["--smoke", "--model_name_or_path", "google/gemma-3-4b-it",
-                                              "--output_dir", str(run_dir), "--num_sample_prompts", "2"]))
+    run_dir = tmp_path / f"{script.__name__}-4b"
+    script.main(*script.parse_args(["--smoke", "--model_name_or_path", "google/gemma-3-4b-it",
+                                    "--output_dir", str(run_dir), "--num_sample_prompts", "2"]))
     caplog.set_level(logging.INFO)
     folder = export_gguf.main(*export_gguf.parse_args(["--run_dir", str(run_dir), "--outtypes", "f16,q8_0"]))
 
-    assert json.loads((run_dir / "merged" / "config.json").read_text())["architectures"] == [
-        "Gemma3ForConditionalGeneration"]
+    converted = run_dir / ("merged" if script is train_qlora else "final")
+    assert (run_dir / "final" / "adapter_config.json").is_file() == (script is train_qlora)
+    assert (run_dir / "merged").exists() == (script is train_qlora)  # GaLore's full weights need no merge
+    assert f"{converted.resolve()} is multimodal (Gemma3ForConditionalGeneration)" in caplog.text
+    assert json.loads((converted / "config.json").read_text())["architectures"] == ["Gemma3ForConditionalGeneration"]
     report = json.loads((folder / "parity.json").read_text())
     assert report["problems"] == {"model-f16.gguf": [], "model-q8_0.gguf": []}  # eot id, EOG, chat template
     assert len(report["rows"]) == 4 and all(row["prompt_tokens_same"] and row["agrees"] for row in report["rows"])

@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForConditionalGeneration, Gemma3TextConfig
 
 import common
 import train_galore
@@ -388,6 +388,19 @@ def vision_weights(folder) -> dict:
     return {n: t for n, t in weights.items() if shapes.frozen_in_text_training(n)}
 
 
+def assert_generates_text(folder) -> None:
+    """The saved model loads as a user loads it (AutoModelForCausalLM and its own tokenizer), as the multimodal class,
+    and continues a text-only prompt from the tokenizer's inputs alone (no pixel values, no token_type_ids)."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(model) is Gemma3ForConditionalGeneration
+    inputs = tokenizer(common.format_prompt({"instruction": "Name a primary colour.", "input": ""}),
+                       return_tensors="pt")
+    length = inputs["input_ids"].shape[1]
+    output = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert output.shape == (1, length + 3) and torch.equal(output[:, :length], inputs["input_ids"])
+
+
 @pytest.mark.slow
 def test_a_qlora_smoke_run_of_the_4b_class_trains_saves_and_merges(tmp_path, caplog):
     caplog.set_level(logging.INFO)
@@ -405,9 +418,7 @@ def test_a_qlora_smoke_run_of_the_4b_class_trains_saves_and_merges(tmp_path, cap
     # already, so to the bit); it loads for text generation.
     base, merged = vision_weights(run / "smoke_base_model"), vision_weights(run / "merged")
     assert set(base) == set(merged) and all(torch.equal(base[n].to(merged[n].dtype), merged[n]) for n in base)
-    model = AutoModelForCausalLM.from_pretrained(run / "merged")
-    assert type(model) is Gemma3ForConditionalGeneration
-    assert model.generate(torch.tensor([[2, 10, 11]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+    assert_generates_text(run / "merged")
 
 
 @pytest.mark.slow
@@ -424,3 +435,4 @@ def test_a_galore_smoke_run_of_the_4b_class_trains_the_language_model_alone(tmp_
     # (saved under the checkpoint's own names: language_model.model.layers..., vision_tower...)
     language = [n for n in base if "language_model" in n and ".layers." in n and n.endswith("proj.weight")]
     assert language and all(not torch.equal(base[n], final[n]) for n in language)
+    assert_generates_text(run / "final")  # final/ is the whole model: it loads for text generation as it is
