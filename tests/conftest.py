@@ -195,16 +195,16 @@ def no_gpu(monkeypatch):
 
 @pytest.fixture
 def emulated_t4(monkeypatch):
-    """A 16 GB T4 on a bigger GPU for the length of a test (bench/emulate_t4.py's figures): no bfloat16, compute
-    capability 7.5 (eager layers, no flash attention), memory capped at 15 GiB."""
+    """A 16 GB T4 on a bigger GPU for the length of a test, by bench/emulate_t4.py's own emulate_t4(): no bfloat16,
+    compute capability 7.5 (eager layers, no flash attention), the card's name and total memory a T4's (15 GiB: what
+    the scripts size their batch and check the model against), memory capped at 15 GiB."""
     import torch
 
     import emulate_t4
 
-    total = torch.cuda.get_device_properties(0).total_memory
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    torch.cuda.set_per_process_memory_fraction(emulate_t4.T4_USABLE_GIB * 2**30 / total)
+    for name in ("is_bf16_supported", "get_device_name", "get_device_properties", "get_device_capability"):
+        monkeypatch.setattr(torch.cuda, name, getattr(torch.cuda, name))  # what emulate_t4() replaces, restored after
+    emulate_t4.emulate_t4()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     yield

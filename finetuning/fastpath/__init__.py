@@ -23,7 +23,7 @@ Override 14 (the MLP over its tokens in pieces) cost speed and left the run's pe
 Both classes of Gemma 3: every override is proven on the multimodal one too (gemma-3-4b and up,
 `Gemma3ForConditionalGeneration`), none switched off for it: tests/test_multimodal.py runs each same-answer test on a
 small model of that class, tests/test_fast_path.py trains its smoke runs with `all` and `none` to the same loss, and
-tests/test_gpu_sizes.py checks 270m's and 4b's real shapes on a GPU. What the class needed: `varlen_attention` sets
+tests/test_gpu_real_shapes.py checks 270m's and 4b's real shapes on a GPU. What the class needed: `varlen_attention` sets
 the text config's attention alone (set on the top config, transformers passes it down to the vision tower's), and
 `chunked_loss` reads the softcap from the text config and names `logits_to_keep`, which the class's generation passes.
 
