@@ -26,7 +26,7 @@ import pytest
 
 from conftest import start_script, stop_processes
 import train_galore
-from training import checkpoints, run_lock, saving
+from training import checkpoints, interruptions, run_lock, saving
 
 TRAIN_FLAGS = ["--num_sample_prompts", "0", "--report_card_prompts", "0", "--save_strategy", "steps",
                "--save_steps", "2"]
@@ -220,3 +220,16 @@ def test_saved_weights_follow_the_umask(finished_runs):
             assert path.stat().st_mode & 0o777 == 0o666 & ~mask, (path, oct(path.stat().st_mode))
         settings = json.loads((run.output_dir / "checkpoint-4" / "run_settings.json").read_text())
         assert settings["script"] in ("train_qlora.py", "train_galore.py") and settings["smoke"] is True
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), interruptions.Stop("SIGTERM")], ids=["ctrl-c", "sigterm"])
+def test_a_stop_while_the_smoke_tokenizer_trains_is_raised_as_itself(tmp_path, stop):
+    """SentencePiece would turn it into RuntimeError('INTERNAL: ...'), and the run would end with a traceback."""
+    from models import smoke
+
+    def texts():
+        yield from ["a line of text to train on"] * 50
+        raise stop
+
+    with pytest.raises(type(stop)):
+        smoke.train_tokenizer(texts(), 300, tmp_path)

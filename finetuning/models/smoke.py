@@ -7,6 +7,7 @@ Also the real shapes with random weights (a config.json: 270m, 1b, 4b...), for t
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Iterable, Optional
@@ -97,10 +98,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, directory: Path) -> t
     `tokenizer.model` is written to `directory`, so llama.cpp's converter reads it as it reads Gemma's (GGUF export).
     """
     model_file = directory / "tokenizer.model"
-    with model_file.open("wb") as writer:
+    stopped: list = []
+    with model_file.open("wb") as writer, _stops_come_through(stopped):
         sentencepiece.SentencePieceTrainer.train(
             # SentencePiece trains on lines; a newline falls back to its byte, as any character it has not seen.
-            sentence_iterator=_sentences(texts), model_writer=writer,
+            sentence_iterator=_sentences(texts, stopped), model_writer=writer,
             vocab_size=vocab_size, hard_vocab_limit=False, model_type="bpe", byte_fallback=True,
             character_coverage=1.0, split_digits=True, allow_whitespace_only_pieces=True,
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
@@ -124,11 +126,27 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, directory: Path) -> t
 SENTENCE_CHARACTERS = 1000
 
 
-def _sentences(texts: Iterable[str]):
-    for text in texts:
-        text = text.replace("\n", " ")
-        for start in range(0, max(len(text), 1), SENTENCE_CHARACTERS):
-            yield text[start:start + SENTENCE_CHARACTERS]
+def _sentences(texts: Iterable[str], stopped: list):
+    try:
+        for text in texts:
+            text = text.replace("\n", " ")
+            for start in range(0, max(len(text), 1), SENTENCE_CHARACTERS):
+                yield text[start:start + SENTENCE_CHARACTERS]
+    except BaseException as stop:  # Ctrl-C or SIGTERM while SentencePiece's C++ reads the lines: kept, raised again
+        stopped.append(stop)
+        raise
+
+
+@contextlib.contextmanager
+def _stops_come_through(stopped: list):
+    """SentencePiece turns an exception raised while it reads the lines into RuntimeError('INTERNAL: ...'): the
+    stop (KeyboardInterrupt, the run's SIGTERM) is raised as itself, so the run ends as any stop does."""
+    try:
+        yield
+    except RuntimeError as error:
+        if stopped:
+            raise stopped[0] from error
+        raise
 
 
 def tiny_text_config(vocab_size: int) -> Gemma3TextConfig:
