@@ -266,11 +266,11 @@ def test_compiled_offloaded_layers_same_answer_and_compiled_once(sized_model):
     with compiled_layers.compiler_settings(), torch._dynamo.config.patch(suppress_errors=False):
         assert compiled_layers.compile_decoder_layers(model, backend=counting) == shapes.gemma3_shape(size).layers
         for layer in compiled_layers.decoder_layers(model):
-            layer._gradient_checkpointing_func = offload.checkpoint
+            layer._gradient_checkpointing_func = offload.checkpoint_compiled  # as a run installs it with compiled layers
         fast = [_lora_step(model, batches[0])]
         first = len(graphs)
         fast += [_lora_step(model, batch) for batch in batches[1:]]
-    assert 0 < len(graphs) == first <= 5, len(graphs)
+    assert 0 < len(graphs) == first <= 2, len(graphs)  # one graph per kind of layer: sliding window, full attention
     for (reference_loss, reference_grads), (eager_loss, eager_grads), (fast_loss, fast_grads) in zip(
             reference, eager, fast):
         assert abs(eager_loss - reference_loss) <= 1e-2 * abs(reference_loss)  # 4-bit weights dequantized to bf16
