@@ -35,6 +35,12 @@ SEARCHES = ("ours", "unsloth")
 NAMES = {"ours": "ours", "unsloth": "Unsloth"}
 SEARCH_START, RESOLUTION = 4096, 1024
 LONGEST_LOG = "/tmp/bench-longest-{which}-{model}.json"  # each attempt's outcome: a search cut off resumes from it
+# What a child's output says when a length did not fit: torch's error (Unsloth's), our script's message (ours).
+OUT_OF_MEMORY = ("OutOfMemoryError", "CUDA out of memory", "The GPU ran out of memory")
+
+
+class SearchStopped(Exception):
+    """An attempt failed for another reason than memory: its length says nothing of the longest, so the search ends."""
 
 
 # ---------------------------------------------------------------------------
@@ -185,7 +191,7 @@ def search_spec(which: str, length: int, base: dict) -> dict:
 
 def outcome(result: Optional[dict]) -> str:
     if result is None:
-        return "failed (out of memory, or see the output above)"
+        return "out of memory"
     if "refused" in result:
         return f"refused before loading: {result['refused']}"
     return f"trained, {result['tokens_per_step']:,.0f} tokens, peak {result['peak_gib']:.2f} GiB"
@@ -204,7 +210,14 @@ def search(which: str, base: dict, run: Callable[[str, dict], Optional[dict]], l
             print(f"{label}: --max_seq_length {length:,}: {outcome(attempts[length])} (earlier run, {log})", flush=True)
         else:
             data = str(long_file(length, base["data"], base["model"]))
-            attempts[length] = run(f"{label}, {length:,} tokens", search_spec(which, length, {**base, "data": data}))
+            result = run(f"{label}, {length:,} tokens", search_spec(which, length, {**base, "data": data}))
+            if result is None or "failed" in result:
+                failure = (result or {}).get("failed", "")
+                if not any(sign in failure for sign in OUT_OF_MEMORY):  # not kept: a rerun tries it again
+                    raise SearchStopped(f"{label}: --max_seq_length {length:,} failed, not for memory; the search "
+                                        f"stops here:\n{failure[-1500:]}")
+                result = None
+            attempts[length] = result
             log.write_text(json.dumps(attempts))
             print(f"{label}: --max_seq_length {length:,}: {outcome(attempts[length])}", flush=True)
         return attempts[length] is not None and "refused" not in attempts[length]
@@ -232,8 +245,11 @@ def run_searches(args, base: dict, run_child, cold_caches) -> None:
         # One set of compile caches for all of a search's attempts: it measures memory, not the compile's time.
         caches = cold_caches(f"/tmp/bench-longest-{which}-{os.getpid()}")
         extra = args.ours_args.split() if which == "ours" else []
-        run = functools.partial(run_child, args=args, caches=caches)
-        found.append(search(which, {**base, "extra": extra}, run, model_context(args.model)))
+        run = functools.partial(run_child, args=args, caches=caches, keep_failure=True)
+        try:
+            found.append(search(which, {**base, "extra": extra}, run, model_context(args.model)))
+        except SearchStopped as stopped:
+            print(stopped, flush=True)
     if found:
         write_longest(args.results, found, shlex.join(["python", "bench/run_bench.py", *sys.argv[1:]]))
 

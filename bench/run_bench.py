@@ -261,8 +261,9 @@ def main() -> None:
     long_context.run_searches(args, base, run_child, cold_caches)
 
 
-def run_child(name: str, spec: dict, args, caches: dict | None = None) -> dict | None:
-    """One setup in its own process: its result, or None where it failed. `caches`: compile caches to share."""
+def run_child(name: str, spec: dict, args, caches: dict | None = None, keep_failure: bool = False) -> dict | None:
+    """One setup in its own process: its result, or None where it failed ({"failed": the output's end} with
+    `keep_failure`). `caches`: compile caches to share."""
     gpus = spec.get("gpus", 1)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)] \
         if gpus > 1 else [sys.executable]
@@ -276,8 +277,9 @@ def run_child(name: str, spec: dict, args, caches: dict | None = None) -> dict |
     child = subprocess.run([*launch, __file__, "--setup", json.dumps(spec)], capture_output=True, text=True, env=env)
     line = next((l for l in child.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
-        print(f"{name}: FAILED\n{(child.stderr or child.stdout)[-1500:]}", flush=True)
-        return None
+        tail = (child.stderr or child.stdout)[-1500:]
+        print(f"{name}: FAILED\n{tail}", flush=True)
+        return {"failed": tail} if keep_failure else None
     return json.loads(line[len("RESULT "):])
 
 

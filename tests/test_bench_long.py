@@ -143,7 +143,8 @@ def test_a_search_runs_each_attempt_as_a_t4_setup_and_resumes_from_its_log(tmp_p
         specs.append(spec)
         length = spec.get("max_seq_length") or int(spec["extra"][spec["extra"].index("--max_seq_length") + 1])
         if length > 20_000:
-            return {"refused": "does not fit this GPU"} if spec["kind"] == "ours" else None
+            return {"refused": "does not fit this GPU"} if spec["kind"] == "ours" else {
+                "failed": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}
         return _result(0.95 * length)
 
     base = dict(model="/tmp/bench-gemma-3-1b", data="alpaca.json", steps=14, warmup=2, extra=["--lora_r", "8"])
@@ -162,6 +163,22 @@ def test_a_search_runs_each_attempt_as_a_t4_setup_and_resumes_from_its_log(tmp_p
     assert specs[0]["t4"] and specs[0]["batch"] == 1 and specs[0]["steps"] == 1 and specs[0]["warmup"] == 0
 
 
+def test_a_failure_not_for_memory_stops_the_search_and_is_not_kept(tmp_path, monkeypatch):
+    """A bug or a missing file at 4,096 would otherwise read as 'not even 1,024' after three wasted GPU runs."""
+    monkeypatch.setattr(long_context, "LONGEST_LOG", str(tmp_path / "longest-{which}-{model}.json"))
+    monkeypatch.setattr(long_context, "long_file", lambda length, source, model: tmp_path / f"long-{length}.json")
+    tried = []
+
+    def run(name, spec):
+        tried.append(spec)
+        return {"failed": "ModuleNotFoundError: No module named 'unsloth'"}
+
+    base = dict(model="/tmp/bench-gemma-3-1b", data="alpaca.json", steps=14, warmup=2, extra=[])
+    with pytest.raises(long_context.SearchStopped, match="4,096 failed, not for memory"):
+        long_context.search("unsloth", base, run, limit=32_768)
+    assert len(tried) == 1 and not (tmp_path / "longest-unsloth-bench-gemma-3-1b.json").exists()
+
+
 def _main(monkeypatch, tmp_path, *argv):
     model = tmp_path / "model"
     model.mkdir(exist_ok=True)
@@ -173,10 +190,10 @@ def _main(monkeypatch, tmp_path, *argv):
     monkeypatch.setattr(unsloth_run, "missing", lambda site: None)
     children = []
 
-    def run_child(name, spec, args, caches=None):
+    def run_child(name, spec, args, caches=None, keep_failure=False):
         children.append((name, spec, caches))
         length = spec.get("max_seq_length") or int(spec["extra"][spec["extra"].index("--max_seq_length") + 1])
-        return None if length > 9_000 else {
+        return {"failed": "The GPU ran out of memory (1 row)"} if length > 9_000 else {
             **_result(0.95 * length), "tokens_per_second": 1000.0, "median_step_s": 1.0, "mfu": None, "loss": 1.0,
             "partial_steps_left_out": 0}
 

@@ -149,18 +149,16 @@ def test_compiled_layers_follow_flags_changed_mid_run():
     assert not torch.allclose(compiled(input_ids=ids, labels=ids).loss, without_adapters)
 
 
-@pytest.mark.parametrize("function, graphs", [
-    (offload.checkpoint, 4),  # sliding and full layers, each run without grad and again with it
-    (offload.checkpoint_compiled, 2),  # the forward pass runs the training graphs too: one per kind of layer
-])
-def test_compiled_and_offloaded_layers_together_give_the_eager_answer(lora_model, function, graphs):
+def test_compiled_and_offloaded_layers_together_give_the_eager_answer(lora_model):
     eager = checkpointed(lora_model, dropout=False)
-    both = checkpointed(lora_model, function, dropout=False)
+    both = checkpointed(lora_model, offload.checkpoint_compiled, dropout=False)
     backend = CountingBackend()
     compiled_layers.compile_decoder_layers(both, backend=backend)
     assert_same(loss_and_grads(eager, batch(20)), loss_and_grads(both, batch(20)))
     first = backend.graphs
-    assert first == graphs  # no frame analysed twice either (floats are constants: compiler_settings)
+    # One graph per kind of layer (sliding window, full attention): the forward pass runs the training graph too, and
+    # no frame is analysed twice (floats are constants: compiler_settings).
+    assert first == 2
     for length in (24, 37):
         assert_same(loss_and_grads(eager, batch(length)), loss_and_grads(both, batch(length)))
     assert backend.graphs == first
@@ -193,11 +191,36 @@ def test_the_first_step_says_what_it_waits_for_and_how_long_it_took(lora_model, 
     assert "holds earlier compilations" in caplog.text
 
 
+def test_the_switchboard_installs_the_wait_log_and_the_one_graph_checkpoint_and_takes_them_away():
+    """Both chosen: the first step's log and the offload callback (checkpoint_compiled) on the trainer while it trains;
+    afterwards no callback, no compiled forward and the Trainer's checkpointing function."""
+    from types import SimpleNamespace
+
+    from fastpath.switchboard import FastPath
+
+    model = small_gemma(layers=2).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    stock = [layer._gradient_checkpointing_func for layer in model.model.layers]
+    callbacks = []
+    trainer = SimpleNamespace(model=model, args=SimpleNamespace(n_gpu=1, world_size=1),
+                              add_callback=callbacks.append, remove_callback=callbacks.remove)
+    fast = FastPath(frozenset({"compile_layers", "offload"}), speed=choices.SpeedChoices(True, True))
+    with fast.installed(trainer):
+        wait, offloading = callbacks
+        assert isinstance(wait, compiled_layers.CompileWait)
+        offloading.on_train_begin(None, None, None, model=model)
+        assert all(layer._gradient_checkpointing_func is offload.checkpoint_compiled for layer in model.model.layers)
+        assert all("forward" in vars(layer) for layer in model.model.layers)
+    assert callbacks == []
+    assert all("forward" not in vars(layer) for layer in model.model.layers)
+    assert [layer._gradient_checkpointing_func for layer in model.model.layers] == stock
+
+
 def test_mlp_in_token_chunks_gives_the_same_answer_eager_compiled_and_offloaded(lora_model):
     """Override 14: each MLP sees its tokens in pieces, with the loss and gradients of the whole; compiled and
-    offloaded, still one graph per layer kind and grad mode, whatever the token count."""
+    offloaded, still one graph per kind of layer, whatever the token count."""
     eager = checkpointed(lora_model, dropout=False)
-    chunked = checkpointed(lora_model, offload.checkpoint, dropout=False)
+    chunked = checkpointed(lora_model, offload.checkpoint_compiled, dropout=False)
     assert mlp_chunks.chunk_mlp_tokens(chunked, 2) == 6
     seen = []
     gate = chunked.base_model.model.model.layers[1].mlp.gate_proj
@@ -224,7 +247,7 @@ def test_mlp_in_token_chunks_gives_the_same_answer_eager_compiled_and_offloaded(
     first = len(graphs)
     for length, rows in ((24, 2), (37, 3)):  # a batch of one row would compile again, chunked or not
         assert_same(loss_and_grads(eager, batch(length, rows)), loss_and_grads(chunked, batch(length, rows)))
-    assert len(graphs) == first <= 5
+    assert len(graphs) == first == 2
 
 
 def test_offload_callback_installs_on_train_begin(lora_model, caplog):

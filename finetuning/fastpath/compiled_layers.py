@@ -100,8 +100,11 @@ def compile_cache() -> tuple[str, bool]:
     except ImportError:
         return "torch's cache", False
     folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
-    graphs = os.path.join(folder, "fxgraph")
-    return folder, os.path.isdir(graphs) and any(os.scandir(graphs))
+    try:
+        with os.scandir(os.path.join(folder, "fxgraph")) as graphs:
+            return folder, any(graphs)
+    except OSError:  # not there yet, or not ours to read: a log line must not stop the run
+        return folder, False
 
 
 class CompileWait(TrainerCallback):

@@ -3,9 +3,10 @@
 Checkpointing keeps one tensor per decoder layer, its input, for the backward pass: 26 x tokens x 1,152 x 2 bytes
 for gemma-3-1b (1.8 GiB at 32k tokens a step). Here each input is copied to pinned host memory on a side stream as
 the forward pass goes on, and copied back on that stream one layer ahead of the backward pass, so the copies run
-beside the compute; the copy back lands in memory of the compute stream, freed in its order. The layer runs without
-grad in the forward pass and again with grad in the backward pass (the reentrant scheme), under the same autocast
-settings and random state.
+beside the compute; the copy back lands in memory of the compute stream, freed in its order. The layer runs in the
+forward pass, its output detached, and again with grad in the backward pass (the reentrant scheme), under the same
+autocast settings and random state. In the forward pass it runs without grad, or, where the layers are compiled
+(`checkpoint_compiled`), with grad, so that both passes run the one compiled training graph.
 
 What the Trainer never does, and this scheme does not support (stock checkpointing does): `torch.autograd.grad` over
 the layers' weights (their gradients land in `.grad` only), a second backward pass over the same graph, and
@@ -177,8 +178,8 @@ def offload_target_found(model) -> bool:
 
 class OffloadLayerInputs(TrainerCallback):
     """At the start of train(), once the Trainer has switched checkpointing on (which sets each layer's
-    `_gradient_checkpointing_func`), makes `checkpoint` every decoder layer's checkpointing function; `patches`
-    puts the Trainer's back when the run ends."""
+    `_gradient_checkpointing_func`), makes `checkpoint` (`checkpoint_compiled` for compiled layers) every decoder
+    layer's checkpointing function; `patches` puts the Trainer's back when the run ends."""
 
     def __init__(self, patches: Patches | None = None, compiled: bool = False):
         self.patches = patches if patches is not None else Patches()

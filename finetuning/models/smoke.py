@@ -132,15 +132,17 @@ def _sentences(texts: Iterable[str], stopped: list):
             text = text.replace("\n", " ")
             for start in range(0, max(len(text), 1), SENTENCE_CHARACTERS):
                 yield text[start:start + SENTENCE_CHARACTERS]
-    except BaseException as stop:  # Ctrl-C or SIGTERM while SentencePiece's C++ reads the lines: kept, raised again
+    except GeneratorExit:  # closed early: nothing to report
+        raise
+    except BaseException as stop:  # Ctrl-C, SIGTERM or a bad text while SentencePiece's C++ reads: kept, raised again
         stopped.append(stop)
         raise
 
 
 @contextlib.contextmanager
 def _stops_come_through(stopped: list):
-    """SentencePiece turns an exception raised while it reads the lines into RuntimeError('INTERNAL: ...'): the
-    stop (KeyboardInterrupt, the run's SIGTERM) is raised as itself, so the run ends as any stop does."""
+    """SentencePiece turns an exception raised while it reads the lines into RuntimeError('INTERNAL: ...'): it is
+    raised as itself, so a stop (Ctrl-C, the run's SIGTERM) ends the run as any stop does."""
     try:
         yield
     except RuntimeError as error:
