@@ -130,18 +130,28 @@ def test_the_longest_length_doubles_then_halves_the_gap_to_1024(fits_below, limi
     assert tried == attempts
 
 
+@pytest.fixture
+def search_files(tmp_path, monkeypatch):
+    """The searches' logs and long files in the test's folder (the long files named, not made)."""
+    monkeypatch.setattr(long_context, "LONGEST_LOG", str(tmp_path / "longest-{which}-{model}.json"))
+    monkeypatch.setattr(long_context, "long_file", lambda length, source, model: tmp_path / f"long-{length}.json")
+
+
+def _length(spec: dict) -> int:
+    """An attempt's --max_seq_length: Unsloth's spec names it, ours passes it as a flag."""
+    return spec.get("max_seq_length") or int(spec["extra"][spec["extra"].index("--max_seq_length") + 1])
+
+
 def _result(tokens, peak=3.5):
     return {"tokens_per_step": tokens, "peak_gib": peak, "gpu": "Tesla T4 (emulated)"}
 
 
-def test_a_search_runs_each_attempt_as_a_t4_setup_and_resumes_from_its_log(tmp_path, monkeypatch):
-    monkeypatch.setattr(long_context, "LONGEST_LOG", str(tmp_path / "longest-{which}-{model}.json"))
-    monkeypatch.setattr(long_context, "long_file", lambda length, source, model: tmp_path / f"long-{length}.json")
+def test_a_search_runs_each_attempt_as_a_t4_setup_and_resumes_from_its_log(tmp_path, search_files):
     specs = []
 
     def run(name, spec):
         specs.append(spec)
-        length = spec.get("max_seq_length") or int(spec["extra"][spec["extra"].index("--max_seq_length") + 1])
+        length = _length(spec)
         if length > 20_000:
             return {"refused": "does not fit this GPU"} if spec["kind"] == "ours" else {
                 "failed": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}
@@ -163,10 +173,8 @@ def test_a_search_runs_each_attempt_as_a_t4_setup_and_resumes_from_its_log(tmp_p
     assert specs[0]["t4"] and specs[0]["batch"] == 1 and specs[0]["steps"] == 1 and specs[0]["warmup"] == 0
 
 
-def test_a_failure_not_for_memory_stops_the_search_and_is_not_kept(tmp_path, monkeypatch):
+def test_a_failure_not_for_memory_stops_the_search_and_is_not_kept(tmp_path, search_files):
     """A bug or a missing file at 4,096 would otherwise read as 'not even 1,024' after three wasted GPU runs."""
-    monkeypatch.setattr(long_context, "LONGEST_LOG", str(tmp_path / "longest-{which}-{model}.json"))
-    monkeypatch.setattr(long_context, "long_file", lambda length, source, model: tmp_path / f"long-{length}.json")
     tried = []
 
     def run(name, spec):
@@ -185,14 +193,12 @@ def _main(monkeypatch, tmp_path, *argv):
     (model / "config.json").write_text(json.dumps({"max_position_embeddings": 16384}))
     monkeypatch.setattr(sys, "argv", ["run_bench.py", "--model", str(model), "--data", str(tmp_path / "alpaca.json"),
                                       "--results", str(tmp_path / "results.md"), *argv])
-    monkeypatch.setattr(long_context, "LONGEST_LOG", str(tmp_path / "longest-{which}-{model}.json"))
-    monkeypatch.setattr(long_context, "long_file", lambda length, source, model: tmp_path / f"long-{length}.json")
     monkeypatch.setattr(unsloth_run, "missing", lambda site: None)
     children = []
 
     def run_child(name, spec, args, caches=None, keep_failure=False):
         children.append((name, spec, caches))
-        length = spec.get("max_seq_length") or int(spec["extra"][spec["extra"].index("--max_seq_length") + 1])
+        length = _length(spec)
         return {"failed": "The GPU ran out of memory (1 row)"} if length > 9_000 else {
             **_result(0.95 * length), "tokens_per_second": 1000.0, "median_step_s": 1.0, "mfu": None, "loss": 1.0,
             "partial_steps_left_out": 0}
@@ -202,7 +208,7 @@ def _main(monkeypatch, tmp_path, *argv):
     return children, (tmp_path / "results.md").read_text()
 
 
-def test_the_long_rows_train_on_the_long_file_made_for_their_length(tmp_path, monkeypatch):
+def test_the_long_rows_train_on_the_long_file_made_for_their_length(tmp_path, monkeypatch, search_files):
     children, results = _main(monkeypatch, tmp_path, "--only",
                               "ours QLoRA, 8k-token records, 16k tokens/step;Unsloth QLoRA, packing, 2 rows x 8,192")
     (_, ours, _), (_, theirs, _) = children
@@ -212,7 +218,7 @@ def test_the_long_rows_train_on_the_long_file_made_for_their_length(tmp_path, mo
     assert "| Unsloth QLoRA, packing, 2 rows x 8,192 | 1,000 |" in results
 
 
-def test_longest_runs_the_searches_alone_and_writes_their_answers(tmp_path, monkeypatch):
+def test_longest_runs_the_searches_alone_and_writes_their_answers(tmp_path, monkeypatch, search_files):
     children, results = _main(monkeypatch, tmp_path, "--longest", "ours", "--longest", "unsloth")
     assert children and all(spec["t4"] and spec["steps"] == 1 for _, spec, _ in children)  # no other setup ran
     assert all(caches and "TORCHINDUCTOR_CACHE_DIR" in caches for _, _, caches in children)  # shared per search
