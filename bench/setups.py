@@ -2,6 +2,7 @@
 tokens/batch"), each a random-weight model of that size's published shapes. run_bench.py runs them."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import long_context
@@ -27,7 +28,13 @@ def size_model(size: str, shapes_dir: Path, data: Path) -> Path:
         config = shapes_dir / f"gemma-3-{size}" / "config.json"
         if not config.is_file():
             raise SystemExit(f"{config} is not there: --shapes_dir must hold gemma-3-{size}/config.json")
-        make_random_model.main(["--config", str(config), "--texts", str(data), "--out", str(folder)])
+        # Built beside and renamed when whole: a build cut off (4b's weights take minutes) left config.json without
+        # weights, which the next command took for a model.
+        building = folder.with_name(folder.name + ".building")
+        shutil.rmtree(building, ignore_errors=True)
+        make_random_model.main(["--config", str(config), "--texts", str(data), "--out", str(building)])
+        shutil.rmtree(folder, ignore_errors=True)
+        building.rename(folder)
     return folder
 
 

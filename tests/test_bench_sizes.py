@@ -42,6 +42,31 @@ def test_each_size_model_is_built_once_from_its_config(tmp_path, monkeypatch):
         setups.size_model("270m", shapes_dir, tmp_path / "data.json")
 
 
+def test_a_size_model_cut_off_while_built_is_built_again(tmp_path, monkeypatch):
+    """A build stopped half-way (the process killed while 4b's weights were written) is no model for the next run."""
+    import make_random_model
+
+    built = []
+
+    def build(argv, cut_off=False):
+        built.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir()
+        (out / "config.json").write_text("{}")  # written first, as save_pretrained does; the weights come after
+        if cut_off:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(setups, "SIZE_MODEL", str(tmp_path / "bench-gemma-3-{size}"))
+    shapes_dir = tmp_path / "shared"
+    shapes.gemma3_config("270m").save_pretrained(shapes_dir / "gemma-3-270m")
+    monkeypatch.setattr(make_random_model, "main", lambda argv: build(argv, cut_off=True))
+    with pytest.raises(KeyboardInterrupt):
+        setups.size_model("270m", shapes_dir, tmp_path / "data.json")
+    monkeypatch.setattr(make_random_model, "main", build)
+    folder = setups.size_model("270m", shapes_dir, tmp_path / "data.json")
+    assert len(built) == 2 and folder == tmp_path / "bench-gemma-3-270m" and (folder / "config.json").is_file()
+
+
 def test_a_run_refused_before_loading_is_a_row_that_says_why(tmp_path, monkeypatch, capsys):
     def refuse(*args, **kwargs):
         raise UserInputError("GaLore on gemma-3-4b (4.30B parameters) does not fit this GPU, the Tesla T4 (emulated) "
