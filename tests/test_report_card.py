@@ -44,9 +44,9 @@ def test_batched_answers_with_left_padding_are_the_one_by_one_answers(tiny_model
     prompts = ["<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
                "<start_of_turn>user\nName three colours of the rainbow, please.<end_of_turn>\n<start_of_turn>model\n",
                "<start_of_turn>user\nWhat is 2 + 2?<end_of_turn>\n<start_of_turn>model\n"]
-    batched, _ = report_card.answer(model, tiny_tokenizer, prompts, 12)
+    batched, _, batch = report_card.answer(model, tiny_tokenizer, prompts, 12)
     alone = [report_card.answer(model, tiny_tokenizer, [prompt], 12)[0][0] for prompt in prompts]
-    assert batched == alone
+    assert batched == alone and batch == 3  # one CPU batch: all three prompts
     assert tiny_tokenizer.padding_side == "right", "the training tokenizer's padding is put back"
 
 

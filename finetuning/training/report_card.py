@@ -3,7 +3,9 @@ the data's answers, in report_card.md and report_card.json; export_gguf.py adds 
 
 The prompts: the eval records (--eval_split_ratio, --eval_file), the first --report_card_prompts of them; a run
 without eval records takes its first training records instead, and the card says they were trained on. Answers are
-batched (left padding) with the KV cache, at most --report_card_max_new_tokens tokens each.
+batched (left padding) with the KV cache, at most --report_card_max_new_tokens tokens each; on a GPU as many prompts a
+batch as half its free memory holds (`cuda_batch`): a decode step of a small batch costs its kernel launches, not its
+rows, so fewer, larger batches take less time.
 
 The scores: the stop rate (the answer ended its turn, <end_of_turn>, within the token limit), exact match (after
 trimming and collapsing spaces), chrF (sacrebleu, pinned: its signature is in the card), the mean answer length
@@ -27,6 +29,7 @@ import torch
 
 from cli.arguments import ReportArguments
 from common import format_prompt
+from models.shapes import known_shape
 from training import processes
 from training.output_dir import REPORT_CARD_JSON, REPORT_CARD_MD
 
@@ -38,7 +41,12 @@ logger = logging.getLogger(__name__)
 END_OF_TURN = "<end_of_turn>"
 REPEATED_NGRAM = 4
 WORST = 5
-BATCH = {"cuda": 64, "cpu": 16}  # prompts a batch; halved on running out of GPU memory
+# Prompts a batch: on CPU a fixed few; on a GPU sized from its free memory (`cuda_batch`). Halved on running out.
+BATCH_CPU = 16
+BATCH_CUDA_UNKNOWN = 64  # a config without Gemma-like shapes: nothing to size from
+BATCH_CUDA_CAP = 256  # beyond this a decode step is no longer launch-bound: little to gain
+FREE_MEMORY_SHARE = 0.5  # of the free GPU memory: the rest for the prefill's activations and the allocator's slack
+LOGITS_COPIES = 4  # a row's last-token float32 logits: raw, soft-capped, processed, argmax input
 
 
 # ---------------------------------------------------------------------------
@@ -56,15 +64,37 @@ def card_records(loaded: "RunData", report_args: ReportArguments):
     return records.select(range(min(report_args.report_card_prompts, len(records)))), source
 
 
-def answer(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> tuple[list[dict], float]:
-    """Greedy answers to `prompts`, batched with left padding and the KV cache; (answers, seconds). Each answer:
-    its text, its tokens (the stop token not counted), the stop token it ended at (None: the token limit) and its
-    repetition rate."""
+def cuda_batch(free_bytes: float, layers: int, kv_heads: int, head_dim: int, dtype_bytes: int, vocab: int,
+               tokens: int, cap: int = BATCH_CUDA_CAP) -> int:
+    """Prompts a GPU batch: as many rows as FREE_MEMORY_SHARE of `free_bytes` holds, each row its KV cache (keys and
+    values of every layer for `tokens`: the longest prompt and the answer) and its last-token logits; 1 to `cap`."""
+    row = layers * 2 * kv_heads * head_dim * dtype_bytes * tokens + LOGITS_COPIES * vocab * 4
+    return max(1, min(cap, int(free_bytes * FREE_MEMORY_SHARE // row)))
+
+
+def batch_size(model, longest: int, max_new_tokens: int) -> int:
+    """The first batch size of `answer`: BATCH_CPU on CPU; on a GPU from its free memory (`cuda_batch`)."""
+    if model.device.type != "cuda":
+        return BATCH_CPU
+    shape = known_shape("", model.config)  # the text config's shapes, also a multimodal config's
+    if shape is None:
+        return BATCH_CUDA_UNKNOWN
+    free, _ = torch.cuda.mem_get_info(model.device)
+    free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)  # cached, unused
+    return cuda_batch(free, shape.layers, shape.kv_heads, shape.head_dim, model.dtype.itemsize, shape.vocab,
+                      longest + max_new_tokens)
+
+
+def answer(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> tuple[list[dict], float, int]:
+    """Greedy answers to `prompts`, batched with left padding and the KV cache; (answers, seconds, prompts a batch).
+    Each answer: its text, its tokens (the stop token not counted), the stop token it ended at (None: the token
+    limit) and its repetition rate."""
     started = time.perf_counter()
     stops = {tokenizer.convert_tokens_to_ids(END_OF_TURN): END_OF_TURN, tokenizer.eos_token_id: tokenizer.eos_token}
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths together: less padding
+    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]] if prompts else []
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # similar lengths together: less padding
     answers: list[Optional[dict]] = [None] * len(prompts)
-    batch = BATCH["cuda" if model.device.type == "cuda" else "cpu"]
+    batch = batch_size(model, max(lengths, default=0), max_new_tokens)  # the longest prompts come first
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # generation continues each row from its last token
@@ -91,7 +121,7 @@ def answer(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> tup
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return answers, time.perf_counter() - started
+    return answers, time.perf_counter() - started, min(batch, len(prompts))
 
 
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, stop_ids: list) -> list[list[int]]:
@@ -124,10 +154,11 @@ def answer_base(trainer, loaded: "RunData", report_args: ReportArguments) -> Opt
             or has_adapter_to_disable(trainer.model):
         return None
     records, _ = card_records(loaded, report_args)
-    answers, seconds = answer(trainer.model, loaded.tokenizer, [format_prompt(r) for r in records],
-                              report_args.report_card_max_new_tokens)
-    logger.info("Report card: the base model answered %d prompts in %.1f s (before training).", len(answers), seconds)
-    return {"answers": answers, "seconds": seconds}
+    answers, seconds, batch = answer(trainer.model, loaded.tokenizer, [format_prompt(r) for r in records],
+                                     report_args.report_card_max_new_tokens)
+    logger.info("Report card: the base model answered %d prompts in %.1f s, %d prompts a batch (before training).",
+                len(answers), seconds, batch)
+    return {"answers": answers, "seconds": seconds, "batch": batch}
 
 
 def write(trainer, loaded: "RunData", report_args: ReportArguments, base: Optional[dict] = None) -> Optional[Path]:
@@ -138,15 +169,17 @@ def write(trainer, loaded: "RunData", report_args: ReportArguments, base: Option
     if not report_args.report_card_prompts or not processes.writes(trainer.args):
         return None
     started = time.perf_counter()
+    # The base's seconds are added only where it answered before training: one answered below is timed already.
+    before = base["seconds"] if base else 0.0
     model, tokenizer = trainer.model, loaded.tokenizer
     records, source = card_records(loaded, report_args)
     prompts = [format_prompt(record) for record in records]
     limit = report_args.report_card_max_new_tokens
     if base is None and has_adapter_to_disable(model):
         with model.disable_adapter():
-            base_answers, base_seconds = answer(model, tokenizer, prompts, limit)
-        base = {"answers": base_answers, "seconds": base_seconds}
-    trained, trained_seconds = answer(model, tokenizer, prompts, limit)
+            base_answers, base_seconds, base_batch = answer(model, tokenizer, prompts, limit)
+        base = {"answers": base_answers, "seconds": base_seconds, "batch": base_batch}
+    trained, trained_seconds, batch = answer(model, tokenizer, prompts, limit)
     references = [reference_answer(record) for record in records]
     items = []
     for index, (prompt, reference) in enumerate(zip(prompts, references)):
@@ -165,12 +198,14 @@ def write(trainer, loaded: "RunData", report_args: ReportArguments, base: Option
         "items": items,
         "rows": [dict(model=name, seconds=round(seconds, 2), **score(items, name)) for name, seconds in models],
         "reference": reference_row(items),
-        "seconds": round((base["seconds"] if base else 0) + time.perf_counter() - started, 2),
+        "seconds": round(before + time.perf_counter() - started, 2),
     }
     path = save(Path(trainer.args.output_dir), card)
     rows = {row["model"]: row for row in card["rows"]}
-    logger.info("Report card (%d prompts, %.1f s): %s. %s", len(items), card["seconds"], "; ".join(
-        f"{name} stops {100 * row['stop_rate']:.0f}%, chrF {row['chrf']:.1f}" for name, row in rows.items()), path)
+    batches = f"{batch}" if not base or base.get("batch", batch) == batch else f"{base['batch']} (base), {batch}"
+    logger.info("Report card (%d prompts, %.1f s, %s prompts a batch): %s. %s", len(items), card["seconds"], batches,
+                "; ".join(f"{name} stops {100 * row['stop_rate']:.0f}%, chrF {row['chrf']:.1f}"
+                          for name, row in rows.items()), path)
     return path
 
 
