@@ -103,13 +103,13 @@ def quantized_lora_model(directory: Path, dropout: float, base=None):
     return peft_model
 
 
-def uneven_records(count: int = 6, vocab: int = 8000, seed: int = 0) -> tuple[list, list]:
-    """(token ids, labels) of records of uneven length (60-700 tokens) with a masked prompt of 40, as instruction data
-    looks after tokenization."""
+def uneven_records(count: int = 6, vocab: int = 8000, seed: int = 0, lengths: tuple = (60, 700)) -> tuple[list, list]:
+    """(token ids, labels) of records of uneven length (`lengths`: 60-700 tokens) with a masked prompt of 40, as
+    instruction data looks after tokenization."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(60, 700, (count,), generator=generator).tolist()
+    lengths = torch.randint(*lengths, (count,), generator=generator).tolist()
     records = [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
     return records, [[-100] * 40 + r[40:] for r in records]
 
@@ -128,15 +128,16 @@ def padded_batch(records, labels, device: str = "cuda") -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def packed_batch(records, labels, device: str = "cuda") -> dict:
-    """The records packed into rows of 1,024 tokens without padding, with their bounds (as the scripts batch them)."""
+def packed_batch(records, labels, device: str = "cuda", row_tokens: int = 1024) -> dict:
+    """The records packed into rows of `row_tokens` without padding, with their bounds (as the scripts batch them)."""
     import torch
 
     from records import batching
 
-    rows = batching.pack_into_rows([len(r) for r in records], 1024)
-    batch = batching.pad_rows(0, 1024)(batching.packed_rows([{"input_ids": r} for r in records], labels, rows))
+    rows = batching.pack_into_rows([len(r) for r in records], row_tokens)
+    batch = batching.pad_rows(0, row_tokens)(batching.packed_rows([{"input_ids": r} for r in records], labels, rows))
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
 
 def run_cli_once(module, argv, caplog, main=None) -> tuple[int, str]:
     """A script's command line as run_cli runs it: (exit code, its one error line). run_cli logs exactly one ERROR

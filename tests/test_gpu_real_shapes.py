@@ -186,6 +186,48 @@ def test_fast_path_same_answer_as_stock(sized_model):
     _same_answer(losses["stock"], losses["fast"], grads["stock"], grads["fast"], grads["reference"])
 
 
+@pytest.mark.parametrize("sized_model", ["1b"], indirect=True)
+@pytest.mark.parametrize("row_tokens", [4096, 16384])
+def test_fast_path_same_answer_at_long_context(sized_model, row_tokens):
+    """Issue 27, long context: packing, variable-length attention with the 512-token sliding window and the chunked
+    loss on records of a quarter to half a row (each past the window) packed into one row of `row_tokens`, against
+    stock transformers on each record alone (its own causal and sliding masks, no padding), in bf16, and both against
+    float32. The stock loss is the packed batch's: each record's summed loss over all the labels, its gradients
+    added record by record so that memory holds one record's logits at a time."""
+    _, model_dir = sized_model
+    records, labels = uneven_records(count=3, vocab=VOCAB, lengths=(row_tokens // 4, row_tokens // 3))
+    assert sum(map(len, records)) <= row_tokens
+    learnt = [sum(label != -100 for label in record_labels[1:]) for record_labels in labels]  # shifted: one fewer
+    losses, grads = {}, {}
+    for run, dtype in (("reference", torch.float32), ("stock", torch.bfloat16), ("fast", torch.bfloat16)):
+        model = common.load_causal_lm(str(model_dir), False, dtype=dtype, attn_implementation="sdpa").cuda()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        watched = _watched(model)
+        if run == "fast":
+            assert chunked_loss.use_chunked_loss(model)
+            rms_norm.fuse_rms_norms(model)
+            assert varlen_attention.use_varlen_attention(model)
+            batch = packed_batch(records, labels, row_tokens=row_tokens)
+            assert batch["input_ids"].shape == (1, row_tokens)
+            loss = model(**batch).loss
+            loss.backward()
+            losses[run] = loss.float().item()
+        else:
+            losses[run] = 0.0
+            for record, record_labels, count in zip(records, labels, learnt):
+                ids = torch.tensor([record], device="cuda")
+                loss = model(input_ids=ids, labels=torch.tensor([record_labels], device="cuda")).loss
+                (loss * count / sum(learnt)).backward()
+                losses[run] += loss.float().item() * count / sum(learnt)
+        parameters = dict(model.named_parameters())
+        grads[run] = {name: parameters[name].grad.float() for name in watched}
+        del model, parameters
+        torch.cuda.empty_cache()
+    assert abs(losses["stock"] - losses["reference"]) <= 1e-3 * abs(losses["reference"]), losses
+    _same_answer(losses["stock"], losses["fast"], grads["stock"], grads["fast"], grads["reference"])
+
+
 def _lora_model(model_dir, dtype=torch.bfloat16):
     """QLoRA's model (the script's LoRA targets: the language model alone) with a non-zero B, the same in every run
     and dtype, so every adapter path carries gradient."""
