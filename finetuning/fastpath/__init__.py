@@ -17,6 +17,7 @@ galore-torch internals, one module each, switched by `--fast_path` through switc
 | 12 | skip_train | skip_train.py | the model's `train` (instance): returns at once while every module trains | torch `nn.Module.train` | a walk over about 2,300 modules a step | `installed` | tests/test_fast_path.py |
 | 13 | flops_once | flops_once.py | the causal LM's `floating_point_ops` (instance): the parameter count taken once | transformers 4.57 | `num_parameters` visits every parameter every step | `installed` | tests/test_fast_path.py |
 | 15 | kbit_embeddings | kbit_embeddings.py | trl's `prepare_model_for_kbit_training` while the QLoRA script builds its SFTTrainer under bf16: bf16 embeddings hidden from its float32 cast | trl 0.8.6, peft 0.21 | the cast there and back holds the 262k-row embedding twice: a whole run's peak at small budgets | `building_trainer` | tests/test_model_loading.py |
+| 16 | trainable_grads | trainable_grads.py | the accelerator's `clip_grad_norm_` and the model's `zero_grad` (instances): over a list of the trainable parameters taken at the start | transformers 4.57's training loop, accelerate 1.x; one process or DDP | the Trainer walks every parameter twice a step, and QLoRA's frozen base never has a gradient | `installed` | tests/test_step_overhead.py |
 
 Override 14 (the MLP over its tokens in pieces) cost speed and left the run's peak: it lives in bench/ alone.
 

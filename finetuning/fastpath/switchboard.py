@@ -4,7 +4,7 @@
     with fast.building_trainer(bf16):        # 15, while the QLoRA script builds its SFTTrainer
         trainer = ...
     optimizer_class = fast.galore_class()     # 7a-7b (the GaLore script)
-    with fast.installed(trainer):             # 1-6, 8-13 on the trainer's model, for the training; one log line
+    with fast.installed(trainer):             # 1-6, 8-13, 16 on the trainer's model, for the training; one log line
         trainer.train()
     # here everything they changed is back as it was
 
@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from fastpath import (chunked_loss, compiled_layers, cudnn_attention, flops_once, galore_8bit, galore_resume,
-                      kbit_embeddings, lora_4bit, offload, one_gpu, rms_norm, skip_train, varlen_attention)
+                      kbit_embeddings, lora_4bit, offload, one_gpu, rms_norm, skip_train, trainable_grads,
+                      varlen_attention)
 from fastpath.choices import SpeedChoices
 from fastpath.patches import Patches
 from cli.fast_path_flag import SWITCHES
@@ -72,7 +73,7 @@ class FastPath:
 
     @contextlib.contextmanager
     def installed(self, trainer) -> Iterator[dict]:
-        """Overrides 1-6 and 8-13 on the trainer's model and the process, restored when the block ends; logs what
+        """Overrides 1-6, 8-13 and 16 on the trainer's model and the process, restored when the block ends; logs what
         each switch did. Yields that record."""
         patches = Patches()
         try:
@@ -111,6 +112,9 @@ class FastPath:
                 causal_lm, compiled_chunks=compiled > 0, patches=patches) else "stock"
         if not self._off("skip_train"):
             self.done["skip_train"] = "on" if skip_train.skip_train_when_training(model, patches) else "stock (guard)"
+        if not self._off("trainable_grads"):
+            self.done["trainable_grads"] = ("on" if trainable_grads.walk_trainable_only(trainer, patches)
+                                            else "stock (guard, or FSDP/DeepSpeed)")
         if not self._off("flops_once"):
             self.done["flops_once"] = "on" if flops_once.count_parameters_once(causal_lm, patches) else "stock (guard)"
         if not self._off("offload"):
