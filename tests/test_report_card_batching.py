@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cli.arguments import ReportArguments
-from models.shapes import GEMMA3_TEXT, gemma3_config
+from models.shapes import gemma3_config, gemma3_shape
 from records.run_data import RunData
 from training import report_card
 
@@ -80,34 +80,41 @@ def test_a_base_answered_before_training_is_added(tmp_path, monkeypatch):
     assert card["seconds"] == BASE_SECONDS + TRAINED_SECONDS
 
 
-def kv_shape(size: str) -> dict:
-    shape = GEMMA3_TEXT[size]
-    return dict(layers=shape["layers"], kv_heads=shape["kv_heads"], head_dim=shape["head_dim"], dtype_bytes=2,
-                vocab=shape["vocab"])
-
-
 def test_a_gpu_batch_is_what_half_the_free_memory_holds():
-    tokens = 300 + 256  # the longest prompt and the answer's cap
-    # 1b: 26 KiB of KV cache a token, ~18 MiB a row with its logits: 15 GiB free holds all 200 prompts (the cap, 256).
-    assert report_card.cuda_batch(15 * GiB, tokens=tokens, **kv_shape("1b")) == report_card.BATCH_CUDA_CAP >= 200
-    # 4b: 136 KiB a token, ~78 MiB a row: 2 GiB free holds a dozen.
-    four_b = report_card.cuda_batch(2 * GiB, tokens=tokens, **kv_shape("4b"))
-    assert 1 < four_b < 200 and four_b == 13
-    assert report_card.cuda_batch(8 * GiB, tokens=4 * tokens, **kv_shape("4b")) < \
-        report_card.cuda_batch(8 * GiB, tokens=tokens, **kv_shape("4b")), "longer prompts: fewer a batch"
-    assert report_card.cuda_batch(0, tokens=tokens, **kv_shape("27b")) == 1  # never below one
-    assert report_card.cuda_batch(100 * GiB, tokens=tokens, cap=32, **kv_shape("1b")) == 32
+    """A row: its KV cache, one layer's activations over its prompt, its last-token logits."""
+    one_b, four_b = gemma3_shape("1b"), gemma3_shape("4b")
+    # 1b, 300-token prompts, 256 new tokens, bf16: about 34 MB a row. 15 GiB free holds all 200 prompts at once.
+    assert 200 <= report_card.cuda_batch(15 * GiB, one_b, 2, 300, 256) < report_card.BATCH_CUDA_CAP
+    # 1b on a T4 after training, 1,024-token prompts: about 90 MB a row, so 12 GiB free holds 71, not 256.
+    assert report_card.cuda_batch(12 * GiB, one_b, 2, 1024, 256) == 71
+    # 4b: about 106 MB a row: 2 GiB free holds ten.
+    assert report_card.cuda_batch(2 * GiB, four_b, 2, 300, 256) == 10
+    assert report_card.cuda_batch(8 * GiB, four_b, 2, 1200, 256) < report_card.cuda_batch(8 * GiB, four_b, 2, 300, 256)
+    assert report_card.cuda_batch(8 * GiB, four_b, 4, 300, 256) < report_card.cuda_batch(8 * GiB, four_b, 2, 300, 256)
+    assert report_card.cuda_batch(0, gemma3_shape("27b"), 2, 300, 256) == 1  # never below one
+    assert report_card.cuda_batch(100 * GiB, one_b, 2, 300, 256, cap=32) == 32
 
 
 def test_the_batch_is_read_from_the_model_config_and_the_free_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (GiB, 80 * GiB))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 * GiB)  # the allocator's cache, 1 GiB
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * GiB)  # of it unused: free to it
+    card = SimpleNamespace(total_memory=80 * GiB)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: card)
     cuda = torch.device("cuda", 0)
+
+    def model(size, embeddings=torch.bfloat16):  # model.dtype: a float32 vision weight, as peft's casting leaves it
+        weight = SimpleNamespace(dtype=embeddings)
+        return SimpleNamespace(device=cuda, config=gemma3_config(size), dtype=torch.float32,
+                               get_input_embeddings=lambda: SimpleNamespace(weight=weight))
+
     for size in ("1b", "4b"):  # 4b's config is multimodal: its shapes are under text_config
-        model = SimpleNamespace(device=cuda, config=gemma3_config(size), dtype=torch.bfloat16)
-        expected = report_card.cuda_batch(2 * GiB, tokens=300 + 256, **kv_shape(size))
-        assert report_card.batch_size(model, 300, 256) == expected, size
+        expected = report_card.cuda_batch(2 * GiB, gemma3_shape(size), 2, 300, 256)
+        assert report_card.batch_size(model(size), 300, 256) == expected, size
+    assert report_card.batch_size(model("1b", torch.float32), 300, 256) == \
+        report_card.cuda_batch(2 * GiB, gemma3_shape("1b"), 4, 300, 256)  # fp16 runs keep float32 embeddings
+    card.total_memory = 3 * GiB  # a card that says it is smaller than the device (bench/emulate_t4.py): 1 GiB free
+    assert report_card.batch_size(model("1b"), 300, 256) == report_card.cuda_batch(GiB, gemma3_shape("1b"), 2, 300, 256)
     assert report_card.batch_size(SimpleNamespace(device=cuda, config=SimpleNamespace(), dtype=torch.bfloat16),
                                   300, 256) == report_card.BATCH_CUDA_UNKNOWN  # not a Gemma-like config
     cpu = SimpleNamespace(device=torch.device("cpu"), config=gemma3_config("1b"), dtype=torch.float32)

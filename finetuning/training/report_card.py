@@ -4,8 +4,8 @@ the data's answers, in report_card.md and report_card.json; export_gguf.py adds 
 The prompts: the eval records (--eval_split_ratio, --eval_file), the first --report_card_prompts of them; a run
 without eval records takes its first training records instead, and the card says they were trained on. Answers are
 batched (left padding) with the KV cache, at most --report_card_max_new_tokens tokens each; on a GPU as many prompts a
-batch as half its free memory holds (`cuda_batch`): a decode step of a small batch costs its kernel launches, not its
-rows, so fewer, larger batches take less time.
+batch as half its free memory holds (`cuda_batch`), at most 256. Expected, not yet measured: a decode step of a small
+batch costs its kernel launches more than its rows, so fewer, larger batches take less time.
 
 The scores: the stop rate (the answer ended its turn, <end_of_turn>, within the token limit), exact match (after
 trimming and collapsing spaces), chrF (sacrebleu, pinned: its signature is in the card), the mean answer length
@@ -44,8 +44,8 @@ WORST = 5
 # Prompts a batch: on CPU a fixed few; on a GPU sized from its free memory (`cuda_batch`). Halved on running out.
 BATCH_CPU = 16
 BATCH_CUDA_UNKNOWN = 64  # a config without Gemma-like shapes: nothing to size from
-BATCH_CUDA_CAP = 256  # beyond this a decode step is no longer launch-bound: little to gain
-FREE_MEMORY_SHARE = 0.5  # of the free GPU memory: the rest for the prefill's activations and the allocator's slack
+BATCH_CUDA_CAP = 256  # past this, a decode step is expected to cost its rows more than its launches (not measured)
+FREE_MEMORY_SHARE = 0.5  # of the free GPU memory: the rest for the allocator's slack
 LOGITS_COPIES = 4  # a row's last-token float32 logits: raw, soft-capped, processed, argmax input
 
 
@@ -64,11 +64,15 @@ def card_records(loaded: "RunData", report_args: ReportArguments):
     return records.select(range(min(report_args.report_card_prompts, len(records)))), source
 
 
-def cuda_batch(free_bytes: float, layers: int, kv_heads: int, head_dim: int, dtype_bytes: int, vocab: int,
-               tokens: int, cap: int = BATCH_CUDA_CAP) -> int:
-    """Prompts a GPU batch: as many rows as FREE_MEMORY_SHARE of `free_bytes` holds, each row its KV cache (keys and
-    values of every layer for `tokens`: the longest prompt and the answer) and its last-token logits; 1 to `cap`."""
-    row = layers * 2 * kv_heads * head_dim * dtype_bytes * tokens + LOGITS_COPIES * vocab * 4
+def cuda_batch(free_bytes: float, shape, dtype_bytes: int, prompt_tokens: int, new_tokens: int,
+               cap: int = BATCH_CUDA_CAP) -> int:
+    """Prompts a GPU batch: as many rows as FREE_MEMORY_SHARE of `free_bytes` holds, 1 to `cap`. A row: its KV cache
+    (keys and values of every layer, sliding ones counted whole, for the longest prompt and the answer), one layer's
+    activations during the prompt's pass (the MLP's three intermediates and a few hidden-wide tensors), and its
+    last-token logits. `shape`: models.shapes.Shape."""
+    cache = shape.layers * 2 * shape.kv_heads * shape.head_dim * (prompt_tokens + new_tokens)
+    prefill = prompt_tokens * (3 * shape.intermediate + 4 * shape.hidden)
+    row = (cache + prefill) * dtype_bytes + LOGITS_COPIES * shape.vocab * 4
     return max(1, min(cap, int(free_bytes * FREE_MEMORY_SHARE // row)))
 
 
@@ -79,10 +83,14 @@ def batch_size(model, longest: int, max_new_tokens: int) -> int:
     shape = known_shape("", model.config)  # the text config's shapes, also a multimodal config's
     if shape is None:
         return BATCH_CUDA_UNKNOWN
-    free, _ = torch.cuda.mem_get_info(model.device)
-    free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)  # cached, unused
-    return cuda_batch(free, shape.layers, shape.kv_heads, shape.head_dim, model.dtype.itemsize, shape.vocab,
-                      longest + max_new_tokens)
+    device, allocated = model.device, torch.cuda.memory_allocated(model.device)
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - allocated  # held by torch's cache, unused
+    # A card's memory as torch reports it can be less than the device's (bench/emulate_t4.py's T4 on a bigger GPU).
+    free = min(free, torch.cuda.get_device_properties(device).total_memory - allocated)
+    # The embeddings' dtype is the hidden states' and the cache's: model.dtype can be a float32 vision weight.
+    dtype_bytes = model.get_input_embeddings().weight.dtype.itemsize
+    return cuda_batch(free, shape, dtype_bytes, longest, max_new_tokens)
 
 
 def answer(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> tuple[list[dict], float, int]:
@@ -107,6 +115,8 @@ def answer(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> tup
             except torch.cuda.OutOfMemoryError:
                 if batch == 1:
                     raise
+                outputs = None  # the cache is emptied below, once the error's frames (and tensors) are gone
+            if outputs is None:
                 batch = max(1, batch // 2)
                 torch.cuda.empty_cache()
                 logger.info("Report card: out of GPU memory, %d prompts a batch from here on.", batch)
