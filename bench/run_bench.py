@@ -44,7 +44,7 @@ sys.path.insert(0, str(BENCH_DIR))
 import long_context  # noqa: E402
 import unsloth_run  # noqa: E402
 from measure import measuring_callbacks, summarise  # noqa: E402
-from setups import SIZE_MODEL, setup_table, size_model, sized_setup  # noqa: E402
+from setups import SIZE_MODEL, random_model, setup_table, size_model, sized_setup  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # One setup, in its own process
@@ -199,10 +199,8 @@ def main() -> None:
             print("RESULT " + json.dumps(result), flush=True)
         return
     wanted = [name.strip() for name in args.only.split(";") if name.strip()]
-    if not (args.model / "config.json").is_file() and (not wanted or any(sized_setup(n)[0] is None for n in wanted)):
-        import make_random_model
-
-        make_random_model.main(["--config", str(args.config), "--texts", str(args.data), "--out", str(args.model)])
+    if not wanted or any(sized_setup(n)[0] is None for n in wanted):
+        random_model(args.model, args.config, args.data)
     base = dict(model=str(args.model), data=str(args.data), steps=args.steps, warmup=args.warmup)
     setups = setup_table()
     for folder in (args.profile_dir, args.memory_dir):

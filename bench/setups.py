@@ -21,15 +21,28 @@ def sized_setup(name: str) -> tuple:
 
 def size_model(size: str, shapes_dir: Path, data: Path) -> Path:
     """The random-weight model of gemma-3-SIZE's shapes, built on first use (bench/make_random_model.py)."""
+    config = shapes_dir / f"gemma-3-{size}" / "config.json"
     folder = Path(SIZE_MODEL.format(size=size))
-    if not (folder / "config.json").is_file():
+    if not is_whole(folder) and not config.is_file():
+        raise SystemExit(f"{config} is not there: --shapes_dir must hold gemma-3-{size}/config.json")
+    return random_model(folder, config, data)
+
+
+def is_whole(folder: Path) -> bool:
+    """A model folder with its config and its weights (one file, or shards and their index)."""
+    return (folder / "config.json").is_file() and any(
+        (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+
+
+def random_model(folder: Path, config: Path, data: Path) -> Path:
+    """`folder`, a random-weight model of `config`'s shapes, built unless it is whole already. Built beside and
+    renamed when whole: a build cut off (4b's weights take minutes) left config.json without weights, which the next
+    command took for a model."""
+    if not is_whole(folder):
         import make_random_model
 
-        config = shapes_dir / f"gemma-3-{size}" / "config.json"
-        if not config.is_file():
-            raise SystemExit(f"{config} is not there: --shapes_dir must hold gemma-3-{size}/config.json")
-        # Built beside and renamed when whole: a build cut off (4b's weights take minutes) left config.json without
-        # weights, which the next command took for a model.
+        if config is None:
+            raise SystemExit(f"{folder} holds no whole model (config.json and its weights): give --config to build one")
         building = folder.with_name(folder.name + ".building")
         shutil.rmtree(building, ignore_errors=True)
         make_random_model.main(["--config", str(config), "--texts", str(data), "--out", str(building)])

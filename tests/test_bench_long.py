@@ -191,6 +191,7 @@ def _main(monkeypatch, tmp_path, *argv):
     model = tmp_path / "model"
     model.mkdir(exist_ok=True)
     (model / "config.json").write_text(json.dumps({"max_position_embeddings": 16384}))
+    (model / "model.safetensors").write_text("")  # a whole model: the bench builds none
     monkeypatch.setattr(sys, "argv", ["run_bench.py", "--model", str(model), "--data", str(tmp_path / "alpaca.json"),
                                       "--results", str(tmp_path / "results.md"), *argv])
     monkeypatch.setattr(unsloth_run, "missing", lambda site: None)

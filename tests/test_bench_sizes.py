@@ -24,14 +24,27 @@ def test_a_size_in_front_of_a_setup_name_picks_the_model(name, expected):
     assert setups.sized_setup(name) == expected
 
 
+def fake_build(built: list, cut_off: bool = False):
+    """make_random_model.main as the bench calls it: config.json first, as save_pretrained writes it, then the
+    weights, unless the build is `cut_off` between the two."""
+    def build(argv):
+        built.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        if cut_off:
+            raise KeyboardInterrupt
+        (out / "model.safetensors").write_text("")
+
+    return build
+
+
 def test_each_size_model_is_built_once_from_its_config(tmp_path, monkeypatch):
     import make_random_model
 
     built = []
     monkeypatch.setattr(setups, "SIZE_MODEL", str(tmp_path / "bench-gemma-3-{size}"))
-    monkeypatch.setattr(make_random_model, "main", lambda argv: built.append(argv) or
-                        (Path(argv[argv.index("--out") + 1]).mkdir() or
-                         (Path(argv[argv.index("--out") + 1]) / "config.json").write_text("{}")))
+    monkeypatch.setattr(make_random_model, "main", fake_build(built))
     shapes_dir = tmp_path / "shared"
     shapes.gemma3_config("4b").save_pretrained(shapes_dir / "gemma-3-4b")
     for _ in range(2):
@@ -42,29 +55,29 @@ def test_each_size_model_is_built_once_from_its_config(tmp_path, monkeypatch):
         setups.size_model("270m", shapes_dir, tmp_path / "data.json")
 
 
-def test_a_size_model_cut_off_while_built_is_built_again(tmp_path, monkeypatch):
-    """A build stopped half-way (the process killed while 4b's weights were written) is no model for the next run."""
+def test_a_model_cut_off_while_built_is_built_again(tmp_path, monkeypatch):
+    """A build stopped half-way (the process killed while 4b's weights were written) is no model for the next run:
+    a size's model, and the bench's main --model alike."""
     import make_random_model
 
     built = []
-
-    def build(argv, cut_off=False):
-        built.append(argv)
-        out = Path(argv[argv.index("--out") + 1])
-        out.mkdir()
-        (out / "config.json").write_text("{}")  # written first, as save_pretrained does; the weights come after
-        if cut_off:
-            raise KeyboardInterrupt
-
     monkeypatch.setattr(setups, "SIZE_MODEL", str(tmp_path / "bench-gemma-3-{size}"))
     shapes_dir = tmp_path / "shared"
     shapes.gemma3_config("270m").save_pretrained(shapes_dir / "gemma-3-270m")
-    monkeypatch.setattr(make_random_model, "main", lambda argv: build(argv, cut_off=True))
+    monkeypatch.setattr(make_random_model, "main", fake_build(built, cut_off=True))
     with pytest.raises(KeyboardInterrupt):
         setups.size_model("270m", shapes_dir, tmp_path / "data.json")
-    monkeypatch.setattr(make_random_model, "main", build)
+    monkeypatch.setattr(make_random_model, "main", fake_build(built))
     folder = setups.size_model("270m", shapes_dir, tmp_path / "data.json")
-    assert len(built) == 2 and folder == tmp_path / "bench-gemma-3-270m" and (folder / "config.json").is_file()
+    assert len(built) == 2 and folder == tmp_path / "bench-gemma-3-270m" and setups.is_whole(folder)
+    main_model = tmp_path / "bench-model"  # a folder an older build left half-written
+    main_model.mkdir()
+    (main_model / "config.json").write_text("{}")
+    assert setups.random_model(main_model, tmp_path / "config.json", tmp_path / "data.json") == main_model
+    assert len(built) == 3 and setups.is_whole(main_model)
+    (tmp_path / "no-model").mkdir()
+    with pytest.raises(SystemExit, match="give --config"):
+        setups.random_model(tmp_path / "no-model", None, tmp_path / "data.json")
 
 
 def test_a_run_refused_before_loading_is_a_row_that_says_why(tmp_path, monkeypatch, capsys):
