@@ -50,9 +50,9 @@ class ModelArguments:
     compile_layers: str = field(
         default="auto",
         metadata={"help": "torch.compile each decoder layer: fewer, fused GPU kernels. A run with an empty compile "
-                  "cache (a fresh Colab session) waits for the compiler (33-38 s on an H100); later "
-                  "runs on the machine read its cache. 'auto' (on for packed batches on "
-                  "an NVIDIA GPU of compute capability 8.0 or newer), 'yes' or 'no'."},
+                  "cache (a fresh Colab session) waits for the compiler (a first step 33-38 s after loading on one "
+                  "H100); later runs on the machine read its cache. 'auto' (on for packed batches on an NVIDIA GPU "
+                  "of compute capability 8.0 or newer), 'yes' or 'no'."},
     )
     offload_activations: str = field(
         default="auto",

@@ -124,8 +124,8 @@ class CompileWait(TrainerCallback):
                     "torch's compile cache %s %s: %s", folder,
                     "holds earlier compilations" if warm else "is empty",
                     "a run of the same model reuses what it can." if warm else "with an empty cache, as on a fresh "
-                    "Colab session, this has taken 33-38 s on an H100 (docs/benchmarks.md); later runs on "
-                    "this machine are faster. --compile_layers no skips it.")
+                    "Colab session, the first step came 33-38 s after loading on an H100 (docs/benchmarks.md); later "
+                    "runs on this machine are faster. --compile_layers no skips it.")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.logged or self.began is None:
