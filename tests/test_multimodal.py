@@ -231,18 +231,62 @@ def packed_and_padded(lengths=(9, 20, 14)):
     return padded, batching.pad_rows(pad_token_id=0, row_tokens=48)(rows)
 
 
-@pytest.mark.parametrize("varlen", [False, True], ids=["stock", "varlen selected"])
-def test_packed_rows_train_as_padded_records_do(varlen):
-    """The records of a packed row see only themselves in the multimodal class too (its Gemma3Model builds the mask
-    from the text config); with the variable-length attention selected, the CPU runs its SDPA fallback."""
-    model = small_multimodal_gemma(random_norms=False)
+@pytest.mark.parametrize("model_class", ["text", "multimodal"])
+@pytest.mark.parametrize("varlen", ["stock", "varlen selected", "masks skipped"])
+def test_packed_rows_train_as_padded_records_do(varlen, model_class, monkeypatch):
+    """The records of a packed row see only themselves, in both classes (the multimodal one's Gemma3Model builds the
+    mask from the text config). With the variable-length attention selected, the CPU runs its SDPA fallback. With
+    the masks skipped (the hook forecasts that the kernels serve every layer, as on a GPU), transformers builds no
+    mask and each layer's fallback builds the packed mask from the record bounds."""
+    from transformers.models.gemma3 import modeling_gemma3
+
+    model = small_multimodal_gemma(random_norms=False) if model_class == "multimodal" else small_gemma(
+        random_norms=False)
     padded, packed = packed_and_padded()
     assert "attention_mask" not in packed
     expected = loss_and_grads(copy.deepcopy(model), **padded)
     rows = copy.deepcopy(model)
-    if varlen:
+    if varlen != "stock":
         assert varlen_attention.use_varlen_attention(rows)
+    if varlen == "masks skipped":
+        monkeypatch.setattr(varlen_attention, "serves_every_layer", lambda *args: True)
+        monkeypatch.setattr(modeling_gemma3, "create_causal_mask", lambda **kwargs: pytest.fail("a mask was built"))
     assert_same(expected, loss_and_grads(rows, **packed))
+
+
+def test_the_masks_are_skipped_only_for_a_packed_text_batch_the_kernels_serve(monkeypatch):
+    """The hook's cases, and the kernels' (`serves`): a GPU of compute capability 8.0 or more runs flash attention
+    with the window; an older one the memory-efficient kernel, which has none; the CPU, float32 or dropout: SDPA."""
+    from types import SimpleNamespace
+
+    serves_every_layer = varlen_attention.serves_every_layer  # before the hook's forecast is replaced below
+    model = small_gemma()
+    patches = Patches()
+    assert varlen_attention.use_varlen_attention(model, patches)
+    (hook,) = model.model._forward_pre_hooks.values()
+    packed = dict(input_ids=torch.ones(1, 8, dtype=torch.long), cu_seq_lens_q=torch.tensor([0, 8]), max_length_q=8)
+    assert hook(model.model, (), packed) is None  # the CPU: SDPA with transformers' masks
+    monkeypatch.setattr(varlen_attention, "serves_every_layer", lambda *args: True)
+    assert hook(model.model, (), packed)[1]["attention_mask"] == varlen_attention.NO_MASKS
+    for other in (dict(attention_mask=torch.ones(1, 8)), dict(cu_seq_lens_q=None), dict(pixel_values=torch.ones(1)),
+                  dict(past_key_values=object())):
+        assert hook(model.model, (), {**packed, **other}) is None, other
+    patches.restore()
+    assert not model.model._forward_pre_hooks
+
+    capability = [(8, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    config = SimpleNamespace(head_dim=256, sliding_window=512)
+    assert varlen_attention.serves(cuda, bf16, 256, 512, 4096, 0.0)  # flash: the window in the kernel
+    assert not varlen_attention.serves(torch.device("cpu"), bf16, 256, None, 100, 0.0)
+    assert not varlen_attention.serves(cuda, torch.float32, 256, None, 100, 0.0)
+    assert not varlen_attention.serves(cuda, bf16, 256, None, 100, 0.1)
+    capability[0] = (7, 5)  # a T4: the memory-efficient kernel
+    assert varlen_attention.serves(cuda, torch.float16, 256, 512, 512, 0.0)
+    assert not varlen_attention.serves(cuda, torch.float16, 256, 512, 513, 0.0)
+    assert serves_every_layer(cuda, torch.float16, config, 512, 0.0)
+    assert not serves_every_layer(cuda, torch.float16, config, 1024, 0.0)  # the sliding layers
 
 
 @pytest.mark.gpu

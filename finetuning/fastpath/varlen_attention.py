@@ -6,6 +6,12 @@ SDPA's, and selected on the model's config for the run; nothing else in the proc
 "sdpa" back and removes the name. Batches without record bounds, the CPU, and sliding windows the kernel cannot express
 run transformers' SDPA function with its mask.
 
+Where the kernels will serve every layer of a packed batch (`serves`), transformers is not asked for the two masks it
+would build every step and no layer reads (a hook on the model under the LM head passes `{"full_attention": None,
+"sliding_attention": None}`, which Gemma 3's models take as masks made already). Should a layer still fall back to
+SDPA, it builds the packed batch's mask from the record bounds (`packed_mask`), so the answer never depends on that
+forecast.
+
 Target: transformers 4.57 (`AttentionInterface`, `AttentionMaskInterface`, `sdpa_attention_forward`); the private
 aten ops `_flash_attention_forward` / `_efficient_attention_forward`, whose argument names are checked first.
 """
@@ -50,7 +56,69 @@ def use_varlen_attention(causal_lm, patches: Optional[Patches] = None) -> bool:
     patches.on_restore(_unregister)
     config._attn_implementation = VARLEN_ATTENTION
     patches.on_restore(lambda: setattr(config, "_attn_implementation", "sdpa"))
+    if isinstance(getattr(causal_lm, "model", None), torch.nn.Module):
+        hook = causal_lm.model.register_forward_pre_hook(_masks_not_built(config), with_kwargs=True)
+        patches.on_restore(hook.remove)
     return True
+
+
+NO_MASKS = {"full_attention": None, "sliding_attention": None}
+
+
+def _masks_not_built(config) -> Callable:
+    """A forward pre-hook for the model under the LM head: a packed text batch (record bounds, no mask, no cache, no
+    images) whose every layer the kernels serve gets NO_MASKS instead of transformers' masks."""
+    def hook(module, args, kwargs):
+        if (kwargs.get("cu_seq_lens_q") is None or kwargs.get("attention_mask") is not None or args
+                or kwargs.get("past_key_values") is not None or kwargs.get("pixel_values") is not None):
+            return None
+        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if tokens is None:
+            return None
+        if torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")
+        else:
+            dtype = module.get_input_embeddings().weight.dtype  # the hidden states', and so the queries'
+        dropout = getattr(config, "attention_dropout", 0.0) if module.training else 0.0
+        if not serves_every_layer(tokens.device, dtype, config, kwargs.get("max_length_q") or 0, dropout):
+            return None
+        return args, {**kwargs, "attention_mask": dict(NO_MASKS)}
+
+    return hook
+
+
+def serves_every_layer(device, dtype, config, longest: int, dropout: float) -> bool:
+    """`serves` for the full-attention layers and the sliding-window ones."""
+    return all(serves(device, dtype, config.head_dim, window, longest, dropout)
+               for window in (None, getattr(config, "sliding_window", None)))
+
+
+def serves(device, dtype, head_dim: int, sliding_window: Optional[int], longest: int, dropout: float) -> bool:
+    """Whether `attention` runs a packed batch's layer of these settings (else stock SDPA with a mask): the one test
+    for both the layers and the hook that skips the masks."""
+    if device.type != "cuda" or dropout or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if flash_kernel(device, head_dim):
+        return True
+    return sliding_window is None or longest <= sliding_window  # the memory-efficient kernel has no window
+
+
+def flash_kernel(device, head_dim: int) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 8 and head_dim <= 256 and head_dim % 8 == 0
+
+
+def packed_mask(bounds: torch.Tensor, batch: int, length: int, sliding_window: Optional[int],
+                device) -> torch.Tensor:
+    """The packed batch's boolean mask, [batch, 1, length, length]: a token sees the tokens of its own record up to
+    itself, and within a sliding window the window - 1 before it; what transformers builds from the position ids."""
+    positions = torch.arange(batch * length, device=device)
+    record = torch.searchsorted(bounds.to(device=device, dtype=torch.int64)[1:], positions, right=True)
+    record, positions = record.view(batch, length), positions.view(batch, length)
+    distance = positions[:, :, None] - positions[:, None, :]
+    mask = (record[:, :, None] == record[:, None, :]) & (distance >= 0)
+    if sliding_window is not None:
+        mask &= distance < sliding_window
+    return mask[:, None]
 
 
 def _unregister() -> None:
@@ -76,6 +144,9 @@ def _varlen_or_sdpa(sdpa: Callable) -> Callable:
                           **kwargs):
         output = attention(query, key, value, dropout, scaling, sliding_window, kwargs)
         if output is None:
+            if attention_mask is None and kwargs.get("cu_seq_lens_q") is not None:  # the hook skipped the masks
+                attention_mask = packed_mask(kwargs["cu_seq_lens_q"], query.shape[0], query.shape[2], sliding_window,
+                                             query.device)
             return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                         sliding_window=sliding_window, **kwargs)
         return output, None
@@ -94,21 +165,17 @@ EFFICIENT_ARGUMENTS = ("query", "key", "value", "bias", "cu_seqlens_q", "cu_seql
 def attention(query, key, value, dropout, scaling, sliding_window, kwargs) -> Optional[torch.Tensor]:
     """The packed batch's attention output, [batch, length, heads, dim]; None where stock SDPA must run."""
     bounds, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
-    if bounds is None or not query.is_cuda or dropout:
-        return None
     batch, heads, length, head_dim = query.shape
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
-    if dtype not in (torch.float16, torch.bfloat16):
+    if bounds is None or not serves(query.device, dtype, head_dim, sliding_window, longest, dropout):
         return None
-    flash = torch.cuda.get_device_capability(query.device)[0] >= 8 and head_dim <= 256 and head_dim % 8 == 0
+    flash = flash_kernel(query.device, head_dim)
     if flash:
         # Flash attention takes the window, and the row length as a bound on the records' lengths that holds: the
         # same values every step, so that a compiled layer sees nothing new (a window wider than a record changes
         # nothing in it).
         window_applies = sliding_window is not None and length > sliding_window
         longest = length
-    elif sliding_window is not None and longest > sliding_window:
-        return None  # the memory-efficient kernel has no window
 
     def tokens_first(states):  # [batch, heads, length, dim] -> [batch * length, heads, dim]
         return states.transpose(1, 2).reshape(batch * length, states.shape[1], head_dim).to(dtype)
