@@ -215,7 +215,7 @@ def test_varlen_attention_is_selected_on_the_language_model_only():
     assert varlen_attention.VARLEN_ATTENTION not in varlen_attention.AttentionInterface._global_mapping
 
 
-def packed_and_padded(lengths=(9, 20, 14)):
+def packed_and_padded(lengths=(9, 20, 14), row_tokens=48):
     torch.manual_seed(3)
     records = [torch.randint(3, 300, (n,)).tolist() for n in lengths]
     labels = [list(r) for r in records]
@@ -227,8 +227,9 @@ def packed_and_padded(lengths=(9, 20, 14)):
         padded["input_ids"][i, :len(ids)] = torch.tensor(ids)
         padded["labels"][i, :len(ids)] = torch.tensor(lab)
         padded["attention_mask"][i, :len(ids)] = 1
-    rows = batching.packed_rows([{"input_ids": r} for r in records], labels, [[0, 1, 2]])
-    return padded, batching.pad_rows(pad_token_id=0, row_tokens=48)(rows)
+    rows = batching.packed_rows([{"input_ids": r} for r in records], labels,
+                                batching.pack_into_rows(list(lengths), row_tokens))
+    return padded, batching.pad_rows(pad_token_id=0, row_tokens=row_tokens)(rows)
 
 
 @pytest.mark.parametrize("model_class", ["text", "multimodal"])
@@ -240,18 +241,23 @@ def test_packed_rows_train_as_padded_records_do(varlen, model_class, monkeypatch
     mask and each layer's fallback builds the packed mask from the record bounds."""
     from transformers.models.gemma3 import modeling_gemma3
 
-    model = small_multimodal_gemma(random_norms=False) if model_class == "multimodal" else small_gemma(
-        random_norms=False)
-    padded, packed = packed_and_padded()
-    assert "attention_mask" not in packed
+    # 6 layers: sliding ones and a full-attention one; rows of 24 tokens: two rows, one ending in padding
+    model = (small_multimodal_gemma if model_class == "multimodal" else small_gemma)(layers=6, random_norms=False)
+    padded, packed = packed_and_padded(row_tokens=24)
+    assert "attention_mask" not in packed and packed["input_ids"].shape == (2, 24)
     expected = loss_and_grads(copy.deepcopy(model), **padded)
     rows = copy.deepcopy(model)
     if varlen != "stock":
         assert varlen_attention.use_varlen_attention(rows)
     if varlen == "masks skipped":
-        monkeypatch.setattr(varlen_attention, "serves_every_layer", lambda *args: True)
+        forecasts = []
+        monkeypatch.setattr(varlen_attention, "serves_every_layer", lambda *args: forecasts.append(args) or True)
         monkeypatch.setattr(modeling_gemma3, "create_causal_mask", lambda **kwargs: pytest.fail("a mask was built"))
     assert_same(expected, loss_and_grads(rows, **packed))
+    if varlen == "masks skipped":  # what the hook forecast from: the text config, the batch's longest record
+        ((device, dtype, config, longest, dropout),) = forecasts
+        assert (device.type, dtype, longest, dropout) == ("cpu", torch.float32, packed["max_length_q"], 0.0)
+        assert config is rows.config.get_text_config() and config.sliding_window == 16
 
 
 def test_the_masks_are_skipped_only_for_a_packed_text_batch_the_kernels_serve(monkeypatch):
@@ -269,7 +275,7 @@ def test_the_masks_are_skipped_only_for_a_packed_text_batch_the_kernels_serve(mo
     monkeypatch.setattr(varlen_attention, "serves_every_layer", lambda *args: True)
     assert hook(model.model, (), packed)[1]["attention_mask"] == varlen_attention.NO_MASKS
     for other in (dict(attention_mask=torch.ones(1, 8)), dict(cu_seq_lens_q=None), dict(pixel_values=torch.ones(1)),
-                  dict(past_key_values=object())):
+                  dict(past_key_values=object()), dict(token_type_ids=torch.zeros(1, 8)), dict(max_length_q=None)):
         assert hook(model.model, (), {**packed, **other}) is None, other
     patches.restore()
     assert not model.model._forward_pre_hooks
@@ -282,11 +288,13 @@ def test_the_masks_are_skipped_only_for_a_packed_text_batch_the_kernels_serve(mo
     assert not varlen_attention.serves(torch.device("cpu"), bf16, 256, None, 100, 0.0)
     assert not varlen_attention.serves(cuda, torch.float32, 256, None, 100, 0.0)
     assert not varlen_attention.serves(cuda, bf16, 256, None, 100, 0.1)
-    capability[0] = (7, 5)  # a T4: the memory-efficient kernel
+    assert serves_every_layer(cuda, bf16, config, 4096, 0.0)
+    assert not serves_every_layer(torch.device("cpu"), bf16, config, 100, 0.0)
+    capability[0] = (7, 5)  # a T4: the memory-efficient kernel, which serves a sliding layer by the batch's longest
     assert varlen_attention.serves(cuda, torch.float16, 256, 512, 512, 0.0)
     assert not varlen_attention.serves(cuda, torch.float16, 256, 512, 513, 0.0)
-    assert serves_every_layer(cuda, torch.float16, config, 512, 0.0)
-    assert not serves_every_layer(cuda, torch.float16, config, 1024, 0.0)  # the sliding layers
+    assert not varlen_attention.serves(cuda, torch.float16, 256, 512, None, 0.0)
+    assert not serves_every_layer(cuda, torch.float16, config, 512, 0.0)  # so the masks are always built there
 
 
 @pytest.mark.gpu

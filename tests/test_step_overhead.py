@@ -80,6 +80,9 @@ def test_clip_and_zero_walk_the_trainable_parameters_and_give_the_stock_answer()
         raise AssertionError("the model's parameters were walked")
         yield
 
+    one = trainable[0]
+    alone = trainer.accelerator.clip_grad_norm_([one], 1e9)  # another caller's own list is what it gets
+    assert torch.allclose(alone, one.grad.norm())
     norm = trainer.accelerator.clip_grad_norm_(no_walk(), 0.01)  # the Trainer's call, given model.parameters()
     assert torch.allclose(norm, expected)
     assert all(torch.allclose(p.grad, c) for p, c in zip(trainable, clipped))

@@ -11,10 +11,12 @@ this does not follow, and the scripts never do that.
 
 Target: transformers 4.57's inner training loop (`self.accelerator.clip_grad_norm_(model.parameters(), ...)`, then
 `model.zero_grad()` on the model it trains); accelerate 1.x. One process, or DDP: there the Trainer zeroes the
-wrapper, which keeps the stock walk, and only the clip is shortened. FSDP and DeepSpeed clip their own way: stock.
+wrapper, which keeps the stock walk, and only the clip is shortened. FSDP and DeepSpeed clip their own way, and a
+trainer with `model_init` builds its model in `train()`: stock. Another caller of the clip with its own list gets it.
 """
 from __future__ import annotations
 
+import types
 from typing import Optional
 
 from fastpath.guards import has, version_ok
@@ -31,11 +33,15 @@ def walk_trainable_only(trainer, patches: Optional[Patches] = None) -> bool:
         return False
     if str(accelerator.distributed_type).rsplit(".", 1)[-1] not in ("NO", "MULTI_GPU"):
         return False
+    if getattr(trainer, "model_init", None) is not None:  # train() would build another model than the one listed
+        return False
     trainable = [parameter for parameter in trainer.model.parameters() if parameter.requires_grad]
     stock_clip = accelerator.clip_grad_norm_
 
     def clip_grad_norm_(parameters, max_norm, norm_type=2):
-        return stock_clip(trainable, max_norm, norm_type=norm_type)  # `parameters`: the model's, never walked
+        if isinstance(parameters, types.GeneratorType):  # the Trainer's model.parameters(): never walked
+            parameters = trainable
+        return stock_clip(parameters, max_norm, norm_type=norm_type)
 
     def zero_grad(set_to_none: bool = True) -> None:
         for parameter in trainable:

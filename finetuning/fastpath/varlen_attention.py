@@ -69,8 +69,10 @@ def _masks_not_built(config) -> Callable:
     """A forward pre-hook for the model under the LM head: a packed text batch (record bounds, no mask, no cache, no
     images) whose every layer the kernels serve gets NO_MASKS instead of transformers' masks."""
     def hook(module, args, kwargs):
-        if (kwargs.get("cu_seq_lens_q") is None or kwargs.get("attention_mask") is not None or args
-                or kwargs.get("past_key_values") is not None or kwargs.get("pixel_values") is not None):
+        if (kwargs.get("cu_seq_lens_q") is None or kwargs.get("max_length_q") is None or args
+                or any(kwargs.get(name) is not None for name in ("attention_mask", "past_key_values", "pixel_values",
+                                                                  "token_type_ids"))
+                or getattr(config, "use_bidirectional_attention", False)):
             return None
         tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         if tokens is None:
@@ -80,7 +82,7 @@ def _masks_not_built(config) -> Callable:
         else:
             dtype = module.get_input_embeddings().weight.dtype  # the hidden states', and so the queries'
         dropout = getattr(config, "attention_dropout", 0.0) if module.training else 0.0
-        if not serves_every_layer(tokens.device, dtype, config, kwargs.get("max_length_q") or 0, dropout):
+        if not serves_every_layer(tokens.device, dtype, config, kwargs["max_length_q"], dropout):
             return None
         return args, {**kwargs, "attention_mask": dict(NO_MASKS)}
 
@@ -88,7 +90,11 @@ def _masks_not_built(config) -> Callable:
 
 
 def serves_every_layer(device, dtype, config, longest: int, dropout: float) -> bool:
-    """`serves` for the full-attention layers and the sliding-window ones."""
+    """`serves` for the full-attention layers and the sliding-window ones, with the flash kernel only: where the
+    memory-efficient kernel runs (a T4), whether it serves depends on each batch's longest record, and compiled layers
+    given a mask one step and none the next would compile twice."""
+    if device.type != "cuda" or not flash_kernel(device, config.head_dim):
+        return False
     return all(serves(device, dtype, config.head_dim, window, longest, dropout)
                for window in (None, getattr(config, "sliding_window", None)))
 
@@ -100,7 +106,7 @@ def serves(device, dtype, head_dim: int, sliding_window: Optional[int], longest:
         return False
     if flash_kernel(device, head_dim):
         return True
-    return sliding_window is None or longest <= sliding_window  # the memory-efficient kernel has no window
+    return sliding_window is None or (longest is not None and longest <= sliding_window)  # that kernel: no window
 
 
 def flash_kernel(device, head_dim: int) -> bool:
