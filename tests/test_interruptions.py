@@ -320,6 +320,43 @@ def test_ctrl_c_before_any_checkpoint(tmp_path, caplog):
     assert not list(out.glob("checkpoint-*")) and not (out / "final").exists()
 
 
+def vmap_cut_off():
+    """What torch's vmap raised when Ctrl-C came while transformers built a mask: its own clean-up's error."""
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        raise RuntimeError("!dynamicLayerStack.empty() INTERNAL ASSERT FAILED at DynamicLayer.cpp:220, please report "
+                           "a bug to PyTorch.")
+
+
+def test_ctrl_c_that_a_library_turns_into_its_own_error_is_still_ctrl_c(tmp_path, caplog):
+    out = tmp_path / "out"
+    exit_code, message = through_cli(smoke_argv(out, "--max_steps", 4, "--num_sample_prompts", 0), caplog,
+                                     callbacks=[AtStep(2, vmap_cut_off)])
+    assert exit_code == 130 and message.startswith("Training interrupted at step 2 (Ctrl-C)")
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, interruptions.Stop], ids=["Ctrl-C", "SIGTERM"])
+def test_a_stop_beneath_a_library_error_is_found_and_nothing_else(stop):
+    try:
+        try:
+            raise stop
+        except BaseException as inner:
+            raise RuntimeError("INTERNAL ASSERT FAILED") from inner
+    except RuntimeError as error:
+        assert isinstance(interruptions.stop_beneath(error), stop)
+    assert interruptions.stop_beneath(ValueError("a bug of ours")) is None
+
+
+def test_outside_training_a_library_error_over_ctrl_c_is_ctrl_c():
+    """While the model or the data loads: the stop, not the library's error and its traceback."""
+    with pytest.raises(errors.Interrupted, match=r"Stopped \(Ctrl-C\) before training started") as stopped:
+        interruptions.whole_run(vmap_cut_off)()
+    assert stopped.value.exit_code == 130
+    with pytest.raises(ValueError):
+        interruptions.whole_run(lambda: int("x"))()
+
+
 def test_sigterm_saves_a_checkpoint_at_the_end_of_the_step_and_stops(tmp_path, caplog):
     out = tmp_path / "out"
     received = []

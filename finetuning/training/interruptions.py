@@ -162,6 +162,19 @@ class Stop(BaseException):
     so no library's `except Exception` swallows it)."""
 
 
+def stop_beneath(error: BaseException) -> Optional[BaseException]:
+    """The Ctrl-C (KeyboardInterrupt) or SIGTERM (Stop) that `error` came out of handling, if any: a library whose
+    clean-up fails when a stop cuts into it raises its own error instead (torch's vmap, inside transformers' mask
+    building: "RuntimeError: !dynamicLayerStack.empty() INTERNAL ASSERT FAILED")."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (KeyboardInterrupt, Stop)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 # What each step after training writes, as the stop message names it.
 AFTER_TRAINING_STEPS = {
     "final": "the trained model in {out}/final",
@@ -284,6 +297,14 @@ def whole_run(main):
             raise Interrupted(stops.message("Ctrl-C"), 130) from e
         except Stop as e:
             raise Interrupted(stops.message("SIGTERM"), 143) from e
+        except Interrupted:  # said already, by the training loop
+            raise
+        except Exception as e:
+            stop = stop_beneath(e)
+            if stop is None:
+                raise
+            how, code = ("Ctrl-C", 130) if isinstance(stop, KeyboardInterrupt) else ("SIGTERM", 143)
+            raise Interrupted(stops.message(how), code) from e
         finally:
             stops.uninstall()
             run_lock.release_all()

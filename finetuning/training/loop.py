@@ -17,7 +17,7 @@ from training.saving import is_disk_full
 from training.checkpoints import (latest_complete_checkpoint, remove_cut_off_checkpoints, require_complete_checkpoint)
 from cli.errors import Interrupted, TrainingFailed
 from training import interruptions
-from training.interruptions import StopOnSigterm, after_training, resume_hint
+from training.interruptions import StopOnSigterm, after_training, resume_hint, stop_beneath
 from training.saved_settings import SaveRunSettings
 
 logger = logging.getLogger(__name__)
@@ -105,6 +105,13 @@ def _out_of_memory_advice(trainer) -> str:
             f"{'on' if checkpointing else 'off'}).\nFix, one at a time: {'; '.join(fixes)}{last}\n")
 
 
+def _ctrl_c(trainer) -> Interrupted:
+    """What Ctrl-C during training ends in, once the checkpoint it cut off is gone."""
+    if processes.writes(trainer.args):
+        remove_cut_off_checkpoints(trainer.args.output_dir)
+    return Interrupted(resume_hint(trainer, "Ctrl-C"), 130)
+
+
 def train(trainer, output: Optional[OutputPlan] = None, time_budget: Optional[float] = None):
     """trainer.train() with the guards: a NaN loss stops it, an out-of-memory error says which settings to lower,
     Ctrl-C and SIGTERM end in errors.Interrupted with the command that resumes. Returns the Trainer's TrainOutput,
@@ -138,9 +145,7 @@ def train(trainer, output: Optional[OutputPlan] = None, time_budget: Optional[fl
         with sigterm.installed():
             result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     except KeyboardInterrupt as e:
-        if processes.writes(args):
-            remove_cut_off_checkpoints(args.output_dir)
-        raise Interrupted(resume_hint(trainer, "Ctrl-C"), 130) from e
+        raise _ctrl_c(trainer) from e
     except torch.OutOfMemoryError as e:
         checkpoint = latest_complete_checkpoint(args.output_dir)
         raise TrainingFailed(
@@ -152,6 +157,8 @@ def train(trainer, output: Optional[OutputPlan] = None, time_budget: Optional[fl
             )
         ) from e
     except Exception as e:
+        if isinstance(stop_beneath(e), KeyboardInterrupt):  # a library's own error, raised as Ctrl-C cut into it
+            raise _ctrl_c(trainer) from e
         if not is_disk_full(e):
             raise
         raise TrainingFailed(
