@@ -36,7 +36,7 @@ def walk_trainable_only(trainer, patches: Optional[Patches] = None) -> bool:
     if getattr(trainer, "model_init", None) is not None:  # train() would build another model than the one listed
         return False
     trainable = [parameter for parameter in trainer.model.parameters() if parameter.requires_grad]
-    stock_clip = accelerator.clip_grad_norm_
+    stock_clip, model = accelerator.clip_grad_norm_, trainer.model
 
     def clip_grad_norm_(parameters, max_norm, norm_type=2):
         if isinstance(parameters, types.GeneratorType):  # the Trainer's model.parameters(): never walked
@@ -44,17 +44,10 @@ def walk_trainable_only(trainer, patches: Optional[Patches] = None) -> bool:
         return stock_clip(parameters, max_norm, norm_type=norm_type)
 
     def zero_grad(set_to_none: bool = True) -> None:
+        if not set_to_none:  # not the Trainer's call: the module's own walk
+            return type(model).zero_grad(model, set_to_none)
         for parameter in trainable:
-            if parameter.grad is None:
-                continue
-            if set_to_none:
-                parameter.grad = None
-            else:  # as nn.Module.zero_grad does
-                if parameter.grad.grad_fn is not None:
-                    parameter.grad.detach_()
-                else:
-                    parameter.grad.requires_grad_(False)
-                parameter.grad.zero_()
+            parameter.grad = None
 
     patches = patches if patches is not None else Patches()
     patches.set(accelerator, "clip_grad_norm_", clip_grad_norm_)

@@ -90,13 +90,12 @@ def _masks_not_built(config) -> Callable:
 
 
 def serves_every_layer(device, dtype, config, longest: int, dropout: float) -> bool:
-    """`serves` for the full-attention layers and the sliding-window ones, with the flash kernel only: where the
-    memory-efficient kernel runs (a T4), whether it serves depends on each batch's longest record, and compiled layers
-    given a mask one step and none the next would compile twice."""
+    """`serves` for every layer, with the flash kernel only (which takes any window): where the memory-efficient
+    kernel runs (a T4), whether it serves depends on each batch's longest record, and compiled layers given a mask one
+    step and none the next would compile twice."""
     if device.type != "cuda" or not flash_kernel(device, config.head_dim):
         return False
-    return all(serves(device, dtype, config.head_dim, window, longest, dropout)
-               for window in (None, getattr(config, "sliding_window", None)))
+    return serves(device, dtype, config.head_dim, getattr(config, "sliding_window", None), longest, dropout)
 
 
 def serves(device, dtype, head_dim: int, sliding_window: Optional[int], longest: int, dropout: float) -> bool:
