@@ -10,7 +10,10 @@ step, the step's peak, and the blocks alive at that peak grouped by where they w
 """
 from __future__ import annotations
 
+import gzip
 import os
+import shutil
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -44,6 +47,8 @@ def profiler_callback(start_step: int, path: Path):
 
                 activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
                 self.profile = torch.profiler.profile(activities=activities)
+                torch.cuda.synchronize()
+                self.started = time.perf_counter()
                 self.profile.__enter__()
                 self.python = cProfile.Profile()  # where the Python side of a step spends its time
                 self.python.enable()
@@ -51,6 +56,7 @@ def profiler_callback(start_step: int, path: Path):
         def on_step_end(self, args, state, control, **kwargs):
             if self.profile is not None and state.global_step == self.start_step + 3:
                 torch.cuda.synchronize()
+                wall = time.perf_counter() - self.started
                 self.python.disable()
                 self.profile.__exit__(None, None, None)
                 import io
@@ -60,8 +66,18 @@ def profiler_callback(start_step: int, path: Path):
                 pstats.Stats(self.python, stream=python_stats).sort_stats("tottime").print_stats(40)
                 self.path.with_suffix(".python.txt").write_text(python_stats.getvalue())
                 averages = self.profile.key_averages()
+                # Whether the GPU waits on the host: its kernels' time against the steps' wall time.
+                busy = sum(event.self_device_time_total for event in averages) / 1e6
+                kernels = sum(event.count for event in averages if event.self_device_time_total > 0)
+                self.profile.export_chrome_trace(str(self.path.with_suffix(".trace.json")))
+                with open(self.path.with_suffix(".trace.json"), "rb") as raw, \
+                        gzip.open(self.path.with_suffix(".trace.json.gz"), "wb") as packed:
+                    shutil.copyfileobj(raw, packed)
+                self.path.with_suffix(".trace.json").unlink()
                 self.path.write_text(
-                    averages.table(sort_by="self_cuda_time_total", row_limit=45)
+                    f"3 steps: {wall:.3f} s by the wall clock (with the profiler's own cost), GPU kernels busy "
+                    f"{busy:.3f} s ({busy / wall:.0%}), about {kernels / 3:,.0f} device events a step\n\n"
+                    + averages.table(sort_by="self_cuda_time_total", row_limit=45)
                     + "\n\n" + averages.table(sort_by="cpu_time_total", row_limit=25)
                 )
                 self.profile = None
