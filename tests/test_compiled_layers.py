@@ -164,6 +164,43 @@ def test_compiled_and_offloaded_layers_together_give_the_eager_answer(lora_model
     assert backend.graphs == first
 
 
+def test_one_graph_serves_both_kinds_of_layer_with_each_ones_window_and_rotary_embeddings(lora_model):
+    """Override 17 over compiled and offloaded layers, as a run installs them: one graph for the sliding-window and
+    the full-attention layers, the eager answer on rows longer than the 16-token window; each layer's attributes as
+    they were after every call; evaluation runs the stock layers; nothing left once restored."""
+    from fastpath import one_layer_graph
+    from fastpath.patches import Patches
+
+    eager = checkpointed(lora_model, dropout=False)
+    both = checkpointed(lora_model, offload.checkpoint_compiled, dropout=False)
+    layers = compiled_layers.decoder_layers(both)
+    kinds = [(layer.self_attn.is_sliding, layer.self_attn.sliding_window) for layer in layers]
+    assert sorted(kinds, key=str) == [(False, None)] + [(True, 16)] * 5
+    backend, patches = CountingBackend(), Patches()
+    assert compiled_layers.compile_decoder_layers(both, backend=backend, patches=patches) == 6
+    assert one_layer_graph.unify_layer_kinds(both, patches) == 6
+    for length, rows in ((20, 2), (24, 2), (37, 3)):
+        assert_same(loss_and_grads(eager, batch(length, rows)), loss_and_grads(both, batch(length, rows)))
+        assert [(layer.self_attn.is_sliding, layer.self_attn.sliding_window) for layer in layers] == kinds
+    assert backend.graphs == 1
+    with torch.no_grad():
+        both.eval()(input_ids=batch(12))
+    assert backend.graphs == 1
+    patches.restore()
+    assert all("forward" not in vars(layer) for layer in layers)
+
+
+def test_one_graph_is_not_tried_where_the_attention_reads_the_window_itself(caplog):
+    from fastpath import one_layer_graph
+
+    model = small_gemma(layers=2)
+    model.config._attn_implementation = "flash_attention_2"
+    with caplog.at_level(logging.INFO, logger="fastpath.one_layer_graph"):
+        assert one_layer_graph.unify_layer_kinds(model) == 0
+    assert "not with flash_attention_2 attention" in caplog.text
+    assert all("forward" not in vars(layer) for layer in model.model.layers)
+
+
 def test_the_first_step_says_what_it_waits_for_and_how_long_it_took(lora_model, caplog, monkeypatch, tmp_path):
     """Issue 27: before the first step, that it compiles and whether torch's cache is empty; after it, the time and
     torch.compile's share by its own timers; nothing more at later steps."""
@@ -192,8 +229,9 @@ def test_the_first_step_says_what_it_waits_for_and_how_long_it_took(lora_model, 
 
 
 def test_the_switchboard_installs_the_wait_log_and_the_one_graph_checkpoint_and_takes_them_away():
-    """Both chosen: the first step's log and the offload callback (checkpoint_compiled) on the trainer while it trains;
-    afterwards no callback, no compiled forward and the Trainer's checkpointing function."""
+    """All chosen: the first step's log and the offload callback (checkpoint_compiled) on the trainer while it trains,
+    the layers' kinds under one graph; afterwards no callback, no compiled or wrapped forward and the Trainer's
+    checkpointing function."""
     from types import SimpleNamespace
 
     from fastpath.switchboard import FastPath
@@ -204,10 +242,11 @@ def test_the_switchboard_installs_the_wait_log_and_the_one_graph_checkpoint_and_
     callbacks = []
     trainer = SimpleNamespace(model=model, args=SimpleNamespace(n_gpu=1, world_size=1),
                               add_callback=callbacks.append, remove_callback=callbacks.remove)
-    fast = FastPath(frozenset({"compile_layers", "offload"}), speed=choices.SpeedChoices(True, True))
-    with fast.installed(trainer):
+    fast = FastPath(frozenset({"compile_layers", "offload", "one_layer_graph"}), speed=choices.SpeedChoices(True, True))
+    with fast.installed(trainer) as done:
         wait, offloading = callbacks
-        assert isinstance(wait, compiled_layers.CompileWait)
+        assert isinstance(wait, compiled_layers.CompileWait) and "one graph for both kinds" in wait.graphs
+        assert done["one_layer_graph"] == "on"
         offloading.on_train_begin(None, None, None, model=model)
         assert all(layer._gradient_checkpointing_func is offload.checkpoint_compiled for layer in model.model.layers)
         assert all("forward" in vars(layer) for layer in model.model.layers)

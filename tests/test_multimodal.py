@@ -18,8 +18,8 @@ import common
 import train_galore
 import train_qlora
 from cli.errors import UserInputError
-from fastpath import (chunked_loss, compiled_layers, flops_once, lora_4bit, offload, rms_norm, skip_train,
-                      varlen_attention)
+from fastpath import (chunked_loss, compiled_layers, flops_once, lora_4bit, offload, one_layer_graph, rms_norm,
+                      skip_train, varlen_attention)
 from fastpath.patches import Patches
 from models import shapes, smoke
 from records import batching
@@ -233,12 +233,13 @@ def packed_and_padded(lengths=(9, 20, 14), row_tokens=48):
 
 
 @pytest.mark.parametrize("model_class", ["text", "multimodal"])
-@pytest.mark.parametrize("varlen", ["stock", "varlen selected", "masks skipped"])
+@pytest.mark.parametrize("varlen", ["stock", "varlen selected", "masks skipped", "masks skipped, one layer graph"])
 def test_packed_rows_train_as_padded_records_do(varlen, model_class, monkeypatch):
     """The records of a packed row see only themselves, in both classes (the multimodal one's Gemma3Model builds the
     mask from the text config). With the variable-length attention selected, the CPU runs its SDPA fallback. With
     the masks skipped (the hook forecasts that the kernels serve every layer, as on a GPU), transformers builds no
-    mask and each layer's fallback builds the packed mask from the record bounds."""
+    mask and each layer's fallback builds the packed mask from the record bounds; under override 17 from the window
+    each layer's call is given (FULL_WINDOW for full attention), with its own rotary embeddings under both names."""
     from transformers.models.gemma3 import modeling_gemma3
 
     # 6 layers: sliding ones and a full-attention one; rows of 24 tokens: two rows, one ending in padding
@@ -249,12 +250,21 @@ def test_packed_rows_train_as_padded_records_do(varlen, model_class, monkeypatch
     rows = copy.deepcopy(model)
     if varlen != "stock":
         assert varlen_attention.use_varlen_attention(rows)
-    if varlen == "masks skipped":
+    if varlen.startswith("masks skipped"):
         forecasts = []
         monkeypatch.setattr(varlen_attention, "serves_every_layer", lambda *args: forecasts.append(args) or True)
         monkeypatch.setattr(modeling_gemma3, "create_causal_mask", lambda **kwargs: pytest.fail("a mask was built"))
+    windows = []
+    if varlen.endswith("one layer graph"):
+        assert one_layer_graph.unify_layer_kinds(rows.train()) == 6
+        packed_mask = varlen_attention.packed_mask
+        monkeypatch.setattr(varlen_attention, "packed_mask",
+                            lambda *args: windows.append(args[3]) or packed_mask(*args))
     assert_same(expected, loss_and_grads(rows, **packed))
-    if varlen == "masks skipped":  # what the hook forecast from: the text config, the batch's longest record
+    if varlen.endswith("one layer graph"):  # the layers' windows as given: one full-attention layer of six
+        assert sorted(windows) == [16] * 5 + [one_layer_graph.FULL_WINDOW]
+        assert [layer.self_attn.sliding_window for layer in compiled_layers.decoder_layers(rows)].count(None) == 1
+    if varlen.startswith("masks skipped"):  # what the hook forecast from: the text config, the batch's longest record
         ((device, dtype, config, longest, dropout),) = forecasts
         assert (device.type, dtype, longest, dropout) == ("cpu", torch.float32, packed["max_length_q"], 0.0)
         assert config is rows.config.get_text_config() and config.sliding_window == 16

@@ -7,7 +7,7 @@ from cli.errors import UserInputError
 # The switches, in the table's order (fastpath/__init__.py). SPEED: `none` turns them off. FIXES: without them the stock
 # path trains wrongly, cannot run on the CPU, cannot resume or cannot start, so `none` keeps them; `-name` still drops one.
 SPEED = ("rms_norm", "lora_4bit", "varlen_attention", "chunked_loss", "cudnn_off", "compile_layers", "offload",
-         "skip_train", "flops_once", "kbit_embeddings", "trainable_grads")
+         "skip_train", "flops_once", "kbit_embeddings", "trainable_grads", "one_layer_graph")
 FIXES = ("galore_8bit", "galore_no_sync", "galore_resume", "one_gpu")
 SWITCHES = SPEED + FIXES
 

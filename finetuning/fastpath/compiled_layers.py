@@ -111,20 +111,23 @@ class CompileWait(TrainerCallback):
     """Says what the first step waits for (compiling the layers) and where torch caches it, then how long it took
     and where the time went, from torch's own timers: a user facing a still progress bar knows why."""
 
-    def __init__(self):
+    def __init__(self, one_graph: bool = False):
         self.began = None
         self.logged = False
+        self.graphs = ("one graph for both kinds of layer, sliding-window and full attention (override 17)" if one_graph
+                       else "a graph for each kind of layer, sliding-window and full attention")
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.began is not None:
             return
         self.began, self.before = time.perf_counter(), compile_seconds()
         folder, warm = compile_cache()
-        logger.info("The first step compiles the decoder layers (their graphs for sliding-window and full attention). "
-                    "torch's compile cache %s %s: %s", folder,
+        logger.info("The first step compiles the decoder layers (%s). torch's compile cache %s %s: %s",
+                    self.graphs, folder,
                     "holds earlier compilations" if warm else "is empty",
                     "a run of the same model reuses what it can." if warm else "with an empty cache, as on a fresh "
-                    "Colab session, the first step came 33-38 s after loading on an H100 (docs/benchmarks.md); later "
+                    "Colab session, the first step came 33-38 s after loading on an H100 with a graph for each kind of layer "
+                    "(docs/benchmarks.md); later "
                     "runs on this machine are faster. --compile_layers no skips it.")
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from fastpath import (chunked_loss, compiled_layers, cudnn_attention, flops_once, galore_8bit, galore_resume,
-                      kbit_embeddings, lora_4bit, offload, one_gpu, rms_norm, skip_train, trainable_grads,
-                      varlen_attention)
+                      kbit_embeddings, lora_4bit, offload, one_gpu, one_layer_graph, rms_norm, skip_train,
+                      trainable_grads, varlen_attention)
 from fastpath.choices import SpeedChoices
 from fastpath.patches import Patches
 from cli.fast_path_flag import SWITCHES
@@ -73,7 +73,7 @@ class FastPath:
 
     @contextlib.contextmanager
     def installed(self, trainer) -> Iterator[dict]:
-        """Overrides 1-6, 8-13 and 16 on the trainer's model and the process, restored when the block ends; logs what
+        """Overrides 1-6, 8-13, 16 and 17 on the trainer's model and the process, restored when the block ends; logs what
         each switch did. Yields that record."""
         patches = Patches()
         try:
@@ -104,9 +104,13 @@ class FastPath:
         if not self._off("compile_layers"):
             compiled = compiled_layers.compile_decoder_layers(model, patches=patches) if self.speed.compile_layers else 0
             self.done["compile_layers"] = f"{compiled} layers" if self.speed.compile_layers else "not chosen"
+            one_graph = 0
+            if compiled and not self._off("one_layer_graph"):  # after the compile: it wraps the compiled forwards
+                one_graph = one_layer_graph.unify_layer_kinds(model, patches)
+            self.done["one_layer_graph"] = ("on" if one_graph else "stock (guard)") if compiled else "not compiled"
             if compiled:
                 stack.enter_context(compiled_layers.compiler_settings())
-                self._add_callback(trainer, compiled_layers.CompileWait(), patches)
+                self._add_callback(trainer, compiled_layers.CompileWait(one_graph=one_graph > 0), patches)
         if not self._off("chunked_loss"):
             self.done["chunked_loss"] = "on" if chunked_loss.use_chunked_loss(
                 causal_lm, compiled_chunks=compiled > 0, patches=patches) else "stock"

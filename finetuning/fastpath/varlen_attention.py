@@ -35,6 +35,8 @@ except ImportError:
     AttentionInterface = sdpa_attention_forward = ALL_MASK_ATTENTION_FUNCTIONS = AttentionMaskInterface = None
 
 VARLEN_ATTENTION = "gemma_finetuning_varlen_sdpa"
+# Override 17 passes each layer's window under this keyword, as a number for both kinds (one compiled graph).
+LAYER_WINDOW = "gemma_finetuning_layer_window"
 
 
 def use_varlen_attention(causal_lm, patches: Optional[Patches] = None) -> bool:
@@ -147,11 +149,12 @@ def _schema_has(op_name: str, names) -> bool:
 def _varlen_or_sdpa(sdpa: Callable) -> Callable:
     def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
                           **kwargs):
-        output = attention(query, key, value, dropout, scaling, sliding_window, kwargs)
+        window = kwargs.pop(LAYER_WINDOW, None)  # override 17: every layer's window as a number
+        output = attention(query, key, value, dropout, scaling, sliding_window, kwargs, window)
         if output is None:
             if attention_mask is None and kwargs.get("cu_seq_lens_q") is not None:  # the hook skipped the masks
-                attention_mask = packed_mask(kwargs["cu_seq_lens_q"], query.shape[0], query.shape[2], sliding_window,
-                                             query.device)
+                attention_mask = packed_mask(kwargs["cu_seq_lens_q"], query.shape[0], query.shape[2],
+                                             sliding_window if window is None else window, query.device)
             return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                         sliding_window=sliding_window, **kwargs)
         return output, None
@@ -167,19 +170,22 @@ EFFICIENT_ARGUMENTS = ("query", "key", "value", "bias", "cu_seqlens_q", "cu_seql
 
 
 
-def attention(query, key, value, dropout, scaling, sliding_window, kwargs) -> Optional[torch.Tensor]:
-    """The packed batch's attention output, [batch, length, heads, dim]; None where stock SDPA must run."""
+def attention(query, key, value, dropout, scaling, sliding_window, kwargs, window=None) -> Optional[torch.Tensor]:
+    """The packed batch's attention output, [batch, length, heads, dim]; None where stock SDPA must run. `window`:
+    the layer's window from override 17, a number for both kinds, passed as it is (a symbol of the compiled graph)."""
     bounds, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     batch, heads, length, head_dim = query.shape
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
-    if bounds is None or not serves(query.device, dtype, head_dim, sliding_window, longest, dropout):
+    if bounds is None or not serves(query.device, dtype, head_dim, sliding_window if window is None else window,
+                                    longest, dropout):
         return None
     flash = flash_kernel(query.device, head_dim)
     if flash:
         # Flash attention takes the window, and the row length as a bound on the records' lengths that holds: the
         # same values every step, so that a compiled layer sees nothing new (a window wider than a record changes
-        # nothing in it).
-        window_applies = sliding_window is not None and length > sliding_window
+        # nothing in it; the kernel takes one at least as long as the row for none).
+        window_applies = window is not None or (sliding_window is not None and length > sliding_window)
+        sliding_window = sliding_window if window is None else window
         longest = length
 
     def tokens_first(states):  # [batch, heads, length, dim] -> [batch * length, heads, dim]
@@ -189,10 +195,10 @@ def attention(query, key, value, dropout, scaling, sliding_window, kwargs) -> Op
     bounds = bounds.to(device=query.device, dtype=torch.int32)
     if flash:
         # Gemma's window: a token sees itself and the sliding_window - 1 tokens before it.
-        window = dict(window_size_left=sliding_window - 1, window_size_right=0) if window_applies else {}
+        limits = dict(window_size_left=sliding_window - 1, window_size_right=0) if window_applies else {}
         output = torch.ops.aten._flash_attention_forward(
             query=q, key=k, value=v, cum_seq_q=bounds, cum_seq_k=bounds, max_q=longest, max_k=longest,
-            dropout_p=0.0, is_causal=True, return_debug_mask=False, scale=scaling, **window,
+            dropout_p=0.0, is_causal=True, return_debug_mask=False, scale=scaling, **limits,
         )[0]
     else:
         # The memory-efficient kernel wants as many key/value heads as query heads.
