@@ -15,22 +15,32 @@ sys.path[:0] = ["finetuning", "tests"]
 from conftest import quantized_lora_model, small_gemma  # noqa: E402
 from fastpath import compiled_layers, lora_4bit, offload, one_layer_graph  # noqa: E402
 
-mode = sys.argv[1]
-base = small_gemma(layers=6, layer_types=["sliding_attention", "full_attention"] + ["sliding_attention"] * 4)
-model = quantized_lora_model(pathlib.Path(tempfile.mkdtemp()), dropout=0.0, base=base)
-lora_4bit.fuse_lora_4bit(model, keep_dequantized_weight=True)
-model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-for layer in compiled_layers.decoder_layers(model):
-    layer._gradient_checkpointing_func = offload.checkpoint_compiled
-def step(ids):
-    model.zero_grad(); model(input_ids=ids, labels=ids).loss.backward()
-with compiled_layers.compiler_settings():
-    compiled_layers.compile_decoder_layers(model)
-    if mode == "one":
-        one_layer_graph.unify_layer_kinds(model)
-    ids = torch.randint(3, 300, (2, 40))
-    before = compiled_layers.compile_seconds()
-    t = time.perf_counter(); step(ids); first = time.perf_counter() - t
-    spent = compiled_layers.compile_seconds()["total"] - before["total"]
-    t = time.perf_counter(); step(torch.randint(3, 300, (3, 33))); second = time.perf_counter() - t
+
+
+def step(model, ids) -> float:
+    began = time.perf_counter()
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return time.perf_counter() - began
+
+
+def main(mode: str) -> None:
+    base = small_gemma(layers=6, layer_types=["sliding_attention", "full_attention"] + ["sliding_attention"] * 4)
+    model = quantized_lora_model(pathlib.Path(tempfile.mkdtemp()), dropout=0.0, base=base)
+    lora_4bit.fuse_lora_4bit(model, keep_dequantized_weight=True)
+    model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in compiled_layers.decoder_layers(model):
+        layer._gradient_checkpointing_func = offload.checkpoint_compiled  # as a run installs it with compiled layers
+    with compiled_layers.compiler_settings():
+        compiled_layers.compile_decoder_layers(model)
+        if mode == "one":
+            one_layer_graph.unify_layer_kinds(model)
+        before = compiled_layers.compile_seconds()["total"]
+        first = step(model, torch.randint(3, 300, (2, 40)))
+        spent = compiled_layers.compile_seconds()["total"] - before
+        second = step(model, torch.randint(3, 300, (3, 33)))
     print(f"{mode}: first step {first:.1f} s (torch.compile {spent:.1f} s), second step {second:.2f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
