@@ -80,6 +80,9 @@ def setup_table() -> dict:
             setups[f"ours {label}, {budget // 1024}k tokens/batch, 2 GPUs"] = dict(
                 kind="ours", method=method, batch=1, extra=tokens(budget), gpus=2
             )
+    for budget in (8192, 32768):  # override 17 off: a graph for each kind of layer, what the one graph saves
+        setups[f"ours QLoRA, {budget // 1024}k tokens/batch, a graph per kind of layer"] = dict(
+            kind="ours", method="qlora", batch=1, extra=[*tokens(budget), "--fast_path", "all,-one_layer_graph"])
     # Measurement only (unsafe for flags changed mid-run, such as peft's disable_adapter()): what guard evaluation costs.
     setups["ours QLoRA, 8k tokens/batch, guards skipped"] = dict(kind="ours", method="qlora", batch=1,
                                                                  extra=tokens(8192), skip_guards="1")

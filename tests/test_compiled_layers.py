@@ -357,3 +357,32 @@ def test_a_layer_the_compiler_fails_on_runs_eagerly(lora_model):
     broken = checkpointed(lora_model, dropout=False)
     compiled_layers.compile_decoder_layers(broken, backend=failing_backend)
     assert_same(loss_and_grads(eager, batch(20)), loss_and_grads(broken, batch(20)))
+
+
+def test_the_flash_path_takes_the_window_as_a_symbol_so_both_kinds_share_a_graph(monkeypatch):
+    """Override 17 on a GPU's path, traced on meta tensors (the kernel forecast forced): the flash call gets the
+    window - 1 from the graph's inputs, so a sliding window and FULL_WINDOW, at any row length, make one graph."""
+    from fastpath import one_layer_graph, varlen_attention
+
+    monkeypatch.setattr(varlen_attention, "flash_kernel", lambda device, head_dim: True)
+    monkeypatch.setattr(varlen_attention, "serves", lambda *args: True)
+    graphs = []
+
+    def counting(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    def attention(query, key, value, bounds, window):
+        return varlen_attention.attention(query, key, value, 0.0, 0.0625, None,
+                                          {"cu_seq_lens_q": bounds, "max_length_q": 8}, window)
+
+    compiled = torch.compile(attention, backend=counting, dynamic=True)
+    for length, window in ((64, 16), (64, one_layer_graph.FULL_WINDOW), (96, 16), (96, one_layer_graph.FULL_WINDOW)):
+        query = torch.empty(1, 4, length, 32, device="meta", dtype=torch.bfloat16)
+        key = torch.empty(1, 1, length, 32, device="meta", dtype=torch.bfloat16)
+        bounds = torch.tensor([0, length // 2, length], device="meta", dtype=torch.int32)
+        assert compiled(query, key, key, bounds, window).shape == (1, length, 4, 32)
+    (graph,) = graphs
+    (flash,) = [node for node in graph.graph.nodes if "flash_attention" in str(node.target)]
+    assert isinstance(flash.kwargs["window_size_left"], torch.fx.Node)  # window - 1, computed in the graph
+    assert flash.kwargs["window_size_right"] == 0
