@@ -228,6 +228,45 @@ def test_the_first_step_says_what_it_waits_for_and_how_long_it_took(lora_model, 
     assert "holds earlier compilations" in caplog.text
 
 
+def test_the_compiled_graphs_saved_in_the_output_folder_spare_a_resumed_run_the_compile(tmp_path, monkeypatch, caplog):
+    """Issue 27: after the first step the graphs go to OUTPUT/torch_compile_cache.bin (the main process alone); a
+    run resumed there on a machine whose torch cache is empty (a fresh Colab session) reads them: inductor's graph
+    cache hits. A file torch cannot read is said and skipped."""
+    from types import SimpleNamespace
+
+    from torch._dynamo.utils import counters
+
+    def first_step(cache, should_save=True):
+        torch._dynamo.reset()
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / cache))
+        args = SimpleNamespace(output_dir=str(tmp_path / "run"), should_save=should_save)
+        wait = compiled_layers.CompileWait()
+        wait.on_step_begin(args, None, None)
+        compiled = torch.compile(lambda x: (x.sin() * 3 + x.cos()).sum(), dynamic=True)
+        compiled(torch.randn(8))
+        wait.on_step_end(args, None, None)
+
+    (tmp_path / "run").mkdir()
+    saved = tmp_path / "run" / compiled_layers.SAVED_GRAPHS
+    first_step("other_process", should_save=False)
+    assert not saved.exists()
+    with caplog.at_level(logging.INFO, logger="fastpath.compiled_layers"):
+        first_step("first_session")
+    assert saved.stat().st_size > 0 and f"The compiled graphs are saved in {saved}" in caplog.text
+    counters.clear()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fastpath.compiled_layers"):
+        first_step("fresh_session")
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1, dict(counters["inductor"])
+    assert f"with the graphs an earlier run saved in {saved} added" in caplog.text
+
+    saved.write_bytes(b"not torch's")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fastpath.compiled_layers"):
+        first_step("another_fresh_session")
+    assert f"The compiled graphs in {saved} were not read" in caplog.text
+
+
 def test_the_switchboard_installs_the_wait_log_and_the_one_graph_checkpoint_and_takes_them_away():
     """All chosen: the first step's log and the offload callback (checkpoint_compiled) on the trainer while it trains,
     the layers' kinds under one graph; afterwards no callback, no compiled or wrapped forward and the Trainer's

@@ -107,9 +107,15 @@ def compile_cache() -> tuple[str, bool]:
         return folder, False
 
 
+# The compiled graphs a run saves in its output folder after the first step (torch's portable cache artifacts): a run
+# resumed there, on a fresh Colab session too, reads them instead of compiling from nothing.
+SAVED_GRAPHS = "torch_compile_cache.bin"
+
+
 class CompileWait(TrainerCallback):
     """Says what the first step waits for (compiling the layers) and where torch caches it, then how long it took
-    and where the time went, from torch's own timers: a user facing a still progress bar knows why."""
+    and where the time went, from torch's own timers: a user facing a still progress bar knows why. Loads the graphs
+    an earlier run saved in the output folder before the first step, and saves them there after it."""
 
     def __init__(self, one_graph: bool = False):
         self.began = None
@@ -120,15 +126,16 @@ class CompileWait(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self.began is not None:
             return
+        loaded = load_graphs(_saved_graphs(args))
         self.began, self.before = time.perf_counter(), compile_seconds()
         folder, warm = compile_cache()
-        logger.info("The first step compiles the decoder layers (%s). torch's compile cache %s %s: %s",
-                    self.graphs, folder,
-                    "holds earlier compilations" if warm else "is empty",
-                    "a run of the same model reuses what it can." if warm else "with an empty cache, as on a fresh "
-                    "Colab session, the first step came 33-38 s after loading on an H100 with a graph for each kind of layer "
-                    "(docs/benchmarks.md); later "
-                    "runs on this machine are faster. --compile_layers no skips it.")
+        logger.info("The first step compiles the decoder layers (%s). torch's compile cache %s %s%s: %s",
+                    self.graphs, folder, "holds earlier compilations" if warm else "is empty",
+                    f", with the graphs an earlier run saved in {loaded} added" if loaded else "",
+                    "a run of the same model reuses what it can." if warm or loaded else "with an empty cache, as on "
+                    "a fresh Colab session, the first step came 33-38 s after loading on an H100 with a graph for "
+                    "each kind of layer (docs/benchmarks.md); later runs on this machine, and runs resumed from this "
+                    "output folder, wait less. --compile_layers no skips it.")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.logged or self.began is None:
@@ -136,7 +143,49 @@ class CompileWait(TrainerCallback):
         self.logged = True
         now = compile_seconds()
         spent = {part: now[part] - self.before[part] for part in now}
+        saved = save_graphs(_saved_graphs(args)) if getattr(args, "should_save", False) else None
         logger.info("First step: %.0f s, of which torch.compile %.0f s (by its own timers: backward graphs %.0f s; "
                     "inductor's code generation %.0f s, %.0f s of it waiting for kernel builds). Later steps run the "
-                    "compiled layers.", time.perf_counter() - self.began, spent["total"], spent["backward"],
-                    spent["generated"], spent["kernels"])
+                    "compiled layers.%s", time.perf_counter() - self.began, spent["total"], spent["backward"],
+                    spent["generated"], spent["kernels"],
+                    f" The compiled graphs are saved in {saved}, for a run resumed from this folder." if saved else "")
+
+
+def _saved_graphs(args) -> Optional[str]:
+    folder = getattr(args, "output_dir", None)
+    return os.path.join(folder, SAVED_GRAPHS) if folder else None
+
+
+def load_graphs(path: Optional[str]) -> Optional[str]:
+    """Add the compiled graphs saved at `path` to torch's cache; returns `path` where it did."""
+    if not path or not os.path.isfile(path) or not hasattr(torch.compiler, "load_cache_artifacts"):
+        return None
+    try:
+        with open(path, "rb") as saved:
+            read = torch.compiler.load_cache_artifacts(saved.read())  # None: torch could not read them (it says why)
+        why = "" if read is not None else "torch could not read them"
+    except Exception as error:  # noqa: BLE001 - another torch's file, or a damaged one: the run compiles instead
+        why = f"{type(error).__name__}: {error}"
+    if why:
+        logger.warning("The compiled graphs in %s were not read (%s); the first step compiles them.", path, why)
+        return None
+    return path
+
+
+def save_graphs(path: Optional[str]) -> Optional[str]:
+    """Write what torch compiled in this process to `path` (whole or not at all); returns `path` where it did."""
+    if not path or not hasattr(torch.compiler, "save_cache_artifacts"):
+        return None
+    try:
+        artifacts = torch.compiler.save_cache_artifacts()
+        if not artifacts:
+            return None
+        partial = path + ".partial"
+        with open(partial, "wb") as saved:
+            saved.write(artifacts[0])
+        os.replace(partial, path)
+    except Exception as error:  # noqa: BLE001 - a cache not written must not stop the training
+        logger.warning("The compiled graphs were not saved to %s (%s: %s); a resumed run compiles them again.", path,
+                       type(error).__name__, error)
+        return None
+    return path
