@@ -16,7 +16,6 @@ from conftest import quantized_lora_model, small_gemma  # noqa: E402
 from fastpath import compiled_layers, lora_4bit, offload, one_layer_graph  # noqa: E402
 
 
-
 def step(model, ids) -> float:
     began = time.perf_counter()
     model.zero_grad()
@@ -43,4 +42,6 @@ def main(mode: str) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] not in (["one"], ["two"]):
+        raise SystemExit("usage: python bench/first_step_cpu.py one|two")
     main(sys.argv[1])

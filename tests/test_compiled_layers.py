@@ -190,6 +190,51 @@ def test_one_graph_serves_both_kinds_of_layer_with_each_ones_window_and_rotary_e
     assert all("forward" not in vars(layer) for layer in layers)
 
 
+def test_one_graph_sets_the_attributes_alike_during_a_call_and_puts_them_back_even_when_it_fails(monkeypatch):
+    """Override 17 without a compiler: inside a training call every attention reads is_sliding True and no
+    sliding_window; afterwards each layer has its own again, also after a call that raised."""
+    from fastpath import one_layer_graph
+
+    model = small_gemma(layers=6).train()
+    layers = model.model.layers
+    kinds = [(layer.self_attn.is_sliding, layer.self_attn.sliding_window) for layer in layers]
+    assert kinds == [(True, 16)] * 5 + [(False, None)]
+    assert one_layer_graph.unify_layer_kinds(model) == 6
+    during = []
+    for layer in layers:
+        layer.self_attn.register_forward_pre_hook(
+            lambda module, args: during.append((module.is_sliding, module.sliding_window)))
+    model(input_ids=batch(20))
+    assert during == [(True, None)] * 6
+    assert [(layer.self_attn.is_sliding, layer.self_attn.sliding_window) for layer in layers] == kinds
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(layers[5].mlp, "forward", fails)
+    with pytest.raises(RuntimeError, match="planted"):
+        model(input_ids=batch(20))
+    assert [(layer.self_attn.is_sliding, layer.self_attn.sliding_window) for layer in layers] == kinds
+
+
+def test_the_switch_and_the_guard_say_why_there_is_no_one_graph(caplog):
+    """`-one_layer_graph` logs "off", not a guard; a sliding layer without a number for its window is refused."""
+    from types import SimpleNamespace
+
+    from fastpath import one_layer_graph
+    from fastpath.switchboard import FastPath
+
+    model = small_gemma(layers=2).train()
+    trainer = SimpleNamespace(model=model, args=SimpleNamespace(n_gpu=1, world_size=1),
+                              add_callback=lambda callback: None, remove_callback=lambda callback: None)
+    with FastPath(frozenset({"compile_layers"}), speed=choices.SpeedChoices(True, False)).installed(trainer) as done:
+        assert done["one_layer_graph"] == "off" and done["compile_layers"] == "2 layers"
+    model.model.layers[0].self_attn.sliding_window = None
+    with caplog.at_level(logging.INFO, logger="fastpath.one_layer_graph"):
+        assert one_layer_graph.unify_layer_kinds(model) == 0
+    assert "the sliding-window layers' windows are [16, None], not all numbers" in caplog.text
+
+
 def test_one_graph_is_not_tried_where_the_attention_reads_the_window_itself(caplog):
     from fastpath import one_layer_graph
 

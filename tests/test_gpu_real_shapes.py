@@ -282,9 +282,10 @@ def test_fused_lora_4bit_same_answer_as_peft(sized_model):
 
 def test_compiled_offloaded_layers_same_answer_and_compiled_once(sized_model):
     """Overrides 10, 11 and 17 with inductor: compiled decoder layers (one graph for both kinds) whose checkpointed
-    inputs wait in pinned CPU memory, against the eager fast path, both in bf16 and both against float32, on packed batches with other record bounds
-    (and row counts) each step. As close to float32 as the eager path is, and nothing compiled after the first
-    step. (Deep in the backward pass the two bf16 paths round differently: 3.6% apart at 1b's layer 0 on an H100.)"""
+    inputs wait in pinned CPU memory, against the eager fast path, both in bf16 and both against float32, on packed
+    batches with other record bounds (and row counts) each step. As close to float32 as the eager path is, and nothing
+    compiled after the first step. (Deep in the backward pass the two bf16 paths round differently: 3.6% apart at 1b's
+    layer 0 on an H100.)"""
     from torch._inductor.compile_fx import compile_fx
 
     def eager_fast_path(dtype):

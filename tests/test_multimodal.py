@@ -233,7 +233,8 @@ def packed_and_padded(lengths=(9, 20, 14), row_tokens=48):
 
 
 @pytest.mark.parametrize("model_class", ["text", "multimodal"])
-@pytest.mark.parametrize("varlen", ["stock", "varlen selected", "masks skipped", "masks skipped, one layer graph"])
+@pytest.mark.parametrize("varlen", ["stock", "varlen selected", "masks skipped", "masks skipped, one layer graph",
+                                    "masks skipped, one layer graph, compiled"])
 def test_packed_rows_train_as_padded_records_do(varlen, model_class, monkeypatch):
     """The records of a packed row see only themselves, in both classes (the multimodal one's Gemma3Model builds the
     mask from the text config). With the variable-length attention selected, the CPU runs its SDPA fallback. With
@@ -254,16 +255,27 @@ def test_packed_rows_train_as_padded_records_do(varlen, model_class, monkeypatch
         forecasts = []
         monkeypatch.setattr(varlen_attention, "serves_every_layer", lambda *args: forecasts.append(args) or True)
         monkeypatch.setattr(modeling_gemma3, "create_causal_mask", lambda **kwargs: pytest.fail("a mask was built"))
-    windows = []
-    if varlen.endswith("one layer graph"):
-        assert one_layer_graph.unify_layer_kinds(rows.train()) == 6
+    windows, graphs = [], []
+    kinds = [(layer.self_attn.is_sliding, layer.self_attn.sliding_window)
+             for layer in compiled_layers.decoder_layers(rows)]
+    if varlen.endswith("compiled"):  # the window a symbol of the one graph, the packed mask built inside it
+        torch._dynamo.reset()
+        compiled_layers.compile_decoder_layers(
+            rows, backend=lambda graph, inputs: graphs.append(graph) or graph.forward)
+    if varlen.endswith("one layer graph"):  # the windows the packed masks are built with, recorded
         packed_mask = varlen_attention.packed_mask
         monkeypatch.setattr(varlen_attention, "packed_mask",
                             lambda *args: windows.append(args[3]) or packed_mask(*args))
-    assert_same(expected, loss_and_grads(rows, **packed))
+    if "one layer graph" in varlen:
+        assert one_layer_graph.unify_layer_kinds(rows.train()) == 6
+    with compiled_layers.compiler_settings():
+        assert_same(expected, loss_and_grads(rows, **packed))
     if varlen.endswith("one layer graph"):  # the layers' windows as given: one full-attention layer of six
         assert sorted(windows) == [16] * 5 + [one_layer_graph.FULL_WINDOW]
-        assert [layer.self_attn.sliding_window for layer in compiled_layers.decoder_layers(rows)].count(None) == 1
+    if varlen.endswith("compiled"):
+        assert len(graphs) == 1
+    assert [(layer.self_attn.is_sliding, layer.self_attn.sliding_window)
+            for layer in compiled_layers.decoder_layers(rows)] == kinds
     if varlen.startswith("masks skipped"):  # what the hook forecast from: the text config, the batch's longest record
         ((device, dtype, config, longest, dropout),) = forecasts
         assert (device.type, dtype, longest, dropout) == ("cpu", torch.float32, packed["max_length_q"], 0.0)

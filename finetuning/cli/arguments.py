@@ -51,8 +51,9 @@ class ModelArguments:
         default="auto",
         metadata={"help": "torch.compile each decoder layer: fewer, fused GPU kernels. A run with an empty compile "
                   "cache (a fresh Colab session) waits for the compiler (a first step 33-38 s after loading on one "
-                  "H100, timed with a graph for each kind of layer); later runs on the machine read its cache. 'auto' (on for packed batches on an NVIDIA GPU "
-                  "of compute capability 8.0 or newer), 'yes' or 'no'."},
+                  "H100, timed with a graph for each kind of layer); later runs on the machine, and runs resumed from "
+                  "the output folder, read what it compiled. 'auto' (on for packed batches on an NVIDIA GPU of "
+                  "compute capability 8.0 or newer), 'yes' or 'no'."},
     )
     offload_activations: str = field(
         default="auto",

@@ -30,7 +30,7 @@ except ImportError:
 
 logger = logging.getLogger(__name__)
 
-# Room for the graphs a run can need (up to 8: layer kinds x grad modes x a batch of one row) under torch's limit.
+# Room for the graphs a run can need (up to 8: layer kinds without override 17 x grad modes x a batch of one row).
 RECOMPILE_LIMIT = 16
 
 

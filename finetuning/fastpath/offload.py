@@ -40,7 +40,7 @@ def checkpoint(run: Callable, *args, **kwargs):
 
 def checkpoint_compiled(run: Callable, *args, **kwargs):
     """`checkpoint` for compiled layers (override 10): the forward pass runs the layer's training graph too, with
-    grad and its output detached, so each kind of layer compiles one graph, not a second one without grad. Its saved
+    grad and its output detached, so a layer compiles one graph, not a second one without grad. Its saved
     tensors are freed as the layer returns; the recomputation in the backward pass holds the same ones anyway."""
     return _checkpoint(run, args, kwargs, forward_with_grad=True)
 

@@ -8,12 +8,13 @@ its window as a number in the keyword arguments (`varlen_attention.LAYER_WINDOW`
 for a full-attention layer), which a graph compiled with `dynamic=True` takes as a symbol; the two attributes read
 the same for every layer while the call runs, and are put back after it. The window reaches the kernels through
 override 4: flash attention treats a window at least as long as the row as none, and the packed mask built from the
-record bounds does too. Where transformers builds the masks (the CPU, a T4), the masks carry each layer's window.
+record bounds does too. Where transformers builds the masks (the CPU; SDPA or eager attention), the masks carry each
+layer's window.
 
 Installed only on top of compiled layers (override 10), where the attention reads the window from there or from the
-masks (SDPA, eager, override 4's function; not flash-attention-2, which reads `sliding_window`), and where the device
-runs flash attention or is the CPU: the memory-efficient kernel of older GPUs has no window, and whether it serves a
-sliding layer changes with each batch.
+masks (SDPA, eager, override 4's function; not flash-attention-2, which reads `sliding_window`); with override 4's
+function, on the CPU or a GPU with flash attention only: the memory-efficient kernel of older GPUs has no window, and
+whether it serves a sliding layer changes with each batch.
 
 Target: transformers 4.57 `Gemma3DecoderLayer.forward(hidden_states, position_embeddings_global,
 position_embeddings_local, ...)` and `Gemma3Attention.is_sliding` / `.sliding_window`.
@@ -50,13 +51,19 @@ def unify_layer_kinds(model, patches: Optional[Patches] = None) -> int:
         logger.warning("%s: Gemma3DecoderLayer is not the one of transformers 4.57 (its rotary arguments or its "
                        "attention's is_sliding and sliding_window); each kind keeps its own graph.", what)
         return 0
+    windows = {layer.self_attn.sliding_window for layer in layers if layer.self_attn.is_sliding}
+    if any(window is None or not 0 < window < FULL_WINDOW for window in windows):
+        logger.info("%s: the sliding-window layers' windows are %s, not all numbers from 1 to %d; each kind keeps "
+                    "its own graph.", what, sorted(windows, key=str), FULL_WINDOW - 1)
+        return 0
     implementation = getattr(layers[0].self_attn.config, "_attn_implementation", None)
     if implementation not in READS_WINDOW:
         logger.info("%s: not with %s attention, which reads sliding_window itself; each kind keeps its own graph.",
                     what, implementation)
         return 0
     weight = next(layers[0].parameters())
-    if weight.device.type == "cuda" and not flash_kernel(weight.device, layers[0].self_attn.head_dim):
+    if (implementation == VARLEN_ATTENTION and weight.device.type == "cuda"
+            and not flash_kernel(weight.device, layers[0].self_attn.head_dim)):
         logger.info("%s: not on this GPU (no flash attention kernel, whose window both kinds would share); each kind "
                     "keeps its own graph.", what)
         return 0
@@ -67,14 +74,15 @@ def unify_layer_kinds(model, patches: Optional[Patches] = None) -> int:
 
 
 def _as_one_kind(layer, forward: Callable) -> Callable:
-    attention = layer.self_attn
-    sliding = bool(attention.is_sliding)
-    window = attention.sliding_window if sliding else FULL_WINDOW
+    sliding = bool(layer.self_attn.is_sliding)
+    window = layer.self_attn.sliding_window if sliding else FULL_WINDOW
     own = ROTARY[1] if sliding else ROTARY[0]
 
     def unified(self, *args, **kwargs):
         if not self.training or own not in kwargs or kwargs.get("past_key_values") is not None:
             return forward(*args, **kwargs)  # evaluation and generation: the stock layer, as it was
+        attention = self.self_attn
+        # The layer reads the local one (is_sliding below); both named, so neither reading can pick the other's.
         kwargs[ROTARY[0]] = kwargs[ROTARY[1]] = kwargs[own]
         kwargs[LAYER_WINDOW] = window
         kept = attention.is_sliding, attention.sliding_window

@@ -4,7 +4,7 @@
     with fast.building_trainer(bf16):        # 15, while the QLoRA script builds its SFTTrainer
         trainer = ...
     optimizer_class = fast.galore_class()     # 7a-7b (the GaLore script)
-    with fast.installed(trainer):             # 1-6, 8-13, 16 on the trainer's model, for the training; one log line
+    with fast.installed(trainer):             # 1-6, 8-13, 16-17 on the trainer's model while it trains; one log line
         trainer.train()
     # here everything they changed is back as it was
 
@@ -73,8 +73,8 @@ class FastPath:
 
     @contextlib.contextmanager
     def installed(self, trainer) -> Iterator[dict]:
-        """Overrides 1-6, 8-13, 16 and 17 on the trainer's model and the process, restored when the block ends; logs what
-        each switch did. Yields that record."""
+        """Overrides 1-6, 8-13, 16 and 17 on the trainer's model and the process, restored when the block ends; logs
+        what each switch did. Yields that record."""
         patches = Patches()
         try:
             with contextlib.ExitStack() as stack:
@@ -105,9 +105,9 @@ class FastPath:
             compiled = compiled_layers.compile_decoder_layers(model, patches=patches) if self.speed.compile_layers else 0
             self.done["compile_layers"] = f"{compiled} layers" if self.speed.compile_layers else "not chosen"
             one_graph = 0
-            if compiled and not self._off("one_layer_graph"):  # after the compile: it wraps the compiled forwards
-                one_graph = one_layer_graph.unify_layer_kinds(model, patches)
-            self.done["one_layer_graph"] = ("on" if one_graph else "stock (guard)") if compiled else "not compiled"
+            if not self._off("one_layer_graph"):  # after the compile: it wraps the compiled forwards
+                one_graph = one_layer_graph.unify_layer_kinds(model, patches) if compiled else 0
+                self.done["one_layer_graph"] = ("on" if one_graph else "stock (guard)") if compiled else "not compiled"
             if compiled:
                 stack.enter_context(compiled_layers.compiler_settings())
                 self._add_callback(trainer, compiled_layers.CompileWait(one_graph=one_graph > 0), patches)
