@@ -10,9 +10,7 @@ step, the step's peak, and the blocks alive at that peak grouped by where they w
 """
 from __future__ import annotations
 
-import gzip
 import os
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -69,11 +67,7 @@ def profiler_callback(start_step: int, path: Path):
                 # Whether the GPU waits on the host: its kernels' time against the steps' wall time.
                 busy = sum(event.self_device_time_total for event in averages) / 1e6
                 kernels = sum(event.count for event in averages if event.self_device_time_total > 0)
-                self.profile.export_chrome_trace(str(self.path.with_suffix(".trace.json")))
-                with open(self.path.with_suffix(".trace.json"), "rb") as raw, \
-                        gzip.open(self.path.with_suffix(".trace.json.gz"), "wb") as packed:
-                    shutil.copyfileobj(raw, packed)
-                self.path.with_suffix(".trace.json").unlink()
+                self.profile.export_chrome_trace(str(self.path.with_suffix(".trace.json.gz")))  # gzipped by torch
                 self.path.write_text(
                     f"3 steps: {wall:.3f} s by the wall clock (with the profiler's own cost), GPU kernels busy "
                     f"{busy:.3f} s ({busy / wall:.0%}), about {kernels / 3:,.0f} device events a step\n\n"

@@ -457,8 +457,8 @@ def test_the_flash_path_takes_the_window_as_a_symbol_so_both_kinds_share_a_graph
         return graph_module.forward
 
     def attention(query, key, value, bounds, window):
-        return varlen_attention.attention(query, key, value, 0.0, 0.0625, None,
-                                          {"cu_seq_lens_q": bounds, "max_length_q": 8}, window)
+        return varlen_attention.attention(query, key, value, 0.0, 0.0625, window,
+                                          {"cu_seq_lens_q": bounds, "max_length_q": 8}, always_window=True)
 
     compiled = torch.compile(attention, backend=counting, dynamic=True)
     for length, window in ((64, 16), (64, one_layer_graph.FULL_WINDOW), (96, 16), (96, one_layer_graph.FULL_WINDOW)):

@@ -93,4 +93,3 @@ def _as_one_kind(layer, forward: Callable) -> Callable:
             attention.is_sliding, attention.sliding_window = kept
 
     return unified
-

@@ -149,12 +149,13 @@ def _schema_has(op_name: str, names) -> bool:
 def _varlen_or_sdpa(sdpa: Callable) -> Callable:
     def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
                           **kwargs):
-        window = kwargs.pop(LAYER_WINDOW, None)  # override 17: every layer's window as a number
-        output = attention(query, key, value, dropout, scaling, sliding_window, kwargs, window)
+        given = kwargs.pop(LAYER_WINDOW, None)  # override 17: every layer's window as a number
+        window = sliding_window if given is None else given
+        output = attention(query, key, value, dropout, scaling, window, kwargs, always_window=given is not None)
         if output is None:
             if attention_mask is None and kwargs.get("cu_seq_lens_q") is not None:  # the hook skipped the masks
-                attention_mask = packed_mask(kwargs["cu_seq_lens_q"], query.shape[0], query.shape[2],
-                                             sliding_window if window is None else window, query.device)
+                attention_mask = packed_mask(kwargs["cu_seq_lens_q"], query.shape[0], query.shape[2], window,
+                                             query.device)
             return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                         sliding_window=sliding_window, **kwargs)
         return output, None
@@ -170,22 +171,22 @@ EFFICIENT_ARGUMENTS = ("query", "key", "value", "bias", "cu_seqlens_q", "cu_seql
 
 
 
-def attention(query, key, value, dropout, scaling, sliding_window, kwargs, window=None) -> Optional[torch.Tensor]:
-    """The packed batch's attention output, [batch, length, heads, dim]; None where stock SDPA must run. `window`:
-    the layer's window from override 17, a number for both kinds, passed as it is (a symbol of the compiled graph)."""
+def attention(query, key, value, dropout, scaling, sliding_window, kwargs,
+              always_window: bool = False) -> Optional[torch.Tensor]:
+    """The packed batch's attention output, [batch, length, heads, dim]; None where stock SDPA must run.
+    `always_window`: the window came from override 17, a number for both kinds, passed to the kernel whatever the
+    row length (a symbol of the compiled graph, which a comparison with the length would split in two)."""
     bounds, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     batch, heads, length, head_dim = query.shape
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
-    if bounds is None or not serves(query.device, dtype, head_dim, sliding_window if window is None else window,
-                                    longest, dropout):
+    if bounds is None or not serves(query.device, dtype, head_dim, sliding_window, longest, dropout):
         return None
     flash = flash_kernel(query.device, head_dim)
     if flash:
         # Flash attention takes the window, and the row length as a bound on the records' lengths that holds: the
         # same values every step, so that a compiled layer sees nothing new (a window wider than a record changes
         # nothing in it; the kernel takes one at least as long as the row for none).
-        window_applies = window is not None or (sliding_window is not None and length > sliding_window)
-        sliding_window = sliding_window if window is None else window
+        window_applies = always_window or (sliding_window is not None and length > sliding_window)
         longest = length
 
     def tokens_first(states):  # [batch, heads, length, dim] -> [batch * length, heads, dim]
